@@ -1,0 +1,38 @@
+// Fused InfoNCE: argument checks shared by the CPU and CUDA front ends.
+//
+// Symmetric form (a, b: N x D):       S = s * a b^T, r_i = LSE_j S_ij, c_j = LSE_i S_ij,
+//   loss_i = ((r_i - S_ii) + (c_i - S_ii)) / 2
+// Rectangular form (q: Nq x D, k: Nk x D, positives at k[i + offset]):
+//   loss_i = r_i - S_{i, i+offset}
+// Backward takes per-row coefficients so every reduction (and gradients flowing into the
+// saved log-sum-exps) is one kernel:
+//   G_ij = row_coef_i * exp(S_ij - r_i) + col_coef_j * exp(S_ij - c_j) - diag_coef_i * [j == i + offset]
+//   dq = s G k,   dk = s G^T q,   ds = sum_ij G_ij <q_i, k_j>
+#pragma once
+
+#include "common/checks.h"
+
+namespace semcomp {
+
+inline void check_infonce_pair(const char* op, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& logit_scale, bool symmetric, int64_t offset) {
+  const char* qn = symmetric ? "a" : "q";
+  const char* kn = symmetric ? "b" : "k";
+  check_matrix(op, qn, q);
+  check_matrix(op, kn, k);
+  check_same_device_dtype(op, qn, q, kn, k);
+  TORCH_CHECK(q.size(1) == k.size(1), op, ": ", qn, " and ", kn,
+              " must have the same feature dimension D, got ", q.size(1), " and ", k.size(1));
+  TORCH_CHECK(q.size(0) > 0, op, ": empty batch: ", qn, " has 0 rows");
+  if (symmetric) {
+    TORCH_CHECK(q.size(0) == k.size(0), op,
+                ": a and b must have the same number of rows N (row i of a pairs with row i of b), got ",
+                q.size(0), " and ", k.size(0));
+  } else {
+    TORCH_CHECK(offset >= 0 && offset + q.size(0) <= k.size(0), op, ": offset must satisfy 0 <= offset and offset + Nq <= Nk (positives at k[i + offset]), got offset=",
+                offset, ", Nq=", q.size(0), ", Nk=", k.size(0));
+  }
+  check_scale(op, logit_scale, q);
+}
+
+}  // namespace semcomp

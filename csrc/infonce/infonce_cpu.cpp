@@ -1,0 +1,357 @@
+// Fused InfoNCE on the CPU: the N x N logit matrix is never built. Rows of q are processed in
+// chunks of C rows; a C x Nk workspace holds one block of raw dot products q_c k^T (a BLAS
+// GEMM through at::mm), and fused loops turn it into row log-sum-exps, online column
+// log-sum-exps (symmetric form) and, in the backward, the gradient block G in place, which
+// two more GEMMs turn into dq and dk. Extra memory: C x Nk workspace + O(N) statistics.
+//
+// Thread mapping: GEMMs use ATen's BLAS threads; the row loops run one row per task under
+// at::parallel_for; the column statistics run one block of kColBlock columns per task, so no
+// two threads ever write the same value (deterministic, no atomics).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/cpu_math.h"
+#include "infonce/infonce.h"
+
+namespace semcomp {
+namespace {
+
+using cpu::fast_exp;
+using cpu::nan_max;
+
+constexpr int kLanes = 16;         // independent accumulators so reductions vectorise
+constexpr int64_t kColBlock = 256;  // columns per task in the column statistics
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SEMCOMP_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SEMCOMP_CLONES
+#endif
+
+int64_t pick_chunk(int64_t requested, int64_t rows, int64_t cols) {
+  if (requested > 0) return std::min(requested, rows);
+  // ~1M workspace elements: big enough for efficient GEMM blocks, small enough that the
+  // workspace is a few MB whatever N is.
+  int64_t c = (int64_t{1} << 20) / std::max<int64_t>(cols, 1);
+  c = std::clamp<int64_t>(c, 16, 1024) / 16 * 16;
+  return std::min(c, rows);
+}
+
+// ---- fused loops (bodies are templates; float gets per-ISA clones) ---------------------
+
+// log-sum-exp over j of s * w[j]  (s > 0, so max(s w) = s max(w)).
+template <typename T>
+inline __attribute__((always_inline)) T row_lse_body(const T* w, int64_t n, T s) {
+  T mx[kLanes];
+  for (int l = 0; l < kLanes; ++l) mx[l] = cpu::neg_inf<T>();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) mx[l] = nan_max(mx[l], w[j + l]);
+  T m = cpu::neg_inf<T>();
+  for (int l = 0; l < kLanes; ++l) m = nan_max(m, mx[l]);
+  for (; j < n; ++j) m = nan_max(m, w[j]);
+  m *= s;
+  T acc[kLanes] = {};
+  j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += fast_exp(s * w[j + l] - m);
+  T sum = 0;
+  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+  for (; j < n; ++j) sum += fast_exp(s * w[j] - m);
+  return m + std::log(sum);
+}
+
+// Online update of column statistics (running max cm, running sum cs of exp(S - cm), in
+// scaled units) over rows [0, rows) of a row-major block with leading dimension ld, for
+// columns [j0, j1).
+template <typename T>
+inline __attribute__((always_inline)) void col_update_body(const T* w, int64_t rows, int64_t ld,
+                                                           int64_t j0, int64_t j1, T s, T* cm,
+                                                           T* cs) {
+  const int64_t n = j1 - j0;
+  T bm[kColBlock];
+  T nm[kColBlock];
+  for (int64_t j = 0; j < n; ++j) bm[j] = cpu::neg_inf<T>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = w + r * ld + j0;
+    for (int64_t j = 0; j < n; ++j) bm[j] = nan_max(bm[j], row[j]);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    nm[j] = nan_max(cm[j0 + j], s * bm[j]);
+    cs[j0 + j] *= fast_exp(cm[j0 + j] - nm[j]);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = w + r * ld + j0;
+    T* sum = cs + j0;
+    for (int64_t j = 0; j < n; ++j) sum[j] += fast_exp(s * row[j] - nm[j]);
+  }
+  for (int64_t j = 0; j < n; ++j) cm[j0 + j] = nm[j];
+}
+
+// Turns raw dot products w[j] = <q_i, k_j> into G_ij in place (the diagonal term is applied
+// by the caller) and returns sum_j G_ij w_j, this row's share of d(logit_scale).
+template <bool SYM, typename T>
+inline __attribute__((always_inline)) T grad_row_body(T* w, int64_t n, T s, T r_i, T rc_i,
+                                                      const T* c, const T* cc) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  auto g_of = [&](int64_t jj) {
+    const T x = s * w[jj];
+    T g = rc_i * fast_exp(x - r_i);
+    if constexpr (SYM) g += cc[jj] * fast_exp(x - c[jj]);
+    return g;
+  };
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const T g = g_of(j + l);
+      acc[l] += g * w[j + l];
+      w[j + l] = g;
+    }
+  T ds = 0;
+  for (int l = 0; l < kLanes; ++l) ds += acc[l];
+  for (; j < n; ++j) {
+    const T g = g_of(j);
+    ds += g * w[j];
+    w[j] = g;
+  }
+  return ds;
+}
+
+SEMCOMP_CLONES float row_lse(const float* w, int64_t n, float s) { return row_lse_body(w, n, s); }
+double row_lse(const double* w, int64_t n, double s) { return row_lse_body(w, n, s); }
+SEMCOMP_CLONES void col_update(const float* w, int64_t rows, int64_t ld, int64_t j0, int64_t j1,
+                               float s, float* cm, float* cs) {
+  col_update_body(w, rows, ld, j0, j1, s, cm, cs);
+}
+void col_update(const double* w, int64_t rows, int64_t ld, int64_t j0, int64_t j1, double s,
+                double* cm, double* cs) {
+  col_update_body(w, rows, ld, j0, j1, s, cm, cs);
+}
+SEMCOMP_CLONES float grad_row_sym(float* w, int64_t n, float s, float r, float rc, const float* c,
+                                  const float* cc) {
+  return grad_row_body<true>(w, n, s, r, rc, c, cc);
+}
+double grad_row_sym(double* w, int64_t n, double s, double r, double rc, const double* c,
+                    const double* cc) {
+  return grad_row_body<true>(w, n, s, r, rc, c, cc);
+}
+SEMCOMP_CLONES float grad_row_rect(float* w, int64_t n, float s, float r, float rc) {
+  return grad_row_body<false>(w, n, s, r, rc, static_cast<const float*>(nullptr),
+                              static_cast<const float*>(nullptr));
+}
+double grad_row_rect(double* w, int64_t n, double s, double r, double rc) {
+  return grad_row_body<false>(w, n, s, r, rc, static_cast<const double*>(nullptr),
+                              static_cast<const double*>(nullptr));
+}
+
+// ---- drivers ------------------------------------------------------------------------
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor as_acc(const at::Tensor& x) { return x.to(acc_type(x.scalar_type())).contiguous(); }
+
+double read_scale(const char* op, const at::Tensor& logit_scale) {
+  const double s = logit_scale.to(at::kDouble).reshape({}).item<double>();
+  check_scale_value(op, s);
+  return s;
+}
+
+// Raw dot products of rows [i0, i0 + c) of q with all of k into the first c rows of ws.
+at::Tensor dots_block(const at::Tensor& q, const at::Tensor& k, int64_t i0, int64_t c,
+                      at::Tensor& ws) {
+  at::Tensor block = ws.narrow(0, 0, c);
+  at::addmm_out(block, block, q.narrow(0, i0, c), k.t(), /*beta=*/0, /*alpha=*/1);
+  return block;
+}
+
+// Returns (loss, row_lse, col_lse); col_lse is empty for the rectangular form.
+template <bool SYM, typename T>
+std::vector<at::Tensor> fwd_impl(const char* op, const at::Tensor& q_in, const at::Tensor& k_in,
+                                 const at::Tensor& logit_scale, int64_t offset, int64_t chunk) {
+  const at::Tensor q = as_acc(q_in), k = as_acc(k_in);
+  const T s = static_cast<T>(read_scale(op, logit_scale));
+  const int64_t nq = q.size(0), nk = k.size(0);
+  const int64_t C = pick_chunk(chunk, nq, nk);
+  const auto opts = q.options();
+  at::Tensor ws = at::empty({C, nk}, opts);
+  at::Tensor loss = at::empty({nq}, opts), rlse = at::empty({nq}, opts);
+  at::Tensor diag = at::empty({nq}, opts);
+  at::Tensor cmax, csum;
+  if constexpr (SYM) {
+    cmax = at::full({nk}, std::numeric_limits<T>::lowest(), opts);
+    csum = at::zeros({nk}, opts);
+  }
+  T* r = rlse.data_ptr<T>();
+  T* d = diag.data_ptr<T>();
+  for (int64_t i0 = 0; i0 < nq; i0 += C) {
+    const int64_t c = std::min(C, nq - i0);
+    const T* w = dots_block(q, k, i0, c, ws).data_ptr<T>();
+    at::parallel_for(0, c, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t rr = lo; rr < hi; ++rr) {
+        r[i0 + rr] = row_lse(w + rr * nk, nk, s);
+        d[i0 + rr] = s * w[rr * nk + i0 + rr + offset];
+      }
+    });
+    if constexpr (SYM) {
+      T* cm = cmax.data_ptr<T>();
+      T* cs = csum.data_ptr<T>();
+      const int64_t nblocks = (nk + kColBlock - 1) / kColBlock;
+      at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t bi = lo; bi < hi; ++bi)
+          col_update(w, c, nk, bi * kColBlock, std::min(nk, (bi + 1) * kColBlock), s, cm, cs);
+      });
+    }
+  }
+  T* l = loss.data_ptr<T>();
+  if constexpr (SYM) {
+    at::Tensor clse = at::empty({nk}, opts);
+    T* cl = clse.data_ptr<T>();
+    const T* cm = cmax.data_ptr<T>();
+    const T* cs = csum.data_ptr<T>();
+    for (int64_t j = 0; j < nk; ++j) cl[j] = cm[j] + std::log(cs[j]);
+    for (int64_t i = 0; i < nq; ++i) l[i] = T(0.5) * (r[i] + cl[i]) - d[i];
+    return {loss, rlse, clse};
+  } else {
+    for (int64_t i = 0; i < nq; ++i) l[i] = r[i] - d[i];
+    return {loss, rlse};
+  }
+}
+
+template <bool SYM, typename T>
+std::vector<at::Tensor> bwd_impl(const char* op, const at::Tensor& q_in, const at::Tensor& k_in,
+                                 const at::Tensor& logit_scale, const at::Tensor& rlse_in,
+                                 const at::Tensor& clse_in, const at::Tensor& rcoef_in,
+                                 const at::Tensor& ccoef_in, const at::Tensor& dcoef_in,
+                                 int64_t offset, int64_t chunk) {
+  const at::Tensor q = as_acc(q_in), k = as_acc(k_in);
+  const T s = static_cast<T>(read_scale(op, logit_scale));
+  const int64_t nq = q.size(0), nk = k.size(0);
+  const auto opts = q.options();
+  const at::Tensor rlse = rlse_in.to(opts).contiguous(), rcoef = rcoef_in.to(opts).contiguous();
+  const at::Tensor dcoef = dcoef_in.to(opts).contiguous();
+  at::Tensor clse, ccoef;
+  if constexpr (SYM) {
+    clse = clse_in.to(opts).contiguous();
+    ccoef = ccoef_in.to(opts).contiguous();
+  }
+  const int64_t C = pick_chunk(chunk, nq, nk);
+  at::Tensor ws = at::empty({C, nk}, opts);
+  at::Tensor gq = at::empty_like(q), gk = at::zeros_like(k);
+  std::vector<T> ds_rows(nq);
+  const T* r = rlse.data_ptr<T>();
+  const T* rc = rcoef.data_ptr<T>();
+  const T* dc = dcoef.data_ptr<T>();
+  for (int64_t i0 = 0; i0 < nq; i0 += C) {
+    const int64_t c = std::min(C, nq - i0);
+    at::Tensor block = dots_block(q, k, i0, c, ws);
+    T* w = block.data_ptr<T>();
+    at::parallel_for(0, c, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t rr = lo; rr < hi; ++rr) {
+        const int64_t i = i0 + rr;
+        T* row = w + rr * nk;
+        const T raw_pos = row[i + offset];
+        T ds;
+        if constexpr (SYM) {
+          ds = grad_row_sym(row, nk, s, r[i], rc[i], clse.data_ptr<T>(), ccoef.data_ptr<T>());
+        } else {
+          ds = grad_row_rect(row, nk, s, r[i], rc[i]);
+        }
+        row[i + offset] -= dc[i];
+        ds_rows[i] = ds - dc[i] * raw_pos;
+      }
+    });
+    at::Tensor gq_block = gq.narrow(0, i0, c);
+    at::addmm_out(gq_block, gq_block, block, k, /*beta=*/0, /*alpha=*/s);
+    gk.addmm_(block.t(), q.narrow(0, i0, c), /*beta=*/1, /*alpha=*/s);
+  }
+  T ds = 0;
+  for (int64_t i = 0; i < nq; ++i) ds += ds_rows[i];
+  at::Tensor gs = at::full(logit_scale.sizes(), static_cast<double>(ds),
+                           logit_scale.options());
+  return {gq.to(q_in.scalar_type()), gk.to(k_in.scalar_type()), gs};
+}
+
+// ---- registered CPU entry points ------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& a,
+                                                               const at::Tensor& b,
+                                                               const at::Tensor& logit_scale,
+                                                               int64_t chunk_size) {
+  constexpr const char* op = "infonce_fwd";
+  check_infonce_pair(op, a, b, logit_scale, /*symmetric=*/true, 0);
+  auto out = a.scalar_type() == at::kDouble
+                 ? fwd_impl<true, double>(op, a, b, logit_scale, 0, chunk_size)
+                 : fwd_impl<true, float>(op, a, b, logit_scale, 0, chunk_size);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_coef,
+    const at::Tensor& col_coef, const at::Tensor& diag_coef, int64_t chunk_size) {
+  constexpr const char* op = "infonce_bwd";
+  check_infonce_pair(op, a, b, logit_scale, /*symmetric=*/true, 0);
+  const int64_t n = a.size(0);
+  check_row_vector(op, "row_lse", row_lse, n, a);
+  check_row_vector(op, "col_lse", col_lse, n, a);
+  check_row_vector(op, "row_coef", row_coef, n, a);
+  check_row_vector(op, "col_coef", col_coef, n, a);
+  check_row_vector(op, "diag_coef", diag_coef, n, a);
+  auto out = a.scalar_type() == at::kDouble
+                 ? bwd_impl<true, double>(op, a, b, logit_scale, row_lse, col_lse, row_coef,
+                                          col_coef, diag_coef, 0, chunk_size)
+                 : bwd_impl<true, float>(op, a, b, logit_scale, row_lse, col_lse, row_coef,
+                                         col_coef, diag_coef, 0, chunk_size);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor> infonce_rect_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& logit_scale,
+                                                        int64_t offset, int64_t chunk_size) {
+  constexpr const char* op = "infonce_rect_fwd";
+  check_infonce_pair(op, q, k, logit_scale, /*symmetric=*/false, offset);
+  auto out = q.scalar_type() == at::kDouble
+                 ? fwd_impl<false, double>(op, q, k, logit_scale, offset, chunk_size)
+                 : fwd_impl<false, float>(op, q, k, logit_scale, offset, chunk_size);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_rect_bwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& logit_scale,
+    const at::Tensor& lse, const at::Tensor& row_coef, const at::Tensor& diag_coef, int64_t offset,
+    int64_t chunk_size) {
+  constexpr const char* op = "infonce_rect_bwd";
+  check_infonce_pair(op, q, k, logit_scale, /*symmetric=*/false, offset);
+  const int64_t n = q.size(0);
+  check_row_vector(op, "lse", lse, n, q);
+  check_row_vector(op, "row_coef", row_coef, n, q);
+  check_row_vector(op, "diag_coef", diag_coef, n, q);
+  const at::Tensor none;
+  auto out = q.scalar_type() == at::kDouble
+                 ? bwd_impl<false, double>(op, q, k, logit_scale, lse, none, row_coef, none,
+                                           diag_coef, offset, chunk_size)
+                 : bwd_impl<false, float>(op, q, k, logit_scale, lse, none, row_coef, none,
+                                          diag_coef, offset, chunk_size);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(semcomp, CPU, m) {
+  m.impl("infonce_fwd", &infonce_fwd_cpu);
+  m.impl("infonce_bwd", &infonce_bwd_cpu);
+  m.impl("infonce_rect_fwd", &infonce_rect_fwd_cpu);
+  m.impl("infonce_rect_bwd", &infonce_rect_bwd_cpu);
+}
+
+}  // namespace semcomp

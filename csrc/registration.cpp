@@ -1,0 +1,75 @@
+// The whole op surface of semcomp_ext: every schema is defined here, once. Backends add
+// implementations with TORCH_LIBRARY_IMPL(semcomp, CPU|CUDA, m) in csrc/<family>/; fake
+// kernels and autograd are registered in semcomp_ext/_ops.py. This file also defines the
+// pybind11 module `semcomp_ext._C`, whose import loads the registrations.
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <set>
+#include <thread>
+
+TORCH_LIBRARY(semcomp, m) {
+  // Symmetric InfoNCE forward: per-row loss (N,), row and column log-sum-exp (N,) in the
+  // accumulation dtype (fp32, or fp64 for fp64 inputs). chunk_size <= 0 picks a default.
+  m.def("infonce_fwd(Tensor a, Tensor b, Tensor logit_scale, int chunk_size=0) -> (Tensor, Tensor, Tensor)");
+  // Symmetric InfoNCE backward: G = row_coef*P^r + col_coef*P^c - diag_coef*I, returns
+  // (grad_a, grad_b, grad_logit_scale).
+  m.def("infonce_bwd(Tensor a, Tensor b, Tensor logit_scale, Tensor row_lse, Tensor col_lse, Tensor row_coef, Tensor col_coef, Tensor diag_coef, int chunk_size=0) -> (Tensor, Tensor, Tensor)");
+  // One-directional InfoNCE of q (Nq, D) against k (Nk, D), positives at k[i + offset]:
+  // per-row loss (Nq,) and row log-sum-exp (Nq,).
+  m.def("infonce_rect_fwd(Tensor q, Tensor k, Tensor logit_scale, int offset=0, int chunk_size=0) -> (Tensor, Tensor)");
+  // Its backward: G = row_coef*P - diag_coef*[j == i + offset]; (grad_q, grad_k, grad_logit_scale).
+  m.def("infonce_rect_bwd(Tensor q, Tensor k, Tensor logit_scale, Tensor lse, Tensor row_coef, Tensor diag_coef, int offset=0, int chunk_size=0) -> (Tensor, Tensor, Tensor)");
+  // Segment mean: (num_groups, K) means (K = len(features) or D) and int64 counts (num_groups,).
+  m.def("segment_mean(Tensor x, Tensor ids, SymInt num_groups, Tensor? features=None) -> (Tensor, Tensor)");
+  // Its backward: (N, dim) with grad[ids_i] / counts[ids_i] scattered into the kept columns.
+  m.def("segment_mean_bwd(Tensor grad, Tensor ids, Tensor counts, SymInt dim, Tensor? features=None) -> Tensor");
+  // Column gather: x[:, index] (N, K).
+  m.def("gather_columns(Tensor x, Tensor index) -> Tensor");
+  // Its backward: scatter-add of grad (N, K) into zeros (N, dim).
+  m.def("gather_columns_bwd(Tensor grad, Tensor index, SymInt dim) -> Tensor");
+}
+
+namespace {
+
+// Number of distinct threads at::parallel_for uses, compiled in this library exactly as the
+// kernels are: it is 1 whenever the extension was built without OpenMP.
+int parallel_thread_count(int64_t work_items) {
+  std::mutex mu;
+  std::set<std::thread::id> seen;
+  at::parallel_for(0, work_items, 1, [&](int64_t lo, int64_t hi) {
+    volatile double sink = 0;
+    for (int64_t i = lo; i < hi; ++i)
+      for (int j = 0; j < 20000; ++j) sink = sink + 1e-9 * j;
+    std::lock_guard<std::mutex> lock(mu);
+    seen.insert(std::this_thread::get_id());
+  });
+  return static_cast<int>(seen.size());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "semcomp_ext native kernels (ops are registered under torch.ops.semcomp)";
+  m.def("build_info", [] {
+    pybind11::dict d;
+    d["version"] = SEMCOMP_VERSION;
+    d["torch_version"] = SEMCOMP_TORCH_VERSION;
+#ifdef SEMCOMP_WITH_CUDA
+    d["cuda"] = true;
+#else
+    d["cuda"] = false;
+#endif
+    d["cuda_archs"] = SEMCOMP_CUDA_ARCHS;
+#ifdef _OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+    return d;
+  }, "Build information: version, torch version built against, CUDA compiled, archs, OpenMP.");
+  m.def("_parallel_thread_count", &parallel_thread_count, pybind11::arg("work_items"),
+        "Distinct threads used by at::parallel_for inside this library (test hook).");
+}

@@ -1,0 +1,61 @@
+"""semcomp_ext: fused InfoNCE, centroid and random-feature-selection kernels for semantic
+compression of multimodal embeddings (CPU C++ and CUDA), with a Python API and `semcomp` CLI."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ops  # noqa: F401  (loads and registers the native ops)
+from ._C import build_info as _native_build_info
+from .features import RandomFeatureSelector, rfs_index
+from .functional import (
+    centroids,
+    infonce_loss,
+    infonce_rect_loss,
+    multimodal_infonce_loss,
+    pair_centroids,
+    select_features,
+)
+from .losses import ClipLoss, InfoNCELoss
+from .metrics import (
+    ExplainedVariance,
+    compression_ratio,
+    explained_variance,
+    fisher_ratio,
+    modality_gap,
+    modality_gaps,
+    true_pair_cosine,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClipLoss",
+    "ExplainedVariance",
+    "InfoNCELoss",
+    "RandomFeatureSelector",
+    "build_info",
+    "centroids",
+    "compression_ratio",
+    "explained_variance",
+    "fisher_ratio",
+    "infonce_loss",
+    "infonce_rect_loss",
+    "modality_gap",
+    "modality_gaps",
+    "multimodal_infonce_loss",
+    "pair_centroids",
+    "rfs_index",
+    "select_features",
+    "true_pair_cosine",
+]
+
+
+def build_info() -> dict:
+    """Version, the torch version built against and running, CUDA compiled?, CUDA archs, OpenMP,
+    and the threads the CPU kernels may use."""
+    info = dict(_native_build_info())
+    info["torch_runtime"] = torch.__version__
+    info["cuda_archs"] = [a for a in info["cuda_archs"].split(",") if a]
+    info["num_threads"] = torch.get_num_threads()
+    return info

@@ -1,0 +1,183 @@
+"""Raw ops: loads the native library, registers fake kernels and autograd.
+
+Layer 1 of the Python API. ``torch.ops.semcomp.<op>`` are the registered ops (schemas in
+``csrc/registration.cpp``); this module adds, for each, a fake (meta) kernel so that
+``torch.compile`` and ``torch.library.opcheck`` work, and wires forward ops to their
+separately registered backward ops with ``torch.library.register_autograd``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing it runs the TORCH_LIBRARY registrations)
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    raise ImportError(
+        "semcomp_ext: the native extension semcomp_ext._C could not be loaded "
+        f"({exc}). It is built against torch {torch.__version__!s} by "
+        "`pip install --no-build-isolation .`; rebuild after changing torch."
+    ) from exc
+
+ops = torch.ops.semcomp
+
+__all__ = ["ops", "has_kernel"]
+
+
+def has_kernel(op: str, device: torch.device | str) -> bool:
+    """Whether ``semcomp::<op>`` has a native kernel for ``device``'s backend."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"semcomp::{op}", key)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- fake kernels ----------------------------------------------------------------------
+
+
+def _check_pair(op: str, q, k, logit_scale, symmetric: bool, offset: int = 0) -> None:
+    torch._check(q.dim() == 2 and k.dim() == 2, lambda: f"{op}: inputs must be 2-D")
+    torch._check(q.dtype == k.dtype, lambda: f"{op}: dtypes differ: {q.dtype} vs {k.dtype}")
+    torch._check(q.shape[1] == k.shape[1], lambda: f"{op}: feature dimensions differ")
+    torch._check(logit_scale.numel() == 1, lambda: f"{op}: logit_scale must have one element")
+    if symmetric:
+        torch._check(q.shape[0] == k.shape[0], lambda: f"{op}: a and b row counts differ")
+
+
+@torch.library.register_fake("semcomp::infonce_fwd")
+def _infonce_fwd_fake(a, b, logit_scale, chunk_size=0):
+    _check_pair("infonce_fwd", a, b, logit_scale, True)
+    n, acc = a.shape[0], _acc_dtype(a.dtype)
+    return a.new_empty(n, dtype=acc), a.new_empty(n, dtype=acc), a.new_empty(n, dtype=acc)
+
+
+@torch.library.register_fake("semcomp::infonce_bwd")
+def _infonce_bwd_fake(a, b, logit_scale, row_lse, col_lse, row_coef, col_coef, diag_coef, chunk_size=0):
+    _check_pair("infonce_bwd", a, b, logit_scale, True)
+    return torch.empty_like(a), torch.empty_like(b), torch.empty_like(logit_scale)
+
+
+@torch.library.register_fake("semcomp::infonce_rect_fwd")
+def _infonce_rect_fwd_fake(q, k, logit_scale, offset=0, chunk_size=0):
+    _check_pair("infonce_rect_fwd", q, k, logit_scale, False, offset)
+    n, acc = q.shape[0], _acc_dtype(q.dtype)
+    return q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc)
+
+
+@torch.library.register_fake("semcomp::infonce_rect_bwd")
+def _infonce_rect_bwd_fake(q, k, logit_scale, lse, row_coef, diag_coef, offset=0, chunk_size=0):
+    _check_pair("infonce_rect_bwd", q, k, logit_scale, False, offset)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(logit_scale)
+
+
+@torch.library.register_fake("semcomp::segment_mean")
+def _segment_mean_fake(x, ids, num_groups, features=None):
+    torch._check(x.dim() == 2, lambda: "segment_mean: x must be 2-D")
+    torch._check(ids.dim() == 1 and ids.shape[0] == x.shape[0], lambda: "segment_mean: ids must have one entry per row")
+    torch._check(num_groups > 0, lambda: "segment_mean: num_groups must be >= 1")
+    k = features.shape[0] if features is not None else x.shape[1]
+    return x.new_empty(num_groups, k), x.new_empty(num_groups, dtype=torch.int64)
+
+
+@torch.library.register_fake("semcomp::segment_mean_bwd")
+def _segment_mean_bwd_fake(grad, ids, counts, dim, features=None):
+    return grad.new_empty(ids.shape[0], dim)
+
+
+@torch.library.register_fake("semcomp::gather_columns")
+def _gather_columns_fake(x, index):
+    torch._check(x.dim() == 2, lambda: "gather_columns: x must be 2-D")
+    torch._check(index.dim() == 1, lambda: "gather_columns: index must be 1-D")
+    return x.new_empty(x.shape[0], index.shape[0])
+
+
+@torch.library.register_fake("semcomp::gather_columns_bwd")
+def _gather_columns_bwd_fake(grad, index, dim):
+    return grad.new_empty(grad.shape[0], dim)
+
+
+# ---- autograd ----------------------------------------------------------------------------
+# The forward ops return per-row losses and log-sum-exps; gradients may arrive for any of
+# them. They enter the backward kernels as per-row coefficients:
+#   loss_i = (r_i + c_i)/2 - S_ii  ->  row_coef = g/2 + g_r, col_coef = g/2 + g_c, diag = g.
+
+
+def _zeros_if_none(g, like):
+    return torch.zeros_like(like) if g is None else g
+
+
+def _infonce_setup(ctx, inputs, output):
+    a, b, logit_scale, chunk_size = inputs
+    _, row_lse, col_lse = output
+    ctx.chunk_size = chunk_size
+    if any(ctx.needs_input_grad[:3]):
+        ctx.save_for_backward(a, b, logit_scale, row_lse, col_lse)
+
+
+def _infonce_backward(ctx, g_loss, g_row, g_col):
+    a, b, logit_scale, row_lse, col_lse = ctx.saved_tensors
+    g = _zeros_if_none(g_loss, row_lse)
+    half = 0.5 * g
+    row_coef = half if g_row is None else half + g_row
+    col_coef = half if g_col is None else half + g_col
+    ga, gb, gs = ops.infonce_bwd(a, b, logit_scale, row_lse, col_lse, row_coef, col_coef, g, ctx.chunk_size)
+    need = ctx.needs_input_grad
+    return (ga if need[0] else None, gb if need[1] else None, gs if need[2] else None, None)
+
+
+torch.library.register_autograd("semcomp::infonce_fwd", _infonce_backward, setup_context=_infonce_setup)
+
+
+def _rect_setup(ctx, inputs, output):
+    q, k, logit_scale, offset, chunk_size = inputs
+    _, lse = output
+    ctx.offset, ctx.chunk_size = offset, chunk_size
+    if any(ctx.needs_input_grad[:3]):
+        ctx.save_for_backward(q, k, logit_scale, lse)
+
+
+def _rect_backward(ctx, g_loss, g_lse):
+    q, k, logit_scale, lse = ctx.saved_tensors
+    g = _zeros_if_none(g_loss, lse)
+    row_coef = g if g_lse is None else g + g_lse
+    gq, gk, gs = ops.infonce_rect_bwd(q, k, logit_scale, lse, row_coef, g, ctx.offset, ctx.chunk_size)
+    need = ctx.needs_input_grad
+    return (gq if need[0] else None, gk if need[1] else None, gs if need[2] else None, None, None)
+
+
+torch.library.register_autograd("semcomp::infonce_rect_fwd", _rect_backward, setup_context=_rect_setup)
+
+
+def _segment_setup(ctx, inputs, output):
+    x, ids, _num_groups, features = inputs
+    _, counts = output
+    ctx.dim = x.shape[1]
+    ctx.save_for_backward(ids, counts, features)
+
+
+def _segment_backward(ctx, g_out, _g_counts):
+    ids, counts, features = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    return ops.segment_mean_bwd(g_out.contiguous(), ids, counts, ctx.dim, features), None, None, None
+
+
+torch.library.register_autograd("semcomp::segment_mean", _segment_backward, setup_context=_segment_setup)
+
+
+def _gather_setup(ctx, inputs, output):
+    x, index = inputs
+    ctx.dim = x.shape[1]
+    ctx.save_for_backward(index)
+
+
+def _gather_backward(ctx, g_out):
+    (index,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    return ops.gather_columns_bwd(g_out, index, ctx.dim), None
+
+
+torch.library.register_autograd("semcomp::gather_columns", _gather_backward, setup_context=_gather_setup)
