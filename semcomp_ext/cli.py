@@ -1,0 +1,61 @@
+"""`semcomp` command line. Each family of subcommands lives in its own module exposing
+``register(subparsers)``; modules not present in this build are skipped."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that add subcommands: each defines register(subparsers), whose parsers set
+# `func(args) -> int`.
+_COMMAND_MODULES = (
+    "semcomp_ext.demo",            # demo
+    "semcomp_ext.compress.cli",    # compress, verify, gap, eval
+    "semcomp_ext.train.cli",       # train, reproduce
+)
+
+
+def _info(args) -> int:
+    import json
+
+    import semcomp_ext
+
+    print(json.dumps(semcomp_ext.build_info(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semcomp", description="Semantic compression of multimodal embeddings")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    info = sub.add_parser("info", help="print build information (version, torch, CUDA, OpenMP)")
+    info.set_defaults(func=_info)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # that family is not part of this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("semcomp: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"semcomp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
