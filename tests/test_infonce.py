@@ -1,0 +1,223 @@
+"""Fused InfoNCE (symmetric and rectangular) vs the pure-PyTorch reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import semcomp_ext as sc
+from semcomp_ext import reference as R
+from semcomp_ext._ops import ops
+
+# (N, D, chunk): odd sizes, chunks that divide N, that do not, of one row, and larger than N.
+SHAPES = [(257, 77, 0), (257, 77, 16), (257, 77, 1), (100, 33, 7), (64, 5, 64), (3, 1, 1000), (1, 4, 0)]
+
+
+def _pair(n, d, device, dtype=torch.float64, normalize=True):
+    a, b = torch.randn(n, d, dtype=dtype, device=device), torch.randn(n, d, dtype=dtype, device=device)
+    if normalize:
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    return a, b
+
+
+@pytest.mark.parametrize("n,d,chunk", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_symmetric_matches_reference_fp64(n, d, chunk, reduction, device):
+    a, b = _pair(n, d, device)
+    a.requires_grad_(), b.requires_grad_()
+    s = torch.tensor(11.0, dtype=torch.float64, device=device, requires_grad=True)
+    out = sc.infonce_loss(a, b, logit_scale=s, reduction=reduction, chunk_size=chunk)
+    ref = R.infonce_reference(a, b, s, reduction)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(ref)  # a non-uniform upstream gradient for reduction="none"
+    g = torch.autograd.grad((out * w).sum(), (a, b, s))
+    gr = torch.autograd.grad((ref * w).sum(), (a, b, s))
+    for x, y in zip(g, gr):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,d,chunk", SHAPES[:4])
+def test_one_directional_matches_reference(n, d, chunk, device):
+    a, b = _pair(n, d, device)
+    out = sc.infonce_loss(a, b, 0.1, reduction="none", symmetric=False, chunk_size=chunk)
+    torch.testing.assert_close(out, R.infonce_rect_reference(a, b, 10.0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("nq,nk,offset,chunk", [(37, 111, 0, 0), (37, 111, 74, 8), (37, 111, 40, 5), (5, 5, 0, 2)])
+def test_rect_with_offset(nq, nk, offset, chunk, device):
+    q = torch.randn(nq, 19, dtype=torch.float64, device=device, requires_grad=True)
+    k = torch.randn(nk, 19, dtype=torch.float64, device=device, requires_grad=True)
+    s = torch.tensor([2.5], dtype=torch.float64, device=device, requires_grad=True)
+    out = sc.infonce_rect_loss(q, k, s, offset=offset, chunk_size=chunk)
+    ref = R.infonce_rect_reference(q, k, s, offset)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.rand(nq, dtype=torch.float64, device=device)
+    for x, y in zip(torch.autograd.grad((out * w).sum(), (q, k, s)), torch.autograd.grad((ref * w).sum(), (q, k, s))):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    assert s.shape == (1,)
+
+
+def test_gradcheck_symmetric_including_logit_scale(device):
+    a, b = _pair(9, 5, device)
+    s = torch.tensor(2.0, dtype=torch.float64, device=device)
+    for red in ("mean", "none"):
+        f = lambda a, b, s: sc.infonce_loss(a, b, logit_scale=s, reduction=red, chunk_size=4)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (a.requires_grad_(), b.requires_grad_(), s.requires_grad_()))
+
+
+def test_gradcheck_lse_outputs(device):
+    """Gradients flowing into the saved log-sum-exp outputs are exact too."""
+    a, b = _pair(7, 3, device)
+    s = torch.tensor(1.5, dtype=torch.float64, device=device)
+    f = lambda a, b, s: ops.infonce_fwd(a, b, s, 3)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (a.requires_grad_(), b.requires_grad_(), s.requires_grad_()))
+    q, k = torch.randn(4, 3, dtype=torch.float64, device=device), torch.randn(9, 3, dtype=torch.float64, device=device)
+    g = lambda q, k, s: ops.infonce_rect_fwd(q, k, s, 3, 2)  # noqa: E731
+    assert torch.autograd.gradcheck(g, (q.requires_grad_(), k.requires_grad_(), s))
+
+
+def _opcheck_args(device, dtype):
+    a, b = _pair(13, 6, device, dtype)
+    s = torch.tensor(3.0, dtype=dtype, device=device)
+    n = a.shape[0]
+    r, c = torch.randn(n, dtype=dtype, device=device), torch.randn(n, dtype=dtype, device=device)
+    loss, rl, cl = ops.infonce_fwd(a, b, s, 4)
+    _, lse = ops.infonce_rect_fwd(a[:5], b, s, 2, 4)
+    return [
+        (ops.infonce_fwd.default, (a.clone().requires_grad_(), b.clone().requires_grad_(), s.clone().requires_grad_(), 4)),
+        (ops.infonce_bwd.default, (a, b, s, rl, cl, r, c, r, 4)),
+        (ops.infonce_rect_fwd.default, (a[:5].clone().requires_grad_(), b.clone().requires_grad_(), s.clone().requires_grad_(), 2, 4)),
+        (ops.infonce_rect_bwd.default, (a[:5].clone(), b, s, lse, r[:5].clone(), c[:5].clone(), 2, 4)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(device, dtype):
+    for op, args in _opcheck_args(device, dtype):
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph(device):
+    a, b = _pair(50, 8, device, torch.float32)
+    a.requires_grad_()
+    s = torch.tensor(5.0, device=device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(a, b, s):
+        return sc.infonce_loss(a, b, logit_scale=s) * 2
+
+    out = f(a, b, s)
+    ref = R.infonce_reference(a.double(), b.double(), s.double()) * 2
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    out.backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_2x_of_torch_error(dtype, device):
+    """Kernel error vs an fp64 ground truth (from the same rounded inputs) must be at most 2x
+    the error of the plain-PyTorch reference computed in that dtype."""
+    a, b = _pair(300, 64, device, torch.float32)
+    a, b = a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+    s = torch.tensor(1 / 0.07, device=device)
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    truth = R.infonce_reference(a64, b64, s.double())
+    t_grads = torch.autograd.grad(truth, (a64, b64))
+    ours = sc.infonce_loss(a, b, logit_scale=s)
+    o_grads = torch.autograd.grad(ours, (a, b))
+    low = R.infonce_reference(a, b, s)
+    l_grads = torch.autograd.grad(low, (a, b))
+    assert ours.dtype == torch.float32 and o_grads[0].dtype == dtype
+    err = lambda x, y: (x.double() - y).abs().max().item()  # noqa: E731
+    assert err(ours, truth) <= 2 * err(low, truth) + 1e-7
+    for o, l_, t in zip(o_grads, l_grads, t_grads):
+        assert err(o, t) <= 2 * err(l_, t) + 1e-7
+
+
+def test_large_logit_scale_is_stable(device):
+    a, b = _pair(64, 16, device, torch.float32)
+    out = sc.infonce_loss(a, b, logit_scale=100.0)
+    torch.testing.assert_close(out.double(), R.infonce_reference(a.double(), b.double(), 100.0), rtol=1e-5, atol=1e-4)
+
+
+def test_noncontiguous_inputs(device):
+    a, b = _pair(40, 12, device)
+    at, bt = a.T.contiguous().T, b[:, :].T.contiguous().T  # same values, transposed strides
+    assert not at.is_contiguous()
+    torch.testing.assert_close(sc.infonce_loss(at, bt), sc.infonce_loss(a, b))
+    wide = torch.randn(40, 24, dtype=torch.float64, device=device)[:, ::2]
+    torch.testing.assert_close(sc.infonce_loss(wide, b), R.infonce_reference(wide, b, 1 / 0.07))
+
+
+def test_nan_in_nan_out(device):
+    a, b = _pair(10, 4, device)
+    a[3, 1] = float("nan")
+    assert torch.isnan(sc.infonce_loss(a, b))
+    rows = sc.infonce_loss(a, b, reduction="none")
+    assert torch.isnan(rows).all()  # row 3's NaN reaches every column LSE
+
+
+def test_temperature_and_logit_scale_agree(device):
+    a, b = _pair(20, 8, device)
+    torch.testing.assert_close(sc.infonce_loss(a, b, 0.2), sc.infonce_loss(a, b, logit_scale=5.0))
+    assert math.isclose(float(sc.infonce_loss(a, b, 0.2, impl="reference")), float(sc.infonce_loss(a, b, 0.2)), rel_tol=1e-12)
+
+
+def test_multimodal_infonce(device):
+    zs = [F.normalize(torch.randn(30, 8, dtype=torch.float64, device=device), dim=1) for _ in range(3)]
+    allp = sc.multimodal_infonce_loss(zs, 0.1)
+    expect = sum(R.infonce_reference(zs[i], zs[j], 10.0) for i, j in [(0, 1), (0, 2), (1, 2)]) / 3
+    torch.testing.assert_close(allp, expect)
+    anch = sc.multimodal_infonce_loss(zs, 0.1, pairs="anchor", anchor=2)
+    torch.testing.assert_close(anch, (R.infonce_reference(zs[2], zs[0], 10.0) + R.infonce_reference(zs[2], zs[1], 10.0)) / 2)
+
+
+BAD = [
+    (lambda d: (torch.randn(5, 4, device=d), torch.randn(6, 4, device=d)), {}, "same number of rows"),
+    (lambda d: (torch.randn(5, 4, device=d), torch.randn(5, 3, device=d)), {}, "feature dimension"),
+    (lambda d: (torch.randn(5, device=d), torch.randn(5, device=d)), {}, "must be 2-D"),
+    (lambda d: (torch.randn(2, 5, 4, device=d), torch.randn(2, 5, 4, device=d)), {}, "must be 2-D"),
+    (lambda d: (torch.ones(5, 4, dtype=torch.long, device=d), torch.ones(5, 4, dtype=torch.long, device=d)), {}, "float32"),
+    (lambda d: (torch.randn(5, 4, device=d), torch.randn(5, 4, dtype=torch.float64, device=d)), {}, "same dtype"),
+    (lambda d: (torch.randn(0, 4, device=d), torch.randn(0, 4, device=d)), {}, "empty batch"),
+    (lambda d: (torch.randn(5, 4, device=d), torch.randn(5, 4, device=d)), {"temperature": 0.0}, "temperature"),
+    (lambda d: (torch.randn(5, 4, device=d), torch.randn(5, 4, device=d)), {"logit_scale": -1.0}, "logit_scale"),
+    (lambda d: (torch.randn(5, 4, device=d), torch.randn(5, 4, device=d)), {"logit_scale": torch.ones(2)}, "one-element"),
+    (lambda d: (torch.randn(5, 4, device=d), torch.randn(5, 4, device=d)), {"reduction": "avg"}, "reduction"),
+    (lambda d: (torch.randn(5, 4, device=d), torch.randn(5, 4, device=d)), {"temperature": 0.5, "logit_scale": 2.0}, "not both"),
+]
+
+
+@pytest.mark.parametrize("make,kw,msg", BAD)
+def test_bad_input_python(make, kw, msg, device):
+    a, b = make(device)
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    with pytest.raises(ValueError, match=msg):
+        sc.infonce_loss(a, b, **kw)
+
+
+def test_bad_input_reaches_native_checks():
+    """The ops themselves validate too (they are public via torch.ops)."""
+    a, b = torch.randn(5, 4), torch.randn(5, 4)
+    with pytest.raises(RuntimeError, match=r"infonce_fwd: logit_scale must be finite and > 0 .*got -2"):
+        ops.infonce_fwd(a, b, torch.tensor(-2.0))
+    with pytest.raises(RuntimeError, match=r"infonce_fwd: a and b must have the same number of rows"):
+        ops.infonce_fwd(a, b[:3], torch.tensor(2.0))
+    with pytest.raises(RuntimeError, match=r"infonce_rect_fwd: offset must satisfy"):
+        ops.infonce_rect_fwd(a, b, torch.tensor(2.0), 1)
+    with pytest.raises(RuntimeError, match=r"infonce_bwd: row_lse must have shape \(5,\)"):
+        ops.infonce_bwd(a, b, torch.tensor(2.0), torch.zeros(4), torch.zeros(5), torch.zeros(5), torch.zeros(5), torch.zeros(5))
+    with pytest.raises(ValueError, match="logit_scale must be finite"):
+        sc.infonce_rect_loss(a, b, float("nan"))
+    with pytest.raises(RuntimeError, match="logit_scale must be finite and > 0"):
+        sc.infonce_loss(a, b, logit_scale=torch.tensor(0.0))
+
+
+def test_logit_bias_changes_nothing_but_gets_zero_grad(device):
+    a, b = _pair(12, 6, device)
+    bias = torch.tensor(-3.0, dtype=torch.float64, device=device, requires_grad=True)
+    out = sc.infonce_loss(a, b, logit_bias=bias)
+    assert out.item() == sc.infonce_loss(a, b).item()
+    out.backward()
+    assert bias.grad is not None and bias.grad.item() == 0.0
