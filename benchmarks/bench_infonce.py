@@ -1,0 +1,136 @@
+"""Fused InfoNCE forward+backward vs open_clip's ClipLoss vs the pure-PyTorch reference.
+
+Same inputs (random unit vectors, never zeros), same process, interleaved repeats; median
+wall time. Peak extra memory of one forward+backward is measured for each method in a fresh
+subprocess (Linux VmHWM), minus the bytes of the gradients every method must return.
+
+    python -m benchmarks.bench_infonce                 # CPU, N=8192 D=512 fp32 (acceptance)
+    python -m benchmarks.bench_infonce --device cuda --n 4096 16384 32768 65536 --d 512 1024 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from .common import cpu_peak_extra_bytes, environment, in_subprocess, median_time, write_result
+except ImportError:  # run as a script
+    from common import cpu_peak_extra_bytes, environment, in_subprocess, median_time, write_result
+
+METHODS = ("semcomp", "open_clip", "reference", "compiled_reference")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_loss(method: str):
+    import semcomp_ext as sc
+    from semcomp_ext import reference as R
+
+    if method == "semcomp":
+        return lambda a, b, s: sc.infonce_loss(a, b, logit_scale=s)
+    if method == "open_clip":
+        from semcomp_ext._compat import import_open_clip
+
+        loss = import_open_clip().loss.ClipLoss()
+        return lambda a, b, s: loss(a, b, s)
+    if method == "reference":
+        return lambda a, b, s: R.infonce_reference(a, b, s)
+    if method == "compiled_reference":
+        return torch.compile(lambda a, b, s: R.infonce_reference(a, b, s))
+    raise ValueError(method)
+
+
+def inputs(n: int, d: int, dtype, device: str, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    a = F.normalize(torch.randn(n, d, generator=g), dim=1).to(device=device, dtype=dtype).requires_grad_()
+    b = F.normalize(torch.randn(n, d, generator=g), dim=1).to(device=device, dtype=dtype).requires_grad_()
+    s = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+    return a, b, s
+
+
+def fwd_bwd(fn, a, b, s):
+    loss = fn(a, b, s)
+    return torch.autograd.grad(loss, (a, b, s))
+
+
+def child(method: str, n: int, d: int, dtype: str, device: str) -> dict:
+    """Peak extra memory of one fwd+bwd (after a warm-up call), minus the returned gradients."""
+    fn = make_loss(method)
+    a, b, s = inputs(n, d, DTYPES[dtype], device)
+    fwd_bwd(fn, a, b, s)
+    grad_bytes = 2 * a.numel() * a.element_size() + s.numel() * s.element_size()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd(fn, a, b, s)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = cpu_peak_extra_bytes(lambda: fwd_bwd(fn, a, b, s))
+    return {"peak_bytes": peak, "extra_bytes": max(0, peak - grad_bytes), "grad_bytes": grad_bytes}
+
+
+def bench(n: int, d: int, dtype: str, device: str, methods, repeats: int) -> list[dict]:
+    a, b, s = inputs(n, d, DTYPES[dtype], device)
+    fns = {m: make_loss(m) for m in methods}
+    # correctness before timing: every method agrees with the fp64 reference on these inputs
+    from semcomp_ext import reference as R
+
+    truth = R.infonce_reference(a.detach().double(), b.detach().double(), s.detach().double()).item()
+    rows = []
+    for m in methods:
+        val = float(fns[m](a, b, s).detach())
+        tol = 1e-3 if dtype == "float32" else 5e-2
+        assert abs(val - truth) <= tol * max(1.0, abs(truth)), f"{m}: loss {val} vs fp64 {truth}"
+        rows.append({"method": m, "loss": val})
+    flop = 8 * n * n * d  # fused convention: 4 matmul-equivalents fwd+bwd
+    for row in rows:
+        t = median_time(lambda: fwd_bwd(fns[row["method"]], a, b, s), device, repeats=repeats)
+        row.update(t, tflops=flop / t["median_s"] / 1e12)
+    for row in rows:
+        row.update(in_subprocess("bench_infonce", [row["method"], str(n), str(d), dtype, device]))
+    base = {r["method"]: r for r in rows}
+    for row in rows:
+        row.update(n=n, d=d, dtype=dtype, device=device)
+        if "open_clip" in base:
+            oc = base["open_clip"]
+            row["time_vs_open_clip"] = row["median_s"] / oc["median_s"]
+            row["extra_mem_vs_open_clip"] = row["extra_bytes"] / max(1, oc["extra_bytes"])
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", nargs=5, metavar=("METHOD", "N", "D", "DTYPE", "DEVICE"), help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, nargs="+", default=[8192])
+    p.add_argument("--d", type=int, nargs="+", default=[512])
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--methods", nargs="+", default=["semcomp", "open_clip", "reference"], choices=METHODS)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None, help="results file name under benchmarks/results/")
+    args = p.parse_args(argv)
+    if args.child:
+        m, n, d, dtype, device = args.child
+        print(json.dumps(child(m, int(n), int(d), dtype, device)))
+        return 0
+    rows = []
+    for n in args.n:
+        for d in args.d:
+            rows += bench(n, d, args.dtype, args.device, args.methods, args.repeats)
+            for r in rows[-len(args.methods):]:
+                print(f"N={n:6d} D={d:5d} {r['method']:<20} {r['median_s'] * 1e3:10.1f} ms  {r['tflops']:7.3f} TFLOP/s  "
+                      f"extra mem {r['extra_bytes'] / 2**20:9.1f} MiB  time/open_clip {r.get('time_vs_open_clip', float('nan')):.3f}  "
+                      f"mem/open_clip {r.get('extra_mem_vs_open_clip', float('nan')):.4f}")
+    name = args.out or f"infonce_{args.device.split(':')[0]}.json"
+    path = write_result(name, {"benchmark": "infonce fwd+bwd", "flop_convention": "8*N^2*D", "env": environment(args.device), "rows": rows})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""Run every benchmark for one device and regenerate the README table.
+
+    python benchmarks/run_all.py               # CPU acceptance sizes
+    python benchmarks/run_all.py --device cuda # GPU sweep (issue sizes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench_infonce, bench_segment_gather, report  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        bench_infonce.main(["--n", "4096", "8192", "--d", "512"])
+        bench_segment_gather.main([])
+    else:
+        bench_infonce.main(["--device", args.device, "--n", "4096", "16384", "32768", "65536", "--d", "512", "1024",
+                            "--dtype", "bfloat16", "--methods", "semcomp", "open_clip", "compiled_reference"])
+        bench_segment_gather.main(["--device", args.device, "--n", str(1 << 22), "--d", "512", "--groups", "1000",
+                                   str(1 << 20)])
+    report.main([])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
