@@ -140,3 +140,14 @@ def error_worker(rank, world, impl):
     torch.distributed.all_reduce(x)
     msgs["after"] = float(x)
     return msgs
+
+
+def suite_worker(rank, world, n=4, d=8):
+    """Everything the tests check, in one launch (spawning W processes costs seconds)."""
+    return {
+        "clip_float64": clip_parity_worker(rank, world, n, d, "float64"),
+        "clip_float32": clip_parity_worker(rank, world, n, d, "float32"),
+        "multimodal_float64": multimodal_worker(rank, world, n, d, "float64"),
+        "errors_gather": error_worker(rank, world, "gather"),
+        "errors_ring": error_worker(rank, world, "ring"),
+    }
