@@ -11,6 +11,7 @@ still receive gradients.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -89,7 +90,9 @@ def gather_one(x: torch.Tensor, local_loss: bool, gather_with_grad: bool, rank: 
     if gather_with_grad:
         from torch.distributed import nn as dist_nn
 
-        return torch.cat(dist_nn.all_gather(x, group=group or dist.group.WORLD), dim=0)
+        with warnings.catch_warnings():  # open_clip's choice; deprecated (FutureWarning) in new torch
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(dist_nn.all_gather(x, group=group or dist.group.WORLD), dim=0)
     parts = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.detach().contiguous(), group=group)
     if not local_loss:
