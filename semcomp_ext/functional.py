@@ -214,15 +214,38 @@ def multimodal_infonce_loss(
     anchor: int = 0,
     logit_scale=None,
     reduction: str = "mean",
+    distributed: bool = False,
+    local_loss: bool = False,
+    gather_with_grad: bool = False,
+    impl: str = "gather",
+    group=None,
 ) -> torch.Tensor:
     """Mean of the symmetric InfoNCE over modality pairs of M >= 2 row-aligned (N, D) tensors:
-    all M(M-1)/2 pairs (pairs="all") or the M-1 pairs (anchor, m) (pairs="anchor")."""
+    all M(M-1)/2 pairs (pairs="all") or the M-1 pairs (anchor, m) (pairs="anchor"). Each pair
+    runs on the fused kernels.
+
+    distributed=True: zs are this rank's local (n, D) features of a torch.distributed group
+    (default: the world); the loss is over the global batch W*n with ClipLoss's semantics per
+    pair: local_loss, gather_with_grad, impl="gather" | "ring" (see semcomp_ext.ClipLoss).
+    local_loss=False returns the global loss on every rank. reduction must be "mean" then.
+    """
     fn = "multimodal_infonce_loss"
     if isinstance(zs, torch.Tensor) or len(zs) < 2:
         raise ValueError(f"{fn}: zs must be a sequence of at least 2 tensors (one per modality)")
+    idx = _modality_pairs(fn, len(zs), pairs, anchor)
+    if distributed:
+        from .distributed import distributed_infonce
+
+        if reduction != "mean":
+            raise ValueError(f"{fn}: distributed=True supports reduction='mean' only, got {reduction!r}")
+        for i, z in enumerate(zs):
+            _check_matrix(fn, f"zs[{i}]", z)
+        s = _resolve_scale(fn, temperature, logit_scale, zs[0])
+        return distributed_infonce(
+            zs, s, idx, local_loss=local_loss, gather_with_grad=gather_with_grad, impl=impl, group=group, fn=fn
+        )
     for i, z in enumerate(zs):
         _check_pair(fn, zs[0], z, ("zs[0]", f"zs[{i}]"))
-    idx = _modality_pairs(fn, len(zs), pairs, anchor)
     losses = [
         infonce_loss(zs[i], zs[j], temperature, logit_scale=logit_scale, reduction=reduction) for i, j in idx
     ]

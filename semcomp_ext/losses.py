@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import infonce_loss, infonce_rect_loss
+from .functional import infonce_loss
 
 __all__ = ["ClipLoss", "InfoNCELoss"]
 
@@ -18,41 +18,58 @@ class ClipLoss(nn.Module):
     passes ``model.logit_scale.exp()``); ``logit_bias`` shifts all logits equally and changes
     neither the loss nor the gradients. The loss is returned in fp32 for fp16/bf16 features.
 
-    With world_size > 1 (torch.distributed initialised) features are gathered as open_clip does:
-    local_loss=True uses local rows against all columns (rectangular kernel, labels offset by
-    n * rank); local_loss=False computes the global loss on every rank.
+    With world_size > 1 (torch.distributed initialised) the loss and the gradients every rank
+    receives equal open_clip's for each (local_loss, gather_with_grad) combination (design §2.3):
+    local_loss=True computes this rank's rows against all columns with the rectangular kernel
+    (labels offset by n * rank); local_loss=False the global loss on every rank.
+
+    Extra keywords (not in open_clip):
+      impl: "gather" (all-gather the features, open_clip's way) or "ring" (key blocks travel
+        around the ring by send/recv; never all ranks' features at once; same values).
+      check_shapes: all-gather every rank's (n, D, dtype) first so unequal local batches or
+        feature sizes raise the same ValueError on every rank instead of hanging (one tiny
+        collective per call).
+      group: the process group (default: the world).
     """
 
-    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1, use_horovod=False):
+    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
+                 use_horovod=False, *, impl="gather", check_shapes=True, group=None):
         super().__init__()
+        from .distributed import IMPLS
+
         if use_horovod:
             raise ValueError("ClipLoss: use_horovod=True is not supported; use torch.distributed (world_size, rank)")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"ClipLoss: need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if impl not in IMPLS:
+            raise ValueError(f"ClipLoss: impl must be one of {IMPLS}, got {impl!r}")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels  # accepted for compatibility: no label tensor is built
         self.rank = rank
         self.world_size = world_size
         self.use_horovod = use_horovod
+        self.impl = impl
+        self.check_shapes = check_shapes
+        self.group = group
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         if self.world_size > 1:
-            from .distributed import gather_features
+            import torch.distributed as dist
 
-            all_img, all_txt = gather_features(
-                image_features, text_features, self.local_loss, self.gather_with_grad, self.rank, self.world_size
+            from .distributed import distributed_infonce
+            from .functional import _attach_bias, _resolve_scale
+
+            if dist.is_available() and dist.is_initialized() and dist.get_rank(self.group) != self.rank:
+                raise ValueError(f"ClipLoss: rank={self.rank} but this process is rank {dist.get_rank(self.group)} of the group")
+            scale = _resolve_scale("ClipLoss", None, logit_scale, image_features)
+            loss = distributed_infonce(
+                [image_features, text_features], scale, [(0, 1)],
+                local_loss=self.local_loss, gather_with_grad=self.gather_with_grad, impl=self.impl,
+                world_size=self.world_size, group=self.group, names=("image_features", "text_features"),
+                fn="ClipLoss", check_shapes=self.check_shapes,
             )
-            if self.local_loss:
-                off = image_features.shape[0] * self.rank
-                loss = 0.5 * (
-                    infonce_rect_loss(image_features, all_txt, logit_scale, offset=off, reduction="mean")
-                    + infonce_rect_loss(text_features, all_img, logit_scale, offset=off, reduction="mean")
-                )
-            else:
-                loss = infonce_loss(all_img, all_txt, logit_scale=logit_scale)
-            if logit_bias is not None and torch.is_tensor(logit_bias) and logit_bias.requires_grad:
-                loss = loss + 0.0 * logit_bias.reshape(())
+            loss = _attach_bias(loss, "ClipLoss", logit_bias)
         else:
             loss = infonce_loss(image_features, text_features, logit_scale=logit_scale, logit_bias=logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss

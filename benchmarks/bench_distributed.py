@@ -1,0 +1,113 @@
+"""Peak memory per rank of the distributed contrastive loss: semcomp gather vs ring vs
+open_clip's ClipLoss, forward + backward, on CPU with gloo (real spawned processes).
+
+Each implementation runs in fresh processes; a rank's figure is the growth of its peak RSS
+(resource.getrusage ru_maxrss) from just after its inputs exist to the end of forward+backward,
+i.e. the memory the loss itself needed. Also records wall time of the step on rank 0 and the
+loss values (they must agree). Output: benchmarks/results/distributed_cpu.json.
+
+    python benchmarks/bench_distributed.py [--global-batch 16384] [--world-size 4] [--dim 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from semcomp_ext.distributed.launch import launch  # noqa: E402
+
+IMPLS = ("semcomp_gather", "semcomp_ring", "open_clip")
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _worker(rank, world, impl, n, d, local_loss, gather_with_grad, seed):
+    import torch.nn.functional as F
+
+    import semcomp_ext as sc
+    from semcomp_ext._compat import import_open_clip
+
+    oc = import_open_clip()
+    g = torch.Generator().manual_seed(seed + rank)
+    img = F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
+    txt = F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
+    scale = torch.tensor(1 / 0.07, requires_grad=True)
+    kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
+    if impl == "open_clip":
+        loss_fn = oc.loss.ClipLoss(**kw)
+    else:
+        loss_fn = sc.ClipLoss(**kw, impl=impl.split("_")[1])
+    torch.distributed.barrier()
+    before = _maxrss_mib()
+    t0 = time.perf_counter()
+    loss = loss_fn(img, txt, scale)
+    loss.backward()
+    torch.distributed.barrier()
+    seconds = time.perf_counter() - t0
+    return {"peak_rss_delta_mib": _maxrss_mib() - before, "rss_before_mib": before, "seconds": seconds,
+            "loss": float(loss.detach()), "grad_norm": float(img.grad.norm())}
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, cwd=os.path.dirname(__file__)).strip()
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--global-batch", type=int, default=16384)
+    ap.add_argument("--world-size", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--local-loss", type=int, default=1)
+    ap.add_argument("--gather-with-grad", type=int, default=1)
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "distributed_cpu.json"))
+    args = ap.parse_args(argv)
+    w, n = args.world_size, args.global_batch // args.world_size
+    runs = {}
+    for impl in args.impls.split(","):
+        per_rank = launch(_worker, w, (impl, n, args.dim, bool(args.local_loss), bool(args.gather_with_grad), 0),
+                          timeout=900, pg_timeout=600)
+        runs[impl] = {
+            "peak_rss_delta_mib_per_rank": [round(r["peak_rss_delta_mib"], 1) for r in per_rank],
+            "max_peak_rss_delta_mib": round(max(r["peak_rss_delta_mib"] for r in per_rank), 1),
+            "seconds_rank0": round(per_rank[0]["seconds"], 2),
+            "loss_per_rank": [r["loss"] for r in per_rank],
+            "grad_norm_rank0": per_rank[0]["grad_norm"],
+        }
+        print(impl, json.dumps(runs[impl]), flush=True)
+    result = {
+        "benchmark": "distributed ClipLoss forward+backward, peak RSS growth per rank",
+        "global_batch": args.global_batch, "world_size": w, "local_batch": n, "dim": args.dim, "dtype": "float32",
+        "local_loss": bool(args.local_loss), "gather_with_grad": bool(args.gather_with_grad),
+        "backend": "gloo", "threads_per_rank": 1,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count()},
+        "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "note": "input features (2 x n x D fp32 = "
+                f"{2 * n * args.dim * 4 / 2**20:.0f} MiB per rank) exist before the measurement starts",
+        "results": runs,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
