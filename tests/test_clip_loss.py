@@ -16,7 +16,14 @@ def OpenClipLoss():
 
 
 def test_constructor_and_forward_signatures_match(OpenClipLoss):
-    assert list(inspect.signature(sc.ClipLoss.__init__).parameters) == list(inspect.signature(OpenClipLoss.__init__).parameters)
+    ours_init = inspect.signature(sc.ClipLoss.__init__).parameters
+    theirs_init = inspect.signature(OpenClipLoss.__init__).parameters
+    # open_clip's parameters come first, in order, with the same defaults; ours may add
+    # keyword-only extras (impl, check_shapes, group) with defaults.
+    assert list(ours_init)[: len(theirs_init)] == list(theirs_init)
+    assert all(ours_init[k].default == theirs_init[k].default for k in theirs_init)
+    extras = [ours_init[k] for k in list(ours_init)[len(theirs_init):]]
+    assert all(p.kind == p.KEYWORD_ONLY and p.default is not p.empty for p in extras)
     ours = inspect.signature(sc.ClipLoss.forward).parameters
     theirs = inspect.signature(OpenClipLoss.forward).parameters
     assert list(ours) == list(theirs)
