@@ -58,7 +58,8 @@ def list_shards(folder: str, exts=EMB_EXTS) -> list[str]:
     files = sorted(f for f in os.listdir(folder) if f.endswith(exts) and not f.startswith("."))
     if not files:
         raise FileNotFoundError(f"no {'/'.join(exts)} shards in {folder}")
-    return [os.path.join(folder, f) for f in files]
+    # absolute paths: the manifest's source list must compare equal on --resume from any cwd
+    return [os.path.abspath(os.path.join(folder, f)) for f in files]
 
 
 def open_npy(path: str, want_2d: bool = True) -> Shard:
@@ -70,7 +71,8 @@ def open_npy(path: str, want_2d: bool = True) -> Shard:
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
             offset = f.tell()
     except Exception as exc:  # numpy raises ValueError/EOFError/SyntaxError on garbage
         raise ValueError(f"corrupt .npy {path}: {exc}") from exc
