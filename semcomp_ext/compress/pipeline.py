@@ -81,6 +81,13 @@ def _pair_block(zs, index, keep_all: bool, normalize: str) -> torch.Tensor:
     the kept columns first (select_features), so the mean touches K, not D, columns."""
     from .. import pair_centroids, select_features
 
+    if normalize == "none" and zs[0].dtype == torch.float32:
+        # fast path (the common case): gather, then accumulate in place — one output buffer,
+        # no temporaries; the same arithmetic as pair_centroids (sum in order, then / M)
+        out = zs[0].clone() if keep_all else select_features(zs[0], index)
+        for z in zs[1:]:
+            out.add_(z if keep_all else select_features(z, index))
+        return out.div_(len(zs))
     parts = []
     for z in zs:
         g = z if keep_all else select_features(z, index)
@@ -94,16 +101,25 @@ def _pair_block(zs, index, keep_all: bool, normalize: str) -> torch.Tensor:
 
 def _write_streamed(path: str, blocks, rows_max: int, keep: int, dtype) -> dict:
     """Stream blocks into an atomic .npy. The header is written for rows_max rows; if rows were
-    dropped the header is rewritten in place, padded to the same length, and the file rehashed."""
+    dropped the header is rewritten in place, padded to the same length, and the file rehashed.
+    Writing and hashing run on a helper thread (both release the GIL) so they overlap the
+    next block's compute; at most 2 blocks are in flight, which bounds memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
     dtype = np.dtype(dtype)
     header = atomic.npy_header((rows_max, keep), dtype)
-    with atomic.atomic_file(path) as f:
+    with atomic.atomic_file(path) as f, ThreadPoolExecutor(1) as pool:
         w = atomic.HashingWriter(f)
         w.write(header)
-        rows = 0
+        rows, pending = 0, None
         for b in blocks:
-            w.write(np.ascontiguousarray(b))
+            b = np.ascontiguousarray(b)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(w.write, b)
             rows += b.shape[0]
+        if pending is not None:
+            pending.result()
         if rows != rows_max:
             h = atomic.npy_header((rows, keep), dtype)
             # pad the dict with spaces before the final newline so the data offset is unchanged

@@ -132,19 +132,32 @@ def open_shard(path: str, column: str = "embedding", want_2d: bool = True) -> Sh
 
 
 def _iter_npy(shard: Shard, batch: int):
+    """Blocks read by a helper thread one block ahead (readinto releases the GIL), into two
+    alternating buffers: I/O overlaps compute, memory stays 2 blocks."""
+    from concurrent.futures import ThreadPoolExecutor
+
     width = max(shard.dim, 1)
     dtype = np.dtype(shard.dtype)
-    buf = np.empty((batch, width) if shard.dim else (batch,), dtype=dtype)
+    bufs = [np.empty((batch, width) if shard.dim else (batch,), dtype=dtype) for _ in range(2)]
     row_bytes = width * dtype.itemsize
-    with open(shard.path, "rb", buffering=0) as f:
-        f.seek(shard.offset)
-        for start in range(0, shard.rows, batch):
+    starts = list(range(0, shard.rows, batch))
+    with open(shard.path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
+        def read(k):
+            start = starts[k]
             n = min(batch, shard.rows - start)
-            view = buf[:n]
+            view = bufs[k % 2][:n]
             got = f.readinto(memoryview(view).cast("B"))
             if got != n * row_bytes:  # the file shrank since it was validated
                 raise ValueError(f"truncated .npy {shard.path}: short read at row {start}")
-            yield view  # the buffer is reused: consumers must not keep it
+            return view
+
+        f.seek(shard.offset)
+        nxt = pool.submit(read, 0) if starts else None
+        for k in range(len(starts)):
+            view = nxt.result()
+            # the consumer is done with buffer (k+1)%2 once it asks for block k: safe to refill
+            nxt = pool.submit(read, k + 1) if k + 1 < len(starts) else None
+            yield view  # reused after the next request: consumers must not keep it
 
 
 def _iter_parquet(shard: Shard, batch: int):
