@@ -60,7 +60,10 @@ class HashingWriter:
         self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
 
     def write(self, data) -> None:
-        mv = memoryview(data).cast("B")
+        mv = memoryview(data)
+        if mv.nbytes == 0:  # an empty partition; memoryview cannot cast a zero-size shape
+            return
+        mv = mv.cast("B")
         self.sha.update(mv)
         self.f.write(mv)
         self.nbytes += mv.nbytes
