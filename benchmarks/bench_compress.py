@@ -133,7 +133,7 @@ def main() -> None:
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores ({platform.processor() or 'cpu'})",
         "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": commit,
         "dim": args.dim, "modalities": 2, "drop_rate": 0.5, "in_dtype": "float32", "rows_per_shard": ROWS_PER_SHARD,
-        "results": results, "peak_rss_mb_by_input_gb_local": pairs_local,
+        "load_average_at_end": os.getloadavg(), "results": results, "peak_rss_mb_by_input_gb_local": pairs_local,
     }
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
