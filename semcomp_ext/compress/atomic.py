@@ -1,0 +1,148 @@
+"""Atomic, checksummed writes: a temp file in the destination folder, fsync, rename, fsync of
+the folder. A reader (or a resumed job) therefore sees either the old state or the complete
+new file, never a torn one; leftovers of a killed run are only ever `*.tmp-*` files."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+
+TMP_MARK = ".tmp-"
+
+
+class DiskFullError(OSError):
+    """Raised instead of a bare ENOSPC so the CLI can say which file could not be written."""
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str):
+    """Yield a binary file object writing to a temp file next to `path`; on success the file
+    is fsynced and renamed over `path`. On any error the temp file is removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + TMP_MARK, dir=folder)
+    try:
+        with os.fdopen(fd, "w+b") as f:  # readable: a rewritten header is rehashed
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise DiskFullError(errno.ENOSPC, f"disk full while writing {path}") from exc
+        raise
+
+
+class HashingWriter:
+    """File wrapper that hashes every byte written (sha256 without re-reading the file)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> None:
+        mv = memoryview(data)
+        if mv.nbytes == 0:  # an empty partition; memoryview cannot cast a zero-size shape
+            return
+        mv = mv.cast("B")
+        self.sha.update(mv)
+        self.f.write(mv)
+        self.nbytes += mv.nbytes
+
+
+def npy_header(shape: tuple, dtype: np.dtype) -> bytes:
+    """A version-1.0 .npy header for a C-ordered array (what np.save writes)."""
+    buf = _BytesSink()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": tuple(shape)})
+    return buf.data
+
+
+class _BytesSink:
+    def __init__(self):
+        self.data = b""
+
+    def write(self, b):
+        self.data += bytes(b)
+
+
+def write_npy_atomic(path: str, arrays, shape: tuple, dtype) -> dict:
+    """Write a .npy whose rows come from the iterable `arrays` (each C-contiguous, of dtype),
+    atomically. Returns {"rows", "bytes", "sha256"}. Rows are streamed: memory stays bounded."""
+    dtype = np.dtype(dtype)
+    with atomic_file(path) as f:
+        w = HashingWriter(f)
+        w.write(npy_header(shape, dtype))
+        rows = 0
+        for a in arrays:
+            if a.dtype != dtype:
+                raise TypeError(f"write_npy_atomic: {path}: chunk dtype {a.dtype} != {dtype}")
+            w.write(np.ascontiguousarray(a))
+            rows += a.shape[0]
+        if rows != shape[0]:
+            raise ValueError(f"write_npy_atomic: {path}: wrote {rows} rows, header says {shape[0]}")
+    return {"rows": rows, "bytes": w.nbytes, "sha256": w.sha.hexdigest()}
+
+
+def write_bytes_atomic(path: str, data: bytes) -> dict:
+    with atomic_file(path) as f:
+        f.write(data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_json_atomic(path: str, obj) -> None:
+    # sort_keys + fixed indent: the manifest of a resumed run is byte-identical too.
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def copy_atomic(src: str, dst: str) -> dict:
+    with open(src, "rb") as fin, atomic_file(dst) as f:
+        w = HashingWriter(f)
+        while chunk := fin.read(1 << 22):
+            w.write(chunk)
+    return {"bytes": w.nbytes, "sha256": w.sha.hexdigest()}
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remove_tmp_files(folder: str) -> int:
+    """Delete `*.tmp-*` leftovers of a killed run below `folder`; returns how many."""
+    n = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if TMP_MARK in name:
+                os.unlink(os.path.join(root, name))
+                n += 1
+    return n
+
+
+def rmtree_if_exists(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.unlink(path)

@@ -1,0 +1,302 @@
+"""The compression pipeline: plan -> independent shard tasks -> manifest.
+
+Every task is a pure function of (plan, task index) that writes its output files atomically
+and returns a JSON-ready record. The local and the Ray engine call the same task functions,
+so their outputs are byte-identical; `--resume` only re-runs tasks without a verified record.
+
+Pairs mode (default): output shard i = pair centroids of input shard i (one row per row).
+Concepts mode: map tasks reduce each input shard to per-concept partial sums and spill them,
+hash-partitioned, to OUT/.spill; reduce task p merges partition p from every shard. Memory is
+bounded by the chunk size (map) and the partition size (reduce), not by the concept count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from . import atomic, manifest
+from .readers import iter_chunks, open_concepts, validate
+
+# A test hook: sleep this many seconds after each finished task (kill -9 / resume tests).
+_SLEEP_ENV = "SEMCOMP_TEST_SLEEP_PER_SHARD"
+_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
+
+
+@dataclass
+class Plan:
+    """Everything a task needs; plain data so it pickles to Ray workers."""
+
+    out: str
+    mods: list                  # [{"name", "shards": [Shard dicts]}]
+    dim: int
+    in_dtype: str
+    index: list                 # RFS column ids
+    params: dict
+    metadata: list | None = None
+    concepts: list | None = None  # concept-id Shard dicts per input shard
+    partitions: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _shard_obj(d: dict):
+    from .readers import Shard
+
+    return Shard(**d)
+
+
+def _check_finite(zs, paths, start: int, skip: bool) -> torch.Tensor | None:
+    """Boolean keep-mask of rows whose values are all finite in every modality, or None when
+    all are. A row sum is non-finite iff the row has a NaN/Inf (or overflows: rechecked)."""
+    bad = None
+    for z, path in zip(zs, paths):
+        s = z.sum(1, dtype=torch.float32)
+        fin = torch.isfinite(s)
+        if bool(fin.all()):
+            continue
+        rows = (~fin).nonzero().flatten()
+        rows = rows[~torch.isfinite(z[rows].float()).all(1)]
+        if rows.numel() == 0:
+            continue
+        if not skip:
+            raise ValueError(f"non-finite values (NaN/Inf) in {path} at row {start + int(rows[0])} "
+                             f"({rows.numel()} such rows in this block); pass --skip-invalid to drop them")
+        if bad is None:
+            bad = torch.zeros(z.shape[0], dtype=torch.bool)
+        bad[rows] = True
+    return None if bad is None else ~bad
+
+
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+def _pair_block(zs, index, keep_all: bool, normalize: str) -> torch.Tensor:
+    """Centroid of M row-aligned blocks, RFS fused into the read: each modality is gathered to
+    the kept columns first (select_features), so the mean touches K, not D, columns."""
+    from .. import pair_centroids, select_features
+
+    if normalize == "none" and zs[0].dtype == torch.float32:
+        # fast path (the common case): gather, then accumulate in place — one output buffer,
+        # no temporaries; the same arithmetic as pair_centroids (sum in order, then / M)
+        out = zs[0].clone() if keep_all else select_features(zs[0], index)
+        for z in zs[1:]:
+            out.add_(z if keep_all else select_features(z, index))
+        return out.div_(len(zs))
+    parts = []
+    for z in zs:
+        g = z if keep_all else select_features(z, index)
+        g = g.float()
+        if normalize in ("input", "both"):
+            # normalise by the norm of the full D-dim embedding, not of the kept columns
+            g = g / torch.linalg.vector_norm(z.float(), dim=1, keepdim=True).clamp_min(1e-12)
+        parts.append(g)
+    return pair_centroids(parts, normalize="output" if normalize in ("output", "both") else False)
+
+
+def _write_streamed(path: str, blocks, rows_max: int, keep: int, dtype) -> dict:
+    """Stream blocks into an atomic .npy. The header is written for rows_max rows; if rows were
+    dropped the header is rewritten in place, padded to the same length, and the file rehashed.
+    Writing and hashing run on a helper thread (both release the GIL) so they overlap the
+    next block's compute; at most 2 blocks are in flight, which bounds memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dtype = np.dtype(dtype)
+    header = atomic.npy_header((rows_max, keep), dtype)
+    with atomic.atomic_file(path) as f, ThreadPoolExecutor(1) as pool:
+        w = atomic.HashingWriter(f)
+        w.write(header)
+        rows, pending = 0, None
+        for b in blocks:
+            b = np.ascontiguousarray(b)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(w.write, b)
+            rows += b.shape[0]
+        if pending is not None:
+            pending.result()
+        if rows != rows_max:
+            h = atomic.npy_header((rows, keep), dtype)
+            # pad the dict with spaces before the final newline so the data offset is unchanged
+            h = h[:-1] + b" " * (len(header) - len(h)) + b"\n"
+            h = h[:8] + np.uint16(len(h) - 10).tobytes() + h[10:]
+            f.flush()
+            f.seek(0)
+            f.write(h)
+            f.flush()
+            f.seek(0)
+            sha = hashlib.sha256()
+            while chunk := f.read(1 << 22):
+                sha.update(chunk)
+            w.sha = sha
+    return {"file": os.path.relpath(path, os.path.dirname(os.path.dirname(path))), "rows": rows,
+            "bytes": w.nbytes, "sha256": w.sha.hexdigest()}
+
+
+def _maybe_sleep():
+    s = os.environ.get(_SLEEP_ENV)
+    if s:
+        time.sleep(float(s))
+
+
+def _filter_metadata(src: str, dst: str, keep_rows: np.ndarray | None) -> dict:
+    if keep_rows is None:
+        rec = atomic.copy_atomic(src, dst)
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(src).take(keep_rows)
+        with atomic.atomic_file(dst) as f:
+            pq.write_table(table, f)
+        rec = {"bytes": os.path.getsize(dst), "sha256": atomic.sha256_file(dst)}
+    rec["file"] = os.path.join("metadata", os.path.basename(dst))
+    return rec
+
+
+def pair_task(plan: Plan, i: int) -> dict:
+    """Output shard i from input shard i of every modality."""
+    shards = [_shard_obj(m["shards"][i]) for m in plan.mods]
+    paths = [s.path for s in shards]
+    p = plan.params
+    index = torch.tensor(plan.index, dtype=torch.int64)
+    keep_all = len(plan.index) == plan.dim
+    out_dtype = p["out_dtype"]
+    kept_rows = []
+    invalid = 0
+
+    def blocks():
+        nonlocal invalid
+        start = 0
+        for chunk in zip(*(iter_chunks(s, p["batch_size"]) for s in shards)):
+            zs = [_as_tensor(c) for c in chunk]
+            mask = _check_finite(zs, paths, start, p["skip_invalid"])
+            out = _pair_block(zs, index, keep_all, p["normalize"])
+            if mask is not None:
+                out = out[mask]
+                invalid += int((~mask).sum())
+                kept_rows.append(np.nonzero(mask.numpy())[0] + start)
+            else:
+                kept_rows.append(None)
+            start += zs[0].shape[0]
+            yield out.to(getattr(torch, out_dtype)).numpy()
+
+    name = f"centroids_{i:05d}.npy"
+    rec = _write_streamed(os.path.join(plan.out, "centroids", name), blocks(), shards[0].rows, len(plan.index), out_dtype)
+    shard_rec = {"index": i, "rows": rec["rows"], "invalid_rows": invalid, "sources": paths, "centroids": rec}
+    if plan.metadata:
+        src = plan.metadata[i]
+        rows = _kept_row_ids(kept_rows, shards[0].rows, p["batch_size"]) if invalid else None
+        shard_rec["metadata"] = _filter_metadata(src, os.path.join(plan.out, "metadata", f"metadata_{i:05d}.parquet"), rows)
+    _maybe_sleep()
+    return shard_rec
+
+
+def _kept_row_ids(kept_rows, total: int, batch: int) -> np.ndarray:
+    out = []
+    for b, r in enumerate(kept_rows):
+        out.append(np.arange(b * batch, min((b + 1) * batch, total)) if r is None else r)
+    return np.concatenate(out) if out else np.arange(0)
+
+
+# ---- concepts mode ------------------------------------------------------------------------
+
+
+def partition_of(ids: np.ndarray, parts: int) -> np.ndarray:
+    """Multiplicative hash of int64 ids -> partition; spreads consecutive ids evenly."""
+    h = (ids.astype(np.uint64) * _HASH_MUL) >> np.uint64(32)
+    return (h % np.uint64(parts)).astype(np.int64)
+
+
+def _segment_sums(x: torch.Tensor, ids: torch.Tensor, features=None, normalize=False):
+    """(unique ids, per-id sums, counts) of the rows of x, through the centroids kernel
+    (sorted unique ids -> contiguous groups; sum = mean * count)."""
+    from .. import centroids
+
+    uniq, inv = torch.unique(ids, sorted=True, return_inverse=True)
+    means, counts = centroids(x, inv, int(uniq.numel()), return_counts=True, features=features, normalize=normalize)
+    return uniq, means.float() * counts.unsqueeze(1).float(), counts.to(torch.int64)
+
+
+def concept_map_task(plan: Plan, i: int) -> dict:
+    """Per-concept partial sums (over all modalities, kept columns) of input shard i, spilled
+    as OUT/.spill/s{i}/p{p}.npz for each partition p."""
+    shards = [_shard_obj(m["shards"][i]) for m in plan.mods]
+    cshard = _shard_obj(plan.concepts[i])
+    paths = [s.path for s in shards]
+    p = plan.params
+    index = torch.tensor(plan.index, dtype=torch.int64)
+    features = None if len(plan.index) == plan.dim else index
+    norm = "input" if p["normalize"] in ("input", "both") else False
+    u_all, s_all, c_all = [], [], []
+    invalid, start = 0, 0
+    b = p["batch_size"]
+    for chunk in zip(iter_chunks(cshard, b), *(iter_chunks(s, b) for s in shards)):
+        ids = torch.from_numpy(np.asarray(chunk[0], dtype=np.int64).copy())
+        zs = [_as_tensor(c) for c in chunk[1:]]
+        mask = _check_finite(zs, paths, start, p["skip_invalid"])
+        start += ids.shape[0]
+        if mask is not None:
+            invalid += int((~mask).sum())
+            ids, zs = ids[mask], [z[mask] for z in zs]
+            if ids.numel() == 0:
+                continue
+        # all modalities of the block in one segment reduction: M*n rows, ids repeated
+        x = torch.cat([z.float() for z in zs]) if len(zs) > 1 else zs[0].float()
+        u, s, c = _segment_sums(x, ids.repeat(len(zs)), features, norm)
+        u_all.append(u), s_all.append(s), c_all.append(c)
+    spill = os.path.join(plan.out, ".spill", f"s{i:05d}")
+    keep = len(plan.index)
+    if u_all:
+        u, s, c = torch.cat(u_all), torch.cat(s_all), torch.cat(c_all)
+        if len(u_all) > 1:  # merge the blocks' partials: sums of sums, counts of counts
+            u2, inv = torch.unique(u, sorted=True, return_inverse=True)
+            s = torch.zeros(u2.numel(), keep, dtype=torch.float32).index_add_(0, inv, s)
+            c = torch.zeros(u2.numel(), dtype=torch.int64).index_add_(0, inv, c)
+            u = u2
+        u, s, c = u.numpy(), s.numpy(), c.numpy()
+    else:
+        u, s, c = np.zeros(0, np.int64), np.zeros((0, keep), np.float32), np.zeros(0, np.int64)
+    part = partition_of(u, plan.partitions)
+    for q in range(plan.partitions):
+        sel = part == q
+        with atomic.atomic_file(os.path.join(spill, f"p{q:05d}.npz")) as f:
+            np.savez(f, ids=u[sel], sums=s[sel], counts=c[sel])
+    _maybe_sleep()
+    return {"index": i, "rows": shards[0].rows, "invalid_rows": invalid, "sources": paths + [cshard.path]}
+
+
+def concept_reduce_task(plan: Plan, q: int) -> dict:
+    """Merge partition q of every shard's spill into output shard q (concepts sorted by id)."""
+    ids, sums, counts = [], [], []
+    for i in range(len(plan.mods[0]["shards"])):
+        path = os.path.join(plan.out, ".spill", f"s{i:05d}", f"p{q:05d}.npz")
+        with np.load(path) as z:
+            ids.append(z["ids"]), sums.append(z["sums"]), counts.append(z["counts"])
+    u = torch.from_numpy(np.concatenate(ids))
+    s = torch.from_numpy(np.concatenate(sums))
+    c = torch.from_numpy(np.concatenate(counts))
+    u2, inv = torch.unique(u, sorted=True, return_inverse=True)
+    tot = torch.zeros(u2.numel(), s.shape[1], dtype=torch.float32).index_add_(0, inv, s)
+    cnt = torch.zeros(u2.numel(), dtype=torch.int64).index_add_(0, inv, c)
+    means = tot / cnt.clamp_min(1).unsqueeze(1).float()
+    if plan.params["normalize"] in ("output", "both"):
+        means = torch.nn.functional.normalize(means, dim=1)
+    out_dtype = plan.params["out_dtype"]
+    rec = _write_streamed(os.path.join(plan.out, "centroids", f"centroids_{q:05d}.npy"),
+                          [means.to(getattr(torch, out_dtype)).numpy()], int(u2.numel()), s.shape[1], out_dtype)
+    cpath = os.path.join(plan.out, "concepts", f"concepts_{q:05d}.npy")
+    crec = atomic.write_npy_atomic(cpath, [u2.numpy()], (int(u2.numel()),), np.int64)
+    crec["file"] = os.path.join("concepts", f"concepts_{q:05d}.npy")
+    crec.pop("rows", None)
+    _maybe_sleep()
+    return {"index": q, "rows": rec["rows"], "centroids": rec, "concepts": crec,
+            "observations": int(cnt.sum())}
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    return asdict(plan)

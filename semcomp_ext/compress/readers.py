@@ -1,0 +1,269 @@
+"""Shard readers for the layouts users already have, validated before any work starts.
+
+Layouts:
+- clip-retrieval: ROOT/{img_emb,text_emb,...}/<name>_NNNN.npy, ROOT/metadata/metadata_NNNN.parquet;
+  shard i of every modality holds the same rows.
+- embedding-reader style: one folder per modality of `.npy` shards, or parquet shards with an
+  `embedding` list column.
+
+Rows are read in fixed-size chunks into reusable buffers (`readinto` from the page cache), not
+through a long-lived mmap: resident memory then stays bounded by the chunk size whatever the
+shard size (an mmap's touched pages would count towards RSS until unmapped).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EMB_EXTS = (".npy", ".parquet")
+
+
+def require_pyarrow(what: str):
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ImportError(f"{what} needs pyarrow: pip install 'semcomp-ext[compress]'") from exc
+    return pq
+
+
+@dataclass
+class Shard:
+    path: str
+    kind: str            # "npy" | "parquet"
+    rows: int
+    dim: int = 0         # 0 for 1-D shards (concept ids)
+    dtype: str = "float32"
+    offset: int = 0      # npy: byte offset of the data
+    column: str = ""     # parquet: the column read
+    size: int = 0
+
+    def describe(self) -> dict:
+        return {"path": self.path, "rows": self.rows, "dim": self.dim, "dtype": self.dtype, "bytes": self.size}
+
+
+@dataclass
+class Modality:
+    name: str
+    folder: str
+    shards: list = field(default_factory=list)
+
+
+def list_shards(folder: str, exts=EMB_EXTS) -> list[str]:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"missing input folder: {folder}")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(exts) and not f.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(exts)} shards in {folder}")
+    # absolute paths: the manifest's source list must compare equal on --resume from any cwd
+    return [os.path.abspath(os.path.join(folder, f)) for f in files]
+
+
+def open_npy(path: str, want_2d: bool = True) -> Shard:
+    """Parse the header and check the file holds exactly the data it announces (a truncated
+    or padded file is reported here, before any output is written)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"missing shard: {path}")
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+    except Exception as exc:  # numpy raises ValueError/EOFError/SyntaxError on garbage
+        raise ValueError(f"corrupt .npy {path}: {exc}") from exc
+    if fortran:
+        raise ValueError(f"{path}: Fortran-ordered arrays are not supported; save C-ordered")
+    if dtype not in (np.float32, np.float16) and want_2d:
+        raise ValueError(f"{path}: embeddings must be float32 or float16, got {dtype}")
+    if want_2d and len(shape) != 2:
+        raise ValueError(f"{path}: embeddings must be 2-D (rows, dim), got shape {shape}")
+    if not want_2d and len(shape) != 1:
+        raise ValueError(f"{path}: concept ids must be 1-D, got shape {shape}")
+    expect = offset + int(np.prod(shape)) * dtype.itemsize
+    if size != expect:
+        raise ValueError(f"truncated or corrupt .npy {path}: header says {shape} {dtype} "
+                         f"({expect} bytes), file has {size} bytes")
+    return Shard(path, "npy", int(shape[0]), int(shape[1]) if want_2d else 0, dtype.name, offset, size=size)
+
+
+def open_parquet(path: str, column: str, want_2d: bool = True) -> Shard:
+    pq = require_pyarrow("reading parquet shards")
+    import pyarrow as pa
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"missing shard: {path}")
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+    except Exception as exc:
+        raise ValueError(f"truncated or corrupt parquet {path}: {exc}") from exc
+    if column not in schema.names:
+        raise ValueError(f"{path}: no column {column!r} (columns: {schema.names})")
+    typ = schema.field(column).type
+    rows = pf.metadata.num_rows
+    dim, dtype = 0, "int64"
+    if want_2d:
+        if not (pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)):
+            raise ValueError(f"{path}: column {column!r} must be a list of floats, got {typ}")
+        vt = typ.value_type
+        dtype = {pa.float32(): "float32", pa.float16(): "float16"}.get(vt)
+        if dtype is None:
+            raise ValueError(f"{path}: column {column!r} must hold float32 or float16, got {vt}")
+        if pa.types.is_fixed_size_list(typ):
+            dim = typ.list_size
+        elif rows:
+            try:
+                first = next(pf.iter_batches(batch_size=1, columns=[column]))
+            except Exception as exc:
+                raise ValueError(f"truncated or corrupt parquet {path}: {exc}") from exc
+            dim = len(first.column(0)[0])
+    elif not pa.types.is_integer(typ):
+        raise ValueError(f"{path}: concept column {column!r} must be integers, got {typ}")
+    return Shard(path, "parquet", rows, dim, dtype, column=column, size=os.path.getsize(path))
+
+
+def open_shard(path: str, column: str = "embedding", want_2d: bool = True) -> Shard:
+    return open_npy(path, want_2d) if path.endswith(".npy") else open_parquet(path, column, want_2d)
+
+
+def _iter_npy(shard: Shard, batch: int):
+    """Blocks read by a helper thread one block ahead (readinto releases the GIL), into two
+    alternating buffers: I/O overlaps compute, memory stays 2 blocks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    width = max(shard.dim, 1)
+    dtype = np.dtype(shard.dtype)
+    bufs = [np.empty((batch, width) if shard.dim else (batch,), dtype=dtype) for _ in range(2)]
+    row_bytes = width * dtype.itemsize
+    starts = list(range(0, shard.rows, batch))
+    with open(shard.path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
+        def read(k):
+            start = starts[k]
+            n = min(batch, shard.rows - start)
+            view = bufs[k % 2][:n]
+            got = f.readinto(memoryview(view).cast("B"))
+            if got != n * row_bytes:  # the file shrank since it was validated
+                raise ValueError(f"truncated .npy {shard.path}: short read at row {start}")
+            return view
+
+        f.seek(shard.offset)
+        nxt = pool.submit(read, 0) if starts else None
+        for k in range(len(starts)):
+            view = nxt.result()
+            # the consumer is done with buffer (k+1)%2 once it asks for block k: safe to refill
+            nxt = pool.submit(read, k + 1) if k + 1 < len(starts) else None
+            yield view  # reused after the next request: consumers must not keep it
+
+
+def _iter_parquet(shard: Shard, batch: int):
+    pq = require_pyarrow("reading parquet shards")
+    import pyarrow.compute as pc
+
+    try:
+        pf = pq.ParquetFile(shard.path)
+        for rb in pf.iter_batches(batch_size=batch, columns=[shard.column]):
+            col = rb.column(0)
+            if shard.dim == 0:
+                yield col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+                continue
+            if col.null_count:
+                raise ValueError(f"{shard.path}: null embedding in column {shard.column!r}")
+            flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+            if flat.size != len(col) * shard.dim:
+                raise ValueError(f"{shard.path}: embeddings of differing lengths (expected dim {shard.dim})")
+            yield flat.reshape(len(col), shard.dim)
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"truncated or corrupt parquet {shard.path}: {exc}") from exc
+
+
+def iter_chunks(shard: Shard, batch: int):
+    """Yield consecutive row blocks of exactly `batch` rows (the last may be shorter)."""
+    gen = _iter_npy(shard, batch) if shard.kind == "npy" else _iter_parquet(shard, batch)
+    if shard.kind == "npy":
+        yield from gen
+        return
+    # parquet batches can stop short at row-group boundaries: re-block so every modality
+    # yields the same row ranges.
+    pending, have = [], 0
+    for a in gen:
+        pending.append(a)
+        have += a.shape[0]
+        while have >= batch:
+            cat = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            yield cat[:batch]
+            pending, have = ([cat[batch:]] if cat.shape[0] > batch else []), cat.shape[0] - batch
+    if have:
+        yield np.concatenate(pending) if len(pending) > 1 else pending[0]
+
+
+def discover(inputs: list[str], metadata: str | None = None, column: str = "embedding"):
+    """Resolve CLI inputs to modalities (+ metadata folder). One path that contains `*_emb`
+    folders is a clip-retrieval root; otherwise each path is one modality folder."""
+    if len(inputs) == 1 and os.path.isdir(inputs[0]):
+        root = inputs[0]
+        subs = sorted(d for d in os.listdir(root) if d.endswith("_emb") and os.path.isdir(os.path.join(root, d)))
+        if subs:
+            mods = [Modality(d[: -len("_emb")], os.path.join(root, d)) for d in subs]
+            meta = metadata or (os.path.join(root, "metadata") if os.path.isdir(os.path.join(root, "metadata")) else None)
+            return mods, meta
+    mods = [Modality(os.path.basename(os.path.normpath(p)), p) for p in inputs]
+    return mods, metadata
+
+
+def validate(mods: list, metadata: str | None, column: str = "embedding"):
+    """Open every shard; check M >= 2, equal shard counts, equal rows per shard across
+    modalities, one dimension. Returns (dim, dtype, metadata shard paths or None)."""
+    if len(mods) < 2:
+        raise ValueError(f"need at least 2 modality folders, got {len(mods)}: {[m.folder for m in mods]}")
+    for m in mods:
+        m.shards = [open_shard(p, column) for p in list_shards(m.folder)]
+    ref = mods[0]
+    for m in mods[1:]:
+        if len(m.shards) != len(ref.shards):
+            raise ValueError(f"shard counts differ: {ref.folder} has {len(ref.shards)}, {m.folder} has {len(m.shards)}")
+        for a, b in zip(ref.shards, m.shards):
+            if a.rows != b.rows:
+                raise ValueError(f"row counts differ between modalities: {a.path} has {a.rows} rows, {b.path} has {b.rows}")
+    dims = {(s.path, s.dim) for m in mods for s in m.shards}
+    dim = ref.shards[0].dim
+    for path, d in dims:
+        if d != dim:
+            raise ValueError(f"dimension mismatch: {path} has dim {d}, {ref.shards[0].path} has dim {dim}")
+    dtypes = {s.dtype for m in mods for s in m.shards}
+    if len(dtypes) > 1:
+        raise ValueError(f"mixed input dtypes {sorted(dtypes)}; convert the shards to one dtype")
+    meta = None
+    if metadata:
+        pq = require_pyarrow("metadata pass-through")
+        meta = list_shards(metadata, (".parquet",))
+        if len(meta) != len(ref.shards):
+            raise ValueError(f"metadata shard count {len(meta)} in {metadata} != embedding shard count {len(ref.shards)}")
+        for p, s in zip(meta, ref.shards):
+            try:
+                n = pq.ParquetFile(p).metadata.num_rows
+            except Exception as exc:
+                raise ValueError(f"truncated or corrupt parquet {p}: {exc}") from exc
+            if n != s.rows:
+                raise ValueError(f"row counts differ: metadata {p} has {n} rows, {s.path} has {s.rows}")
+    return dim, dtypes.pop(), meta
+
+
+def open_concepts(path: str, column: str, ref_shards: list) -> list:
+    """Concept-id shards aligned with the embedding shards (a folder of .npy / .parquet)."""
+    files = list_shards(path) if os.path.isdir(path) else [path]
+    shards = [open_shard(p, column, want_2d=False) for p in files]
+    if len(shards) != len(ref_shards):
+        raise ValueError(f"concept shard count {len(shards)} in {path} != embedding shard count {len(ref_shards)}")
+    for c, s in zip(shards, ref_shards):
+        if c.rows != s.rows:
+            raise ValueError(f"row counts differ: concept ids {c.path} has {c.rows} rows, {s.path} has {s.rows}")
+        if c.kind == "npy" and not np.issubdtype(np.dtype(c.dtype), np.integer):
+            raise ValueError(f"{c.path}: concept ids must be integers, got {c.dtype}")
+    return shards

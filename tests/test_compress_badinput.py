@@ -1,0 +1,127 @@
+"""Bad input: each a clear error naming the problem, and no output that looks complete."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyarrow")
+
+from semcomp_ext.cli import main
+from semcomp_ext.compress import CompressOptions, compress, verify
+
+from _compress_data import ROWS, load_centroids, make_clip_layout
+
+
+def _run(capsys, *args):
+    rc = main(["compress", *map(str, args), "-q"])
+    return rc, capsys.readouterr().err
+
+
+def _not_complete(out):
+    m = out / "manifest.json"
+    return not m.exists() or json.loads(m.read_text())["status"] != "complete"
+
+
+def test_row_count_mismatch(tmp_path, capsys):
+    make_clip_layout(tmp_path / "in", metadata=False)
+    np.save(tmp_path / "in" / "text_emb" / "text_emb_0001.npy", np.zeros((32, 16), np.float32))
+    rc, err = _run(capsys, tmp_path / "in", "-o", tmp_path / "out")
+    assert rc == 2 and "row counts differ" in err and "text_emb_0001.npy" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dim_mismatch(tmp_path, capsys):
+    make_clip_layout(tmp_path / "in", metadata=False)
+    np.save(tmp_path / "in" / "img_emb" / "img_emb_0002.npy", np.zeros((5, 12), np.float32))
+    rc, err = _run(capsys, tmp_path / "in", "-o", tmp_path / "out")
+    assert rc == 2 and "dimension mismatch" in err and "img_emb_0002.npy" in err
+
+
+def test_nan_row_names_file_and_row(tmp_path, capsys):
+    make_clip_layout(tmp_path / "in", metadata=False)
+    p = tmp_path / "in" / "text_emb" / "text_emb_0001.npy"
+    a = np.load(p)
+    a[20, 3] = np.nan
+    np.save(p, a)
+    rc, err = _run(capsys, tmp_path / "in", "-o", tmp_path / "out", "--batch-size", "8")
+    assert rc == 2 and "text_emb_0001.npy" in err and "row 20" in err and "--skip-invalid" in err
+    assert _not_complete(tmp_path / "out")
+    assert verify(str(tmp_path / "out")) != []
+
+
+def test_skip_invalid_counts_and_filters_metadata(tmp_path):
+    import pyarrow.parquet as pq
+
+    data = make_clip_layout(tmp_path / "in")
+    p = tmp_path / "in" / "img_emb" / "img_emb_0000.npy"
+    a = np.load(p)
+    a[3, 0], a[40, 5] = np.inf, np.nan
+    np.save(p, a)
+    out = tmp_path / "out"
+    m = compress(CompressOptions(inputs=[str(tmp_path / "in")], out=str(out), batch_size=16, skip_invalid=True, quiet=True))
+    assert m["invalid_rows_skipped"] == 2 and m["shards"][0]["invalid_rows"] == 2
+    assert m["shards"][0]["rows"] == ROWS[0] - 2
+    got = load_centroids(out)
+    assert got.shape == (sum(ROWS) - 2, 16) and np.isfinite(got).all()
+    meta = pq.read_table(out / "metadata" / "metadata_00000.parquet").column("row").to_pylist()
+    assert meta == [r for r in range(ROWS[0]) if r not in (3, 40)]
+    keep = np.ones(sum(ROWS), bool)
+    keep[[3, 40]] = False
+    np.testing.assert_allclose(got, ((data["img"] + data["text"]) / 2)[keep], rtol=1e-6)
+    assert verify(str(out)) == []
+
+
+def test_truncated_npy(tmp_path, capsys):
+    make_clip_layout(tmp_path / "in", metadata=False)
+    p = tmp_path / "in" / "img_emb" / "img_emb_0001.npy"
+    p.write_bytes(p.read_bytes()[:-100])
+    rc, err = _run(capsys, tmp_path / "in", "-o", tmp_path / "out")
+    assert rc == 2 and "truncated or corrupt .npy" in err and "img_emb_0001.npy" in err
+    p.write_bytes(b"garbage, not an npy file")
+    rc, err = _run(capsys, tmp_path / "in", "-o", tmp_path / "out")
+    assert rc == 2 and "corrupt .npy" in err
+
+
+def test_corrupt_parquet_metadata(tmp_path, capsys):
+    make_clip_layout(tmp_path / "in")
+    p = tmp_path / "in" / "metadata" / "metadata_0002.parquet"
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+    rc, err = _run(capsys, tmp_path / "in", "-o", tmp_path / "out")
+    assert rc == 2 and "corrupt parquet" in err and "metadata_0002.parquet" in err
+
+
+def test_missing_files(tmp_path, capsys):
+    make_clip_layout(tmp_path / "in", metadata=False)
+    rc, err = _run(capsys, tmp_path / "in" / "img_emb", tmp_path / "nope", "-o", tmp_path / "out")
+    assert rc == 2 and "nope" in err
+    os.unlink(tmp_path / "in" / "text_emb" / "text_emb_0002.npy")
+    rc, err = _run(capsys, tmp_path / "in", "-o", tmp_path / "out")
+    assert rc == 2 and "shard counts differ" in err
+    rc, err = _run(capsys, tmp_path / "in" / "img_emb", "-o", tmp_path / "out")
+    assert rc == 2 and "at least 2 modality" in err
+
+
+def test_disk_full_leaves_no_complete_output(tmp_path, monkeypatch, capsys):
+    from semcomp_ext.compress import atomic
+
+    make_clip_layout(tmp_path / "in", metadata=False)
+    real = atomic.HashingWriter.write
+    calls = {"n": 0}
+
+    def flaky(self, data):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(atomic.HashingWriter, "write", flaky)
+    out = tmp_path / "out"
+    rc, err = _run(capsys, tmp_path / "in", "-o", out, "--batch-size", "16")
+    assert rc == 2 and "disk full" in err and "centroids_0000" in err
+    assert _not_complete(out)
+    assert not [f for _, _, fs in os.walk(out) for f in fs if ".tmp-" in f]  # temp files removed

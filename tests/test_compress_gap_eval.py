@@ -1,0 +1,53 @@
+"""`semcomp gap` equals the library metrics on the whole data; `semcomp eval` runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("pyarrow")
+
+import semcomp_ext as sc
+from semcomp_ext.cli import main
+from semcomp_ext.compress.analysis import gap_report
+
+from _compress_data import ROWS, make_clip_layout
+
+
+def test_gap_streamed_matches_metrics(tmp_path):
+    data = make_clip_layout(tmp_path / "in", metadata=False)
+    rep = gap_report([str(tmp_path / "in")], batch_size=8, quiet=True)
+    a, b = (torch.from_numpy(data[k]) for k in ("img", "text"))
+    assert rep["rows"] == sum(ROWS)
+    assert rep["modality_gap"]["img-text"] == pytest.approx(float(sc.modality_gap(a, b)), rel=1e-9)
+    assert rep["true_pair_cosine"]["img-text"] == pytest.approx(float(sc.true_pair_cosine(a, b)), rel=1e-9)
+    ev = sc.explained_variance([a, b])
+    assert rep["explained_variance_components"] == {str(k): v for k, v in ev.components.items()}
+    np.testing.assert_allclose(rep["explained_variance_ratio_top10"], ev.ratio[:10].numpy(), rtol=1e-6)
+
+
+def test_eval_compressed_vs_original(tmp_path, capsys):
+    # three classes with separated means so accuracies are meaningful
+    rng = np.random.default_rng(0)
+    n, dim = 240, 32
+    y = rng.integers(0, 3, n)
+    mu = rng.standard_normal((3, dim)) * 3
+    for m in ("img", "text"):
+        os.makedirs(tmp_path / "in" / f"{m}_emb")
+        x = (mu[y] + rng.standard_normal((n, dim))).astype(np.float32)
+        np.save(tmp_path / "in" / f"{m}_emb" / f"{m}_emb_0000.npy", x)
+    os.makedirs(tmp_path / "lab")
+    np.save(tmp_path / "lab" / "labels_0000.npy", y)
+    assert main(["compress", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--drop-rate", "0.5", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "in"), "--compressed", str(tmp_path / "out"), "--labels", str(tmp_path / "lab"), "--k", "5"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["compression_ratio"] == 4.0 and rep["test"] == 48
+    for name in ("original_img", "original_concat", "compressed"):
+        assert rep["accuracy"][name]["knn@5"] > 0.9, rep["accuracy"]
+    assert set(rep["retrieval_recall"]) == {"original_img->text", "img[rfs]->compressed", "text[rfs]->compressed"}
+    assert rep["retrieval_recall"]["img[rfs]->compressed"]["10"] >= rep["retrieval_recall"]["img[rfs]->compressed"]["1"]
