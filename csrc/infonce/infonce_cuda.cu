@@ -20,7 +20,8 @@
 // bf16/fp16 inputs: GEMMs read the inputs in their own dtype (tensor cores) and write fp32
 // through ATen's out_dtype overloads (torch >= 2.8); the G block is rounded once to the input
 // dtype for the two backward GEMMs (as PyTorch's own bf16 autograd would do), dq is written
-// in the input dtype by one GEMM, dk is accumulated across chunks in an fp32 buffer. On older
+// in the input dtype by one GEMM, dk is accumulated across chunks in an fp32 buffer
+// (addmm.dtype_out, or mm.dtype_out + add_ where torch rejects an fp32 bias). On older
 // torch the inputs are upcast to fp32 once (correct, slower, 2 x N x D x 4 extra bytes).
 //
 // logit_scale stays on the device: kernels read it through a pointer (no host sync). A
@@ -30,6 +31,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -38,6 +40,7 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "common/cuda_utils.cuh"
 #include "infonce/infonce.h"
@@ -281,6 +284,30 @@ void dots(at::Tensor& out, const at::Tensor& qc, const at::Tensor& k) {
   at::mm_out(out, qc, k.t());
 }
 
+#if SEMCOMP_MM_OUT_DTYPE
+// acc (fp32) += m1 m2 with bf16/fp16 operands. Some torch versions accept an fp32 `self` in
+// addmm.dtype_out, others insist it has the operands' dtype (the check fires before any
+// launch, leaving acc untouched); then fall back, for the rest of the process, to
+// mm.dtype_out into a scratch block plus add_ (one extra pass over acc per chunk).
+void accumulate_mixed(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2,
+                      at::Tensor& scratch) {
+  static std::atomic<int> mode{0};  // 0 untried, 1 addmm.dtype_out works, 2 fallback
+  if (mode.load() != 2) {
+    try {
+      at::addmm_out(acc, acc, m1, m2, at::kFloat, /*beta=*/1, /*alpha=*/1);
+      mode.store(1);
+      return;
+    } catch (const c10::Error&) {
+      if (mode.load() == 1) throw;
+      mode.store(2);
+    }
+  }
+  if (!scratch.defined()) scratch = at::empty_like(acc);
+  at::mm_out(scratch, m1, m2, at::kFloat);
+  acc.add_(scratch);
+}
+#endif
+
 template <typename T, bool SYM>
 std::vector<at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
                                  const at::Tensor& logit_scale, int64_t offset, int64_t chunk) {
@@ -372,12 +399,16 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
     ccoef = ccoef_in.to(opts).contiguous();
   }
   const int64_t C = pick_chunk(chunk, nq, nk, sizeof(A) + (kMixed<T> ? sizeof(T) : 0));
-  const int V = nk % VW == 0 ? VW : 1;
+  // Vector loads of W, c2 and col_coef need nk % VW == 0 and 16-byte aligned vectors
+  // (col_coef may arrive as a view with an odd storage offset).
+  const bool ccoef_aligned = !SYM || aligned16(ccoef.const_data_ptr());
+  const int V = (nk % VW == 0 && ccoef_aligned) ? VW : 1;
   at::Tensor ws = at::empty({C, nk}, opts);
   at::Tensor gbuf = kMixed<T> ? at::empty({C, nk}, q.options()) : ws;
   at::Tensor gq = at::empty({nq, q.size(1)}, q.options());  // GEMM dtype, cast at the end
   at::Tensor gk = at::zeros({nk, k.size(1)}, opts);         // fp32 (fp64) accumulator
   at::Tensor ds_rows = at::empty({nq}, opts);
+  at::Tensor scratch;  // only for the accumulate_mixed fallback
   const A* sp = s.const_data_ptr<A>();
   for (int64_t i0 = 0; i0 < nq; i0 += C) {
     const int64_t c = std::min(C, nq - i0);
@@ -402,7 +433,7 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
     at::mm_out(gq_blk, gblk, k);  // dq_c = (sG) k, one rounding to the GEMM dtype
 #if SEMCOMP_MM_OUT_DTYPE
     if constexpr (kMixed<T>) {
-      at::addmm_out(gk, gk, gblk.t(), qc, at::kFloat, /*beta=*/1, /*alpha=*/1);
+      accumulate_mixed(gk, gblk.t(), qc, scratch);  // dk += (sG)^T q_c in fp32
       continue;
     }
 #endif
