@@ -73,11 +73,12 @@ at::Tensor gather_columns_cuda(const at::Tensor& x, const at::Tensor& index) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   const int64_t n = x.size(0), d = x.size(1), k = index.size(0);
   at::Tensor out = at::empty({n, k}, x.options());
-  if (n == 0 || k == 0) return out;
+  if (k == 0) return out;
   const at::Tensor idx = index.to(at::kLong).contiguous();
   at::Tensor status = new_status(1, x);
   launch_index_scan(idx, d, status, 0, stream);
   raise_if_bad(op, "index", status.cpu(), 0, idx, d);  // the one host sync
+  if (n == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
     constexpr int V = 16 / sizeof(scalar_t);
