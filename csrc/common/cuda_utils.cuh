@@ -1,0 +1,296 @@
+// Helpers shared by the CUDA backends: warp/block reductions, an online (max, sum)
+// log-sum-exp state, 16-byte vector access, device-side index validation with one host sync,
+// and the "column CSR" that turns a column index with duplicates into a deterministic,
+// atomic-free scatter (used by both gather_columns_bwd and segment_mean_bwd).
+//
+// Headers: only c10/cuda (no ATen/cuda/CUDAContext.h, which needs cuSPARSE headers).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cub/device/device_radix_sort.cuh>
+
+#include <cstdint>
+#include <limits>
+
+namespace semcomp::cuda {
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid dimension y/z are limited to 65535; x to 2^31 - 1.
+constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxGridX = 2147483647;
+
+// ---- reductions (fixed shuffle trees: deterministic for a given launch shape) ----------
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// max that propagates NaN (fmax drops it).
+template <typename T>
+__device__ __forceinline__ T nan_max(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over a whole block (blockDim.x a multiple of 32, <= 1024); result valid in thread 0.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v) {
+  __shared__ T part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  const int nw = blockDim.x >> 5;
+  v = (threadIdx.x < nw) ? part[threadIdx.x] : T(0);
+  if (warp == 0) v = warp_sum(v);
+  __syncthreads();  // part[] may be reused by a following call
+  return v;
+}
+
+// ---- log-sum-exp in base 2 -------------------------------------------------------------
+// Every LSE kernel works on x2 = S * log2(e) and exp2, so exp2(x2 - m2) is one MUFU.EX2;
+// results are converted back with ln(2). fp64 uses the libdevice exp2/log2.
+
+__device__ __forceinline__ float exp2_(float x) { return exp2f(x); }
+__device__ __forceinline__ double exp2_(double x) { return exp2(x); }
+__device__ __forceinline__ float log2_(float x) { return log2f(x); }
+__device__ __forceinline__ double log2_(double x) { return log2(x); }
+
+template <typename A>
+constexpr A kLog2e = A(1.4426950408889634074);
+template <typename A>
+constexpr A kLn2 = A(0.6931471805599453094);
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() {
+  return -std::numeric_limits<A>::infinity();
+}
+
+// Online state: m = running max, s = sum of exp2(x - m). (-inf, 0) is the empty state.
+template <typename A>
+struct Lse2 {
+  A m, s;
+  __device__ __forceinline__ static Lse2 empty() { return {neg_inf<A>(), A(0)}; }
+  // Adds one finite (or NaN) value. NaN poisons s.
+  __device__ __forceinline__ void add(A x) {
+    if (x > m) {
+      s = s * exp2_(m - x) + A(1);
+      m = x;
+    } else {
+      s += exp2_(x - m);
+    }
+  }
+  // Merges another state; empty states are absorbed without computing exp2(-inf - -inf).
+  __device__ __forceinline__ void merge(A om, A os) {
+    if (om > m) {
+      const A t = m;
+      m = om;
+      om = t;
+      const A u = s;
+      s = os;
+      os = u;
+    }
+    if (om != neg_inf<A>()) s += os * exp2_(om - m);
+  }
+  __device__ __forceinline__ A lse_natural() const { return (m + log2_(s)) * kLn2<A>; }
+};
+
+// ---- 16-byte vector access -------------------------------------------------------------
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+__host__ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// ---- index validation: first bad position, one host sync ------------------------------
+
+// Records in *first_bad the smallest i with idx[i] outside [0, bound) (atomicMin, so the
+// result is the first bad position whatever the schedule).
+// (Header kernels are templates so that every translation unit may include them.)
+template <typename I>
+__global__ void first_out_of_range_kernel(const I* __restrict__ idx, int64_t n,
+                                          int64_t bound, unsigned long long* first_bad) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t v = static_cast<int64_t>(idx[i]);
+    if (v < 0 || v >= bound) atomicMin(first_bad, static_cast<unsigned long long>(i));
+  }
+}
+
+// Launches the scan of idx (int64, contiguous, n entries) into slot `slot` of `status`
+// (int64 tensor on the device, initialised to INT64_MAX by new_status()).
+inline void launch_index_scan(const at::Tensor& idx, int64_t bound, at::Tensor& status,
+                              int64_t slot, cudaStream_t stream) {
+  const int64_t n = idx.numel();
+  if (n == 0) return;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>(ceil_div(n, threads), 4096);
+  first_out_of_range_kernel<<<blocks, threads, 0, stream>>>(
+      idx.const_data_ptr<int64_t>(), n, bound,
+      reinterpret_cast<unsigned long long*>(status.data_ptr<int64_t>() + slot));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+inline at::Tensor new_status(int64_t slots, const at::Tensor& like) {
+  return at::full({slots}, std::numeric_limits<int64_t>::max(),
+                  like.options().dtype(at::kLong));
+}
+
+// After the one host sync (status.cpu()): raises the CPU backend's message for a bad slot.
+inline void raise_if_bad(const char* op, const char* name, const at::Tensor& host_status,
+                         int64_t slot, const at::Tensor& idx, int64_t bound) {
+  const int64_t pos = host_status.const_data_ptr<int64_t>()[slot];
+  if (pos == std::numeric_limits<int64_t>::max()) return;
+  const int64_t v = idx[pos].item<int64_t>();  // error path only: a second sync is fine
+  TORCH_CHECK(false, op, ": ", name, "[", pos, "] = ", v, " is out of range [0, ", bound, ")");
+}
+
+// ---- column CSR: index (K entries in [0, dim)) -> for each column d the list of c with
+// index[c] == d, in increasing c (radix sort is stable). Scatters then become gathers:
+//   out[:, d] = sum_{t in [off[d], off[d+1])} in[:, src[t]]   (fixed order, no atomics).
+
+template <typename I>
+__global__ void lower_bounds_kernel(const I* __restrict__ sorted, int64_t n,
+                                    int64_t num_keys, int64_t* __restrict__ offsets) {
+  // offsets[g] = first position p with sorted[p] >= g, for g in [0, num_keys].
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g <= num_keys;
+       g += int64_t(gridDim.x) * blockDim.x) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (sorted[mid] < g) lo = mid + 1; else hi = mid;
+    }
+    offsets[g] = lo;
+  }
+}
+
+inline void launch_lower_bounds(const int64_t* sorted, int64_t n, int64_t num_keys,
+                                int64_t* offsets, cudaStream_t stream) {
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>(ceil_div(num_keys + 1, threads), 65536);
+  lower_bounds_kernel<<<blocks, threads, 0, stream>>>(sorted, n, num_keys, offsets);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename I>
+__global__ void iota_kernel(I* __restrict__ out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = i;
+}
+
+// Number of low bits that hold every key in [0, num_keys): radix passes only over those.
+inline int key_bits(int64_t num_keys) {
+  int b = 1;
+  while (b < 63 && (int64_t{1} << b) < num_keys) ++b;
+  return b;
+}
+
+// Stable sort of keys (int64 in [0, num_keys), validated by the caller) with their
+// positions: returns (sorted_keys, perm) with keys[perm[p]] == sorted_keys[p].
+inline std::pair<at::Tensor, at::Tensor> stable_sort_by_key(const at::Tensor& keys,
+                                                            int64_t num_keys,
+                                                            cudaStream_t stream) {
+  const int64_t n = keys.numel();
+  auto opts = keys.options().dtype(at::kLong);
+  at::Tensor pos = at::empty({n}, opts), sorted = at::empty({n}, opts), perm = at::empty({n}, opts);
+  if (n == 0) return {sorted, perm};
+  TORCH_CHECK(n <= std::numeric_limits<int>::max(),
+              "semcomp: cub radix sort supports at most 2^31-1 items, got ", n);
+  iota_kernel<<<std::min<int64_t>(ceil_div(n, 256), 65536), 256, 0, stream>>>(
+      pos.data_ptr<int64_t>(), n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int bits = key_bits(num_keys);
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, temp_bytes, keys.const_data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
+      pos.const_data_ptr<int64_t>(), perm.data_ptr<int64_t>(), static_cast<int>(n), 0, bits,
+      stream));
+  // Temporary storage from the caching allocator (stream-ordered, no cudaMalloc per call).
+  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, keys.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      temp.data_ptr(), temp_bytes, keys.const_data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
+      pos.const_data_ptr<int64_t>(), perm.data_ptr<int64_t>(), static_cast<int>(n), 0, bits,
+      stream));
+  return {sorted, perm};
+}
+
+// (offsets (dim + 1), src (K)) for a validated int64 column index; see above.
+inline std::pair<at::Tensor, at::Tensor> column_csr(const at::Tensor& index, int64_t dim,
+                                                    cudaStream_t stream) {
+  auto [sorted, perm] = stable_sort_by_key(index, dim, stream);
+  at::Tensor offsets = at::empty({dim + 1}, index.options().dtype(at::kLong));
+  launch_lower_bounds(sorted.const_data_ptr<int64_t>(), index.numel(), dim,
+                      offsets.data_ptr<int64_t>(), stream);
+  return {offsets, perm};
+}
+
+// out[i, d] = scale_i * sum_{t in [off[d], off[d+1])} in[src_row_i, src[t]]  for d < dim,
+// or, with off == nullptr (identity columns), scale_i * in[src_row_i, d].
+// src_row_i = rows ? rows[i] : i; scale_i = counts ? 1 / counts[src_row_i] : 1.
+// Rows whose src_row is outside [0, in_rows) or whose count is <= 0 are skipped and their
+// first position recorded (atomicMin) in status[0] / status[1] for the caller's one sync.
+// Thread mapping: grid-stride over rows in blockIdx.y/x, threads along d (coalesced
+// writes; the reads of `in` stay inside one short row and hit L1/L2). fp32 (fp64) sums.
+template <typename T>
+__global__ void column_csr_scatter_kernel(const T* __restrict__ in, int64_t in_cols,
+                                          int64_t in_rows, const int64_t* __restrict__ rows,
+                                          const int64_t* __restrict__ counts,
+                                          const int64_t* __restrict__ off,
+                                          const int64_t* __restrict__ src, T* __restrict__ out,
+                                          int64_t n, int64_t dim,
+                                          unsigned long long* status) {
+  using A = acc_t<T>;
+  for (int64_t i = blockIdx.y; i < n; i += gridDim.y) {
+    const int64_t r = rows ? rows[i] : i;
+    if (r < 0 || r >= in_rows) {
+      if (threadIdx.x == 0 && blockIdx.x == 0) atomicMin(status, static_cast<unsigned long long>(i));
+      continue;
+    }
+    A scale = A(1);
+    if (counts) {
+      const int64_t c = counts[r];
+      if (c <= 0) {
+        if (threadIdx.x == 0 && blockIdx.x == 0)
+          atomicMin(status + 1, static_cast<unsigned long long>(i));
+        continue;
+      }
+      scale = A(1) / static_cast<A>(c);
+    }
+    const T* row = in + r * in_cols;
+    T* dst = out + i * dim;
+    for (int64_t d = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; d < dim;
+         d += int64_t(gridDim.x) * blockDim.x) {
+      A acc = A(0);
+      if (off) {
+        const int64_t e = off[d + 1];
+        for (int64_t t = off[d]; t < e; ++t) acc += static_cast<A>(row[src[t]]);
+      } else {
+        acc = static_cast<A>(row[d]);
+      }
+      dst[d] = static_cast<T>(acc * scale);
+    }
+  }
+}
+
+}  // namespace semcomp::cuda

@@ -1,0 +1,536 @@
+// Fused InfoNCE on CUDA (see infonce.h for the math). The N x N logit matrix is never built:
+// rows of q are processed in chunks of C rows. Per chunk:
+//
+//   forward   W = q_c k^T            cuBLAS via ATen, fp32 output (fp64 for fp64 inputs)
+//             fwd_tile_kernel        one read of W: per-tile row partials and, for the
+//                                    symmetric form, per-tile column partials (max, sum)
+//             row_merge_kernel       row LSE r_i, diagonal S_ii (and the rect loss)
+//             col_merge_kernel       folds the chunk's column partials into running
+//                                    per-column (max, sum) states
+//   finally   sym_finish_kernel      column LSE c_j and loss_i = (r_i + c_i)/2 - S_ii
+//
+//   backward  W = q_c k^T; grad_kernel writes s*G (G from the coefficient form) and the row
+//             share of d(logit_scale) = sum_j G_ij W_ij; then dq_c = (sG) k and
+//             dk += (sG)^T q_c (two GEMMs, no B x D atomics); ds = sum of the row shares.
+//
+// Numerics: every LSE is kept as a base-2 online state (max m, sum of exp2(x - m)) with
+// x = S log2(e), so each exponential is one exp2 (MUFU.EX2 in fp32) and a logit scale of 100
+// cannot overflow (the running max is subtracted first). Partials are merged in a fixed order:
+// no float atomics anywhere, results are bit-for-bit reproducible for a given chunk size.
+// bf16/fp16 inputs: GEMMs read the inputs in their own dtype (tensor cores) and write fp32
+// through ATen's out_dtype overloads (torch >= 2.8); the G block is rounded once to the input
+// dtype for the two backward GEMMs (as PyTorch's own bf16 autograd would do), dq is written
+// in the input dtype by one GEMM, dk is accumulated across chunks in an fp32 buffer
+// (addmm.dtype_out, or mm.dtype_out + add_ where torch rejects an fp32 bias). On older
+// torch the inputs are upcast to fp32 once (correct, slower, 2 x N x D x 4 extra bytes).
+//
+// logit_scale stays on the device: kernels read it through a pointer (no host sync). A
+// non-positive or non-finite scale cannot raise without a sync, so on CUDA it poisons the
+// outputs instead: row/column LSEs, losses and gradients become NaN. The Python API
+// validates Python floats, and the CPU backend raises for tensors.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "common/cuda_utils.cuh"
+#include "infonce/infonce.h"
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define SEMCOMP_MM_OUT_DTYPE 1  // aten::mm.dtype_out / addmm.dtype_out exist
+#else
+#define SEMCOMP_MM_OUT_DTYPE 0
+#endif
+
+namespace semcomp {
+namespace {
+
+using namespace semcomp::cuda;
+
+constexpr int kThreads = 256;            // 8 warps in every kernel below
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kTileRows = 64;        // rows of W per fwd tile (8 per warp)
+constexpr int64_t kBudgetBytes = 128ll << 20;  // default chunk workspace (W + G blocks)
+
+template <typename A>
+__device__ __forceinline__ bool scale_ok(A s) {
+  return s > A(0) && s <= std::numeric_limits<A>::max();  // false for NaN, inf, <= 0
+}
+
+// ---- forward ------------------------------------------------------------------------------
+// Tile = kTileRows rows x 32*V columns of W (V = 16 bytes / sizeof(A) when nk % V == 0).
+// Thread mapping: lane l owns columns j0 + l*V .. + V - 1; warp w walks rows w, w + 8, ...
+// Row partial: warp max, then warp sum of exp2(x - max), written by lane 0 per row.
+// Column partial: each lane keeps an online state per column over its warp's rows; the
+// 8 warp states are merged in warp order through shared memory.
+template <typename A, int V, bool SYM>
+__global__ void __launch_bounds__(kThreads)
+fwd_tile_kernel(const A* __restrict__ W, int64_t c, int64_t nk, const A* __restrict__ scale,
+                A* __restrict__ row_pm, A* __restrict__ row_ps, int64_t n_ct,
+                A* __restrict__ col_pm, A* __restrict__ col_ps) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t ct = blockIdx.x, rt = blockIdx.y;
+  const int64_t j0 = ct * 32 * V + lane * V;
+  const bool valid = j0 < nk;  // nk % V == 0 when V > 1: a vector is all in or all out
+  const A sl = scale[0] * kLog2e<A>;
+  Lse2<A> col[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) col[v] = Lse2<A>::empty();
+  for (int64_t rr = warp; rr < kTileRows; rr += kWarps) {
+    const int64_t r = rt * kTileRows + rr;
+    if (r >= c) break;
+    A x[V];
+    if (valid) {
+      const Vec<A, V> w = *reinterpret_cast<const Vec<A, V>*>(W + r * nk + j0);
+#pragma unroll
+      for (int v = 0; v < V; ++v) x[v] = w.v[v] * sl;
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) x[v] = neg_inf<A>();
+    }
+    A m = x[0];
+#pragma unroll
+    for (int v = 1; v < V; ++v) m = nan_max(m, x[v]);
+    m = warp_max(m);  // finite or NaN: every tile holds at least one valid column
+    A e = A(0);
+    if (valid) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) e += exp2_(x[v] - m);
+    }
+    e = warp_sum(e);
+    if (lane == 0) {
+      row_pm[r * n_ct + ct] = m;
+      row_ps[r * n_ct + ct] = e;
+    }
+    if constexpr (SYM) {
+      if (valid) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) col[v].add(x[v]);
+      }
+    }
+  }
+  if constexpr (SYM) {
+    __shared__ A sm[kWarps][32 * V], ss[kWarps][32 * V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      sm[warp][lane * V + v] = col[v].m;
+      ss[warp][lane * V + v] = col[v].s;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32 * V) {
+      const int t = threadIdx.x;
+      const int64_t j = ct * 32 * V + t;
+      if (j < nk) {
+        Lse2<A> st{sm[0][t], ss[0][t]};
+        for (int w = 1; w < kWarps; ++w) st.merge(sm[w][t], ss[w][t]);
+        col_pm[rt * nk + j] = st.m;
+        col_ps[rt * nk + j] = st.s;
+      }
+    }
+  }
+}
+
+// One warp per chunk row: merges the row's n_ct tile partials (lane-strided, then a fixed
+// shuffle tree), writes r_i (natural log), S_ii, and for the rect form loss_i = r_i - S_ii.
+template <typename A, bool SYM>
+__global__ void __launch_bounds__(kThreads)
+row_merge_kernel(const A* __restrict__ pm, const A* __restrict__ ps, int64_t n_ct, int64_t c,
+                 int64_t i0, const A* __restrict__ W, int64_t nk, int64_t offset,
+                 const A* __restrict__ scale, A* __restrict__ rlse, A* __restrict__ diag,
+                 A* __restrict__ loss) {
+  const int lane = threadIdx.x & 31;
+  const int64_t rr = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (rr >= c) return;  // uniform per warp
+  const A* m = pm + rr * n_ct;
+  const A* s = ps + rr * n_ct;
+  A mx = neg_inf<A>();
+  for (int64_t t = lane; t < n_ct; t += 32) mx = nan_max(mx, m[t]);
+  mx = warp_max(mx);
+  A sum = A(0);
+  for (int64_t t = lane; t < n_ct; t += 32) sum += s[t] * exp2_(m[t] - mx);
+  sum = warp_sum(sum);
+  if (lane == 0) {
+    const A sc = scale[0];
+    const int64_t i = i0 + rr;
+    A r = (mx + log2_(sum)) * kLn2<A>;
+    if (!scale_ok(sc)) r = std::numeric_limits<A>::quiet_NaN();  // poison (see top)
+    const A d = sc * W[rr * nk + i + offset];
+    rlse[i] = r;
+    if constexpr (SYM) diag[i] = d; else loss[i] = r - d;
+  }
+}
+
+// One thread per column: folds the chunk's n_rt column partials, in row-tile order, into
+// the running states (cm, cs) kept across chunks (base 2).
+template <typename A>
+__global__ void col_merge_kernel(const A* __restrict__ pm, const A* __restrict__ ps,
+                                 int64_t n_rt, int64_t nk, A* __restrict__ cm,
+                                 A* __restrict__ cs) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < nk;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    Lse2<A> st{cm[j], cs[j]};
+    for (int64_t t = 0; t < n_rt; ++t) st.merge(pm[t * nk + j], ps[t * nk + j]);
+    cm[j] = st.m;
+    cs[j] = st.s;
+  }
+}
+
+template <typename A>
+__global__ void sym_finish_kernel(const A* __restrict__ cm, const A* __restrict__ cs,
+                                  const A* __restrict__ rlse, const A* __restrict__ diag,
+                                  const A* __restrict__ scale, int64_t n, A* __restrict__ clse,
+                                  A* __restrict__ loss) {
+  const bool ok = scale_ok(scale[0]);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const A cl = ok ? Lse2<A>{cm[i], cs[i]}.lse_natural() : std::numeric_limits<A>::quiet_NaN();
+    clse[i] = cl;
+    loss[i] = A(0.5) * (rlse[i] + cl) - diag[i];
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------
+// One block per chunk row; threads walk V-vectors of the row. For each element
+//   g = rc_i exp2(x - r_i) [+ cc_j exp2(x - c_j)] - dc_i [j == i + offset],  x = W s log2(e)
+// (r, c pre-scaled to base 2), ds_i += g W_ij, and s*g is stored (in place when GT == A).
+// ds_i is reduced over the block (fixed tree) into ds_rows[i].
+template <typename A, typename GT, int V, bool SYM>
+__global__ void __launch_bounds__(kThreads)
+grad_kernel(const A* W, GT* G, int64_t nk, int64_t i0, int64_t offset,
+            const A* __restrict__ scale, const A* __restrict__ rlse,
+            const A* __restrict__ rcoef, const A* __restrict__ dcoef, const A* __restrict__ c2,
+            const A* __restrict__ ccoef, A* __restrict__ ds_rows) {
+  const int64_t rr = blockIdx.x, i = i0 + rr;
+  const A s = scale_ok(scale[0]) ? scale[0] : std::numeric_limits<A>::quiet_NaN();  // poison
+  const A sl = s * kLog2e<A>;
+  const A r2 = rlse[i] * kLog2e<A>, rc = rcoef[i], dc = dcoef[i];
+  const int64_t jd = i + offset;
+  const A* w = W + rr * nk;
+  GT* g = G + rr * nk;
+  A ds = A(0);
+  for (int64_t j0 = int64_t(threadIdx.x) * V; j0 < nk; j0 += int64_t(blockDim.x) * V) {
+    const Vec<A, V> wv = *reinterpret_cast<const Vec<A, V>*>(w + j0);
+    Vec<A, V> cv, ccv;
+    if constexpr (SYM) {
+      cv = *reinterpret_cast<const Vec<A, V>*>(c2 + j0);
+      ccv = *reinterpret_cast<const Vec<A, V>*>(ccoef + j0);
+    }
+    Vec<GT, V> out;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const A x = wv.v[v] * sl;
+      A gv = rc * exp2_(x - r2);
+      if constexpr (SYM) gv += ccv.v[v] * exp2_(x - cv.v[v]);
+      if (j0 + v == jd) gv -= dc;
+      ds += gv * wv.v[v];
+      out.v[v] = static_cast<GT>(s * gv);
+    }
+    *reinterpret_cast<Vec<GT, V>*>(g + j0) = out;
+  }
+  ds = block_sum(ds);
+  if (threadIdx.x == 0) ds_rows[i] = ds;
+}
+
+template <typename A>
+__global__ void scale_vec_kernel(const A* __restrict__ in, A f, int64_t n, A* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = in[i] * f;
+}
+
+// ---- host drivers ------------------------------------------------------------------------
+
+unsigned grid_1d(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kThreads), 65536)));
+}
+
+// Rows per chunk: the requested size, or the largest multiple of 64 whose blocks
+// (bytes_per_elem per element of the C x nk block) fit in kBudgetBytes, clamped to [64, 8192].
+int64_t pick_chunk(int64_t requested, int64_t rows, int64_t cols, int64_t bytes_per_elem) {
+  if (requested > 0) return std::min(requested, rows);
+  int64_t c = kBudgetBytes / (std::max<int64_t>(cols, 1) * bytes_per_elem);
+  c = std::clamp<int64_t>(c / 64 * 64, 64, 8192);
+  return std::min(c, rows);
+}
+
+template <typename T>
+constexpr bool kMixed = SEMCOMP_MM_OUT_DTYPE && !std::is_same_v<T, acc_t<T>>;
+
+template <typename T>
+at::Tensor gemm_operand(const at::Tensor& x) {
+  using A = acc_t<T>;
+  if constexpr (kMixed<T>) return x.contiguous();
+  return x.to(std::is_same_v<A, double> ? at::kDouble : at::kFloat).contiguous();
+}
+
+// out (c x nk, accumulation dtype) = q_c k^T.
+template <typename T>
+void dots(at::Tensor& out, const at::Tensor& qc, const at::Tensor& k) {
+#if SEMCOMP_MM_OUT_DTYPE
+  if constexpr (kMixed<T>) {
+    at::mm_out(out, qc, k.t(), at::kFloat);
+    return;
+  }
+#endif
+  at::mm_out(out, qc, k.t());
+}
+
+#if SEMCOMP_MM_OUT_DTYPE
+// acc (fp32) += m1 m2 with bf16/fp16 operands. Some torch versions accept an fp32 `self` in
+// addmm.dtype_out, others insist it has the operands' dtype (the check fires before any
+// launch, leaving acc untouched); then fall back, for the rest of the process, to
+// mm.dtype_out into a scratch block plus add_ (one extra pass over acc per chunk).
+void accumulate_mixed(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2,
+                      at::Tensor& scratch) {
+  static std::atomic<int> mode{0};  // 0 untried, 1 addmm.dtype_out works, 2 fallback
+  if (mode.load() != 2) {
+    try {
+      at::addmm_out(acc, acc, m1, m2, at::kFloat, /*beta=*/1, /*alpha=*/1);
+      mode.store(1);
+      return;
+    } catch (const c10::Error&) {
+      if (mode.load() == 1) throw;
+      mode.store(2);
+    }
+  }
+  if (!scratch.defined()) scratch = at::empty_like(acc);
+  at::mm_out(scratch, m1, m2, at::kFloat);
+  acc.add_(scratch);
+}
+#endif
+
+template <typename T, bool SYM>
+std::vector<at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
+                                 const at::Tensor& logit_scale, int64_t offset, int64_t chunk) {
+  using A = acc_t<T>;
+  constexpr int VW = 16 / sizeof(A);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q_in.device().index()).stream();
+  const at::Tensor q = gemm_operand<T>(q_in), k = gemm_operand<T>(k_in);
+  const int64_t nq = q.size(0), nk = k.size(0);
+  const auto opts = q_in.options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
+  const at::Tensor s = logit_scale.reshape({1}).to(opts).contiguous();  // stays on device
+  const int64_t C = pick_chunk(chunk, nq, nk, sizeof(A));
+  const int V = nk % VW == 0 ? VW : 1;
+  const int64_t n_ct = ceil_div(nk, 32 * V), n_rt = ceil_div(C, kTileRows);
+  TORCH_CHECK(n_rt <= kMaxGridY, "infonce: chunk_size too large (", C, ")");
+  at::Tensor ws = at::empty({C, nk}, opts);
+  at::Tensor rpm = at::empty({C, n_ct}, opts), rps = at::empty({C, n_ct}, opts);
+  at::Tensor loss = at::empty({nq}, opts), rlse = at::empty({nq}, opts), diag;
+  at::Tensor cpm, cps, cm, cs;
+  if constexpr (SYM) {
+    diag = at::empty({nq}, opts);
+    cpm = at::empty({n_rt, nk}, opts);
+    cps = at::empty({n_rt, nk}, opts);
+    cm = at::full({nk}, -std::numeric_limits<double>::infinity(), opts);
+    cs = at::zeros({nk}, opts);
+  }
+  const A* sp = s.const_data_ptr<A>();
+  for (int64_t i0 = 0; i0 < nq; i0 += C) {
+    const int64_t c = std::min(C, nq - i0);
+    at::Tensor w = ws.narrow(0, 0, c);
+    dots<T>(w, q.narrow(0, i0, c), k);
+    const dim3 grid(static_cast<unsigned>(n_ct), static_cast<unsigned>(ceil_div(c, kTileRows)));
+    A* cpm_p = SYM ? cpm.data_ptr<A>() : nullptr;
+    A* cps_p = SYM ? cps.data_ptr<A>() : nullptr;
+    if (V == VW) {
+      fwd_tile_kernel<A, VW, SYM><<<grid, kThreads, 0, stream>>>(
+          w.const_data_ptr<A>(), c, nk, sp, rpm.data_ptr<A>(), rps.data_ptr<A>(), n_ct, cpm_p, cps_p);
+    } else {
+      fwd_tile_kernel<A, 1, SYM><<<grid, kThreads, 0, stream>>>(
+          w.const_data_ptr<A>(), c, nk, sp, rpm.data_ptr<A>(), rps.data_ptr<A>(), n_ct, cpm_p, cps_p);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    row_merge_kernel<A, SYM><<<static_cast<unsigned>(ceil_div(c, kWarps)), kThreads, 0, stream>>>(
+        rpm.const_data_ptr<A>(), rps.const_data_ptr<A>(), n_ct, c, i0, w.const_data_ptr<A>(), nk,
+        offset, sp, rlse.data_ptr<A>(), SYM ? diag.data_ptr<A>() : nullptr, loss.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if constexpr (SYM) {
+      col_merge_kernel<A><<<grid_1d(nk), kThreads, 0, stream>>>(
+          cpm.const_data_ptr<A>(), cps.const_data_ptr<A>(), ceil_div(c, kTileRows), nk,
+          cm.data_ptr<A>(), cs.data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  if constexpr (SYM) {
+    at::Tensor clse = at::empty({nk}, opts);
+    sym_finish_kernel<A><<<grid_1d(nq), kThreads, 0, stream>>>(
+        cm.const_data_ptr<A>(), cs.const_data_ptr<A>(), rlse.const_data_ptr<A>(),
+        diag.const_data_ptr<A>(), sp, nq, clse.data_ptr<A>(), loss.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {loss, rlse, clse};
+  }
+  return {loss, rlse};
+}
+
+template <typename T, bool SYM>
+std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
+                                 const at::Tensor& logit_scale, const at::Tensor& rlse_in,
+                                 const at::Tensor& clse_in, const at::Tensor& rcoef_in,
+                                 const at::Tensor& ccoef_in, const at::Tensor& dcoef_in,
+                                 int64_t offset, int64_t chunk) {
+  using A = acc_t<T>;
+  // G block dtype: the input dtype when the GEMMs run mixed (bf16/fp16 in, fp32 out),
+  // otherwise the accumulation dtype, written in place over W.
+  using GT = std::conditional_t<kMixed<T>, T, A>;
+  constexpr int VW = 16 / sizeof(A);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q_in.device().index()).stream();
+  const at::Tensor q = gemm_operand<T>(q_in), k = gemm_operand<T>(k_in);
+  const int64_t nq = q.size(0), nk = k.size(0);
+  const auto opts = q_in.options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
+  const at::Tensor s = logit_scale.reshape({1}).to(opts).contiguous();
+  const at::Tensor rlse = rlse_in.to(opts).contiguous(), rcoef = rcoef_in.to(opts).contiguous();
+  const at::Tensor dcoef = dcoef_in.to(opts).contiguous();
+  at::Tensor c2, ccoef;
+  if constexpr (SYM) {
+    const at::Tensor clse = clse_in.to(opts).contiguous();
+    c2 = at::empty({nk}, opts);
+    scale_vec_kernel<A><<<grid_1d(nk), kThreads, 0, stream>>>(
+        clse.const_data_ptr<A>(), kLog2e<A>, nk, c2.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ccoef = ccoef_in.to(opts).contiguous();
+  }
+  const int64_t C = pick_chunk(chunk, nq, nk, sizeof(A) + (kMixed<T> ? sizeof(T) : 0));
+  // Vector loads of W, c2 and col_coef need nk % VW == 0 and 16-byte aligned vectors
+  // (col_coef may arrive as a view with an odd storage offset).
+  const bool ccoef_aligned = !SYM || aligned16(ccoef.const_data_ptr());
+  const int V = (nk % VW == 0 && ccoef_aligned) ? VW : 1;
+  at::Tensor ws = at::empty({C, nk}, opts);
+  at::Tensor gbuf = kMixed<T> ? at::empty({C, nk}, q.options()) : ws;
+  at::Tensor gq = at::empty({nq, q.size(1)}, q.options());  // GEMM dtype, cast at the end
+  at::Tensor gk = at::zeros({nk, k.size(1)}, opts);         // fp32 (fp64) accumulator
+  at::Tensor ds_rows = at::empty({nq}, opts);
+  at::Tensor scratch;  // only for the accumulate_mixed fallback
+  const A* sp = s.const_data_ptr<A>();
+  for (int64_t i0 = 0; i0 < nq; i0 += C) {
+    const int64_t c = std::min(C, nq - i0);
+    at::Tensor w = ws.narrow(0, 0, c);
+    at::Tensor gblk = gbuf.narrow(0, 0, c);
+    const at::Tensor qc = q.narrow(0, i0, c);
+    dots<T>(w, qc, k);
+    const A* c2p = SYM ? c2.const_data_ptr<A>() : nullptr;
+    const A* ccp = SYM ? ccoef.const_data_ptr<A>() : nullptr;
+    GT* gp = reinterpret_cast<GT*>(gblk.data_ptr());
+    if (V == VW) {
+      grad_kernel<A, GT, VW, SYM><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
+          w.const_data_ptr<A>(), gp, nk, i0, offset, sp, rlse.const_data_ptr<A>(),
+          rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, ds_rows.data_ptr<A>());
+    } else {
+      grad_kernel<A, GT, 1, SYM><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
+          w.const_data_ptr<A>(), gp, nk, i0, offset, sp, rlse.const_data_ptr<A>(),
+          rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, ds_rows.data_ptr<A>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor gq_blk = gq.narrow(0, i0, c);
+    at::mm_out(gq_blk, gblk, k);  // dq_c = (sG) k, one rounding to the GEMM dtype
+#if SEMCOMP_MM_OUT_DTYPE
+    if constexpr (kMixed<T>) {
+      accumulate_mixed(gk, gblk.t(), qc, scratch);  // dk += (sG)^T q_c in fp32
+      continue;
+    }
+#endif
+    at::addmm_out(gk, gk, gblk.t(), qc, /*beta=*/1, /*alpha=*/1);
+  }
+  // Deterministic reduction of the row shares (ATen's sum has a fixed order for a fixed size).
+  at::Tensor gs = at::sum(ds_rows).reshape(logit_scale.sizes()).to(logit_scale.scalar_type());
+  return {gq.to(q_in.scalar_type()), gk.to(k_in.scalar_type()), gs};
+}
+
+// T dispatch: the input dtype picks the template; the accumulation dtype follows.
+template <bool SYM, typename F>
+auto dispatch(const char* op, at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kDouble: return f(double{});
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kHalf: return f(at::Half{});
+    default: break;
+  }
+  TORCH_CHECK(false, op, ": unsupported dtype ", t);  // unreachable after check_matrix
+  return f(float{});
+}
+
+// ---- registered CUDA entry points -----------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(const at::Tensor& a,
+                                                                const at::Tensor& b,
+                                                                const at::Tensor& logit_scale,
+                                                                int64_t chunk_size) {
+  constexpr const char* op = "infonce_fwd";
+  check_infonce_pair(op, a, b, logit_scale, /*symmetric=*/true, 0);
+  c10::cuda::CUDAGuard guard(a.device());
+  auto out = dispatch<true>(op, a.scalar_type(), [&](auto tag) {
+    return fwd_impl<decltype(tag), true>(a, b, logit_scale, 0, chunk_size);
+  });
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cuda(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_coef,
+    const at::Tensor& col_coef, const at::Tensor& diag_coef, int64_t chunk_size) {
+  constexpr const char* op = "infonce_bwd";
+  check_infonce_pair(op, a, b, logit_scale, /*symmetric=*/true, 0);
+  const int64_t n = a.size(0);
+  check_row_vector(op, "row_lse", row_lse, n, a);
+  check_row_vector(op, "col_lse", col_lse, n, a);
+  check_row_vector(op, "row_coef", row_coef, n, a);
+  check_row_vector(op, "col_coef", col_coef, n, a);
+  check_row_vector(op, "diag_coef", diag_coef, n, a);
+  c10::cuda::CUDAGuard guard(a.device());
+  auto out = dispatch<true>(op, a.scalar_type(), [&](auto tag) {
+    return bwd_impl<decltype(tag), true>(a, b, logit_scale, row_lse, col_lse, row_coef, col_coef,
+                                         diag_coef, 0, chunk_size);
+  });
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor> infonce_rect_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& logit_scale,
+                                                         int64_t offset, int64_t chunk_size) {
+  constexpr const char* op = "infonce_rect_fwd";
+  check_infonce_pair(op, q, k, logit_scale, /*symmetric=*/false, offset);
+  c10::cuda::CUDAGuard guard(q.device());
+  auto out = dispatch<false>(op, q.scalar_type(), [&](auto tag) {
+    return fwd_impl<decltype(tag), false>(q, k, logit_scale, offset, chunk_size);
+  });
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_rect_bwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& logit_scale,
+    const at::Tensor& lse, const at::Tensor& row_coef, const at::Tensor& diag_coef, int64_t offset,
+    int64_t chunk_size) {
+  constexpr const char* op = "infonce_rect_bwd";
+  check_infonce_pair(op, q, k, logit_scale, /*symmetric=*/false, offset);
+  const int64_t n = q.size(0);
+  check_row_vector(op, "lse", lse, n, q);
+  check_row_vector(op, "row_coef", row_coef, n, q);
+  check_row_vector(op, "diag_coef", diag_coef, n, q);
+  c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor none;
+  auto out = dispatch<false>(op, q.scalar_type(), [&](auto tag) {
+    return bwd_impl<decltype(tag), false>(q, k, logit_scale, lse, none, row_coef, none, diag_coef,
+                                          offset, chunk_size);
+  });
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(semcomp, CUDA, m) {
+  m.impl("infonce_fwd", &infonce_fwd_cuda);
+  m.impl("infonce_bwd", &infonce_bwd_cuda);
+  m.impl("infonce_rect_fwd", &infonce_rect_fwd_cuda);
+  m.impl("infonce_rect_bwd", &infonce_rect_bwd_cuda);
+}
+
+}  // namespace semcomp

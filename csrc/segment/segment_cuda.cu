@@ -1,0 +1,242 @@
+// Segment mean (centroids) on CUDA.
+//
+// Forward:
+//   1. One scan kernel over ids records the first out-of-range position and the first
+//      position where ids decrease (sortedness); another records the first bad feature.
+//      One host sync reads the three slots and raises the CPU backend's messages.
+//   2. Sorted ids are already CSR. Unsorted ids are stably sorted with
+//      cub::DeviceRadixSort::SortPairs over only the bits needed for num_groups, giving the
+//      permutation `perm`; group g then owns positions [off[g], off[g+1]) of the sorted order.
+//      off[] comes from one binary search per group (no atomics, no histogram).
+//   3. One block per group (grid-stride over groups, blockIdx.y over column tiles):
+//      threadIdx.x walks vectors of V columns (16-byte loads when x is row-contiguous and no
+//      feature selection; scalar gathers otherwise, which fuses the RFS column selection into
+//      the read), threadIdx.y walks the group's rows with stride blockDim.y. The blockDim.y
+//      partial sums are combined in shared memory in a fixed order, so results do not depend
+//      on scheduling. fp32 accumulators (fp64 for double); empty groups write zero rows.
+//
+// Backward: dx_i = grad[ids_i] / counts[ids_i] on the kept columns, as a gather over the
+// column CSR of `features` (duplicates accumulate in a fixed order, no atomics). The kernel
+// skips and records bad ids / zero counts; one sync at the end raises.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "common/cuda_utils.cuh"
+#include "segment/segment.h"
+
+namespace semcomp {
+namespace {
+
+using namespace semcomp::cuda;
+
+// Slot 0: first id outside [0, G); slot 1: first i with ids[i-1] > ids[i].
+__global__ void scan_ids_kernel(const int64_t* __restrict__ ids, int64_t n, int64_t g_count,
+                                unsigned long long* status) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t v = ids[i];
+    if (v < 0 || v >= g_count) atomicMin(status, static_cast<unsigned long long>(i));
+    if (i > 0 && ids[i - 1] > v) atomicMin(status + 1, static_cast<unsigned long long>(i));
+  }
+}
+
+template <typename T, int V>
+__global__ void segment_mean_kernel(const T* __restrict__ x, int64_t sr, int64_t sc,
+                                    const int64_t* __restrict__ perm,
+                                    const int64_t* __restrict__ feat, int64_t k,
+                                    const int64_t* __restrict__ off, int64_t g_count,
+                                    T* __restrict__ out, int64_t* __restrict__ counts) {
+  using A = acc_t<T>;
+  extern __shared__ unsigned char smem_raw[];
+  A* red = reinterpret_cast<A*>(smem_raw);  // [blockDim.y - 1][blockDim.x * V]
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c0 = (int64_t(blockIdx.y) * blockDim.x + tx) * V;  // this thread's columns
+  const bool active = c0 < k;
+  for (int64_t g = blockIdx.x; g < g_count; g += gridDim.x) {
+    const int64_t b = off[g], e = off[g + 1];
+    A acc[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] = A(0);
+    if (active) {
+      for (int64_t p = b + ty; p < e; p += blockDim.y) {
+        const T* src = x + (perm ? perm[p] : p) * sr;
+        if constexpr (V > 1) {  // row-contiguous, all columns, 16-byte aligned
+          const Vec<T, V> val = *reinterpret_cast<const Vec<T, V>*>(src + c0);
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[v] += static_cast<A>(val.v[v]);
+        } else {
+          acc[0] += static_cast<A>(src[(feat ? feat[c0] : c0) * sc]);
+        }
+      }
+    }
+    if (blockDim.y > 1) {  // fixed-order combination of the row lanes
+      if (ty > 0) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) red[((ty - 1) * blockDim.x + tx) * V + v] = acc[v];
+      }
+      __syncthreads();
+      if (ty == 0) {
+        for (int t = 1; t < int(blockDim.y); ++t) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[v] += red[((t - 1) * blockDim.x + tx) * V + v];
+        }
+      }
+      __syncthreads();  // red[] is reused by the next group
+    }
+    if (ty == 0 && active) {
+      const A inv = e > b ? A(1) / static_cast<A>(e - b) : A(0);  // empty group -> zeros
+      T* dst = out + g * k + c0;
+      if constexpr (V > 1) {
+        Vec<T, V> o;
+#pragma unroll
+        for (int v = 0; v < V; ++v) o.v[v] = static_cast<T>(acc[v] * inv);
+        *reinterpret_cast<Vec<T, V>*>(dst) = o;
+      } else {
+        dst[0] = static_cast<T>(acc[0] * inv);
+      }
+    }
+    if (blockIdx.y == 0 && tx == 0 && ty == 0) counts[g] = e - b;
+  }
+}
+
+int pow2_floor(int64_t v) {
+  int p = 1;
+  while (int64_t{p} * 2 <= v && p < 1024) p *= 2;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> segment_mean_cuda(const at::Tensor& x, const at::Tensor& ids,
+                                                     int64_t num_groups,
+                                                     const std::optional<at::Tensor>& features) {
+  constexpr const char* op = "segment_mean";
+  check_segment_args(op, x, ids, num_groups, features);
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const int64_t n = x.size(0), d = x.size(1), g_count = num_groups;
+  const bool has_feat = features.has_value();
+  const int64_t k = has_feat ? features->size(0) : d;
+
+  const at::Tensor id = ids.to(at::kLong).contiguous();
+  at::Tensor feat;
+  if (has_feat) feat = features->to(at::kLong).contiguous();
+  at::Tensor status = new_status(3, x);
+  auto* st = reinterpret_cast<unsigned long long*>(status.data_ptr<int64_t>());
+  if (n > 0) {
+    scan_ids_kernel<<<std::min<int64_t>(ceil_div(n, 256), 4096), 256, 0, stream>>>(
+        id.const_data_ptr<int64_t>(), n, g_count, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (has_feat) launch_index_scan(feat, d, status, 2, stream);
+  const at::Tensor host = status.cpu();  // the one host sync
+  raise_if_bad(op, "ids", host, 0, id, g_count);
+  if (has_feat) raise_if_bad(op, "features", host, 2, feat, d);
+  const bool sorted = host.const_data_ptr<int64_t>()[1] == std::numeric_limits<int64_t>::max();
+
+  at::Tensor out = at::empty({g_count, k}, x.options());
+  at::Tensor counts = at::empty({g_count}, x.options().dtype(at::kLong));
+  // CSR over the (sorted) ids: group g owns sorted positions [off[g], off[g+1]).
+  at::Tensor sorted_ids = id, perm;
+  if (!sorted) std::tie(sorted_ids, perm) = stable_sort_by_key(id, g_count, stream);
+  at::Tensor off = at::empty({g_count + 1}, id.options());
+  launch_lower_bounds(sorted_ids.const_data_ptr<int64_t>(), n, g_count, off.data_ptr<int64_t>(),
+                      stream);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
+    using A = acc_t<scalar_t>;
+    constexpr int VW = 16 / sizeof(scalar_t);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const bool vec = !has_feat && x.stride(1) == 1 && d % VW == 0 && x.stride(0) % VW == 0 &&
+                     aligned16(xp) && aligned16(out.data_ptr());
+    const int V = vec ? VW : 1;
+    const int64_t col_threads = std::max<int64_t>(1, ceil_div(k, V));
+    // threadIdx.x over column vectors (a multiple of 32, <= 256); threadIdx.y over rows,
+    // about the average group size so small groups do not leave lanes idle.
+    const int tx = static_cast<int>(std::min<int64_t>(ceil_div(col_threads, 32) * 32, 256));
+    const int ty = std::min(256 / tx, pow2_floor(std::max<int64_t>(1, n / g_count)));
+    const int64_t col_tiles = ceil_div(col_threads, tx);
+    TORCH_CHECK(col_tiles <= kMaxGridY, op, ": too many columns (", k, ")");
+    const dim3 block(tx, ty);
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(g_count, kMaxGridX)),
+                    static_cast<unsigned>(col_tiles));
+    const size_t smem = size_t(ty - 1) * tx * V * sizeof(A);
+    const int64_t* pp = perm.defined() ? perm.const_data_ptr<int64_t>() : nullptr;
+    const int64_t* fp = has_feat ? feat.const_data_ptr<int64_t>() : nullptr;
+    if (vec) {
+      segment_mean_kernel<scalar_t, VW><<<grid, block, smem, stream>>>(
+          xp, x.stride(0), x.stride(1), pp, fp, k, off.const_data_ptr<int64_t>(), g_count,
+          out.data_ptr<scalar_t>(), counts.data_ptr<int64_t>());
+    } else {
+      segment_mean_kernel<scalar_t, 1><<<grid, block, smem, stream>>>(
+          xp, x.stride(0), x.stride(1), pp, fp, k, off.const_data_ptr<int64_t>(), g_count,
+          out.data_ptr<scalar_t>(), counts.data_ptr<int64_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, counts};
+}
+
+at::Tensor segment_mean_bwd_cuda(const at::Tensor& grad, const at::Tensor& ids,
+                                 const at::Tensor& counts, int64_t dim,
+                                 const std::optional<at::Tensor>& features) {
+  constexpr const char* op = "segment_mean_bwd";
+  check_segment_bwd_args(op, grad, ids, counts, dim, features);
+  TORCH_CHECK(counts.device() == grad.device(), op, ": counts must be on ", grad.device(),
+              ", got ", counts.device());
+  c10::cuda::CUDAGuard guard(grad.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();
+  const int64_t n = ids.size(0), g_count = grad.size(0), k = grad.size(1);
+  const bool has_feat = features.has_value();
+  at::Tensor feat;
+  if (has_feat) feat = features->to(at::kLong).contiguous();
+  if (n == 0 || dim == 0 || k == 0) {
+    if (has_feat && feat.numel() > 0) {  // still name a bad feature, as the CPU backend does
+      at::Tensor status = new_status(3, grad);
+      launch_index_scan(feat, dim, status, 2, stream);
+      raise_if_bad(op, "features", status.cpu(), 2, feat, dim);
+    }
+    return at::zeros({n, dim}, grad.options());
+  }
+  const at::Tensor id = ids.to(at::kLong).contiguous();
+  const at::Tensor cnt = counts.contiguous();
+  const at::Tensor gr = grad.contiguous();
+  at::Tensor status = new_status(3, grad);  // [bad id row, zero-count row, bad feature]
+  at::Tensor off, src;
+  if (has_feat) {
+    launch_index_scan(feat, dim, status, 2, stream);
+    std::tie(off, src) = column_csr(feat, dim, stream);
+  }
+  at::Tensor dx = at::empty({n, dim}, grad.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), op, [&] {
+    const int threads = 256;
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(dim, threads), 1024)),
+                    static_cast<unsigned>(std::min<int64_t>(n, kMaxGridY)));
+    column_csr_scatter_kernel<scalar_t><<<grid, threads, 0, stream>>>(
+        gr.const_data_ptr<scalar_t>(), k, g_count, id.const_data_ptr<int64_t>(),
+        cnt.const_data_ptr<int64_t>(), has_feat ? off.const_data_ptr<int64_t>() : nullptr,
+        has_feat ? src.const_data_ptr<int64_t>() : nullptr, dx.data_ptr<scalar_t>(), n, dim,
+        reinterpret_cast<unsigned long long*>(status.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const at::Tensor host = status.cpu();  // the one host sync
+  if (has_feat) raise_if_bad(op, "features", host, 2, feat, dim);
+  raise_if_bad(op, "ids", host, 0, id, g_count);
+  const int64_t zero_row = host.const_data_ptr<int64_t>()[1];
+  if (zero_row != std::numeric_limits<int64_t>::max()) {
+    const int64_t g = id[zero_row].item<int64_t>();
+    TORCH_CHECK(false, op, ": counts[", g, "] = ", cnt[g].item<int64_t>(), " but row ", zero_row,
+                " has that id");
+  }
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(semcomp, CUDA, m) {
+  m.impl("segment_mean", &segment_mean_cuda);
+  m.impl("segment_mean_bwd", &segment_mean_bwd_cuda);
+}
+
+}  // namespace semcomp
