@@ -1,0 +1,78 @@
+"""open_clip encoders for training: any open_clip config name, plus the bundled tiny config
+(`semcomp-tiny`: 2-layer width-64 ViT on 28x28 images, 2-layer text transformer, 256-d
+embeddings) that trains on a CPU in minutes. Weights are never downloaded: pretrained weights
+come only from a local checkpoint path."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .._compat import import_open_clip
+
+TINY = "semcomp-tiny"
+_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
+_registered = False
+# open_clip's training loop clamps the learnable logit scale at ln(100) (temperature >= 0.01).
+MAX_LOG_LOGIT_SCALE = math.log(100.0)
+
+
+def open_clip():
+    """The open_clip module with the bundled configs registered (idempotent)."""
+    global _registered
+    oc = import_open_clip()
+    if not _registered:
+        oc.add_model_config(_CONFIG_DIR)
+        _registered = True
+    return oc
+
+
+def create_model(name: str = TINY, pretrained: str | None = None, *, temperature: float | None = 0.07, seed: int = 0):
+    """(model, preprocess, tokenizer). temperature=None: learnable logit scale (open_clip's
+    init, ln(1/0.07)); a float: fixed scale 1/temperature (the parameter is frozen).
+    `pretrained` is a local checkpoint file (open_clip or semcomp format), never a tag that
+    would trigger a download."""
+    oc = open_clip()
+    if name not in oc.list_models():
+        raise ValueError(f"unknown open_clip model config {name!r} (try {TINY}, ViT-B-32, ...)")
+    if pretrained is not None and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"--pretrained must be a local checkpoint file, got {pretrained!r}")
+    torch.manual_seed(seed)  # open_clip initialises from the global generator
+    model, _, preprocess = oc.create_model_and_transforms(name, pretrained=None, device="cpu")
+    if pretrained is not None:
+        state = torch.load(pretrained, map_location="cpu", weights_only=False)
+        for key in ("model", "state_dict"):
+            if isinstance(state, dict) and key in state:
+                state = state[key]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        model.load_state_dict(state)
+    if temperature is not None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1.0 / temperature))
+        model.logit_scale.requires_grad_(False)
+    tokenizer = oc.get_tokenizer(name)
+    return model, preprocess, tokenizer
+
+
+def image_size(model) -> int:
+    size = getattr(model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+@torch.no_grad()
+def embed(model, dataset, batch_size: int = 256, device="cpu"):
+    """L2-normalised (image, text) embeddings (N, D) of every pair of a PairDataset, in order."""
+    model.eval()
+    imgs, txts = [], []
+    for start in range(0, len(dataset), batch_size):
+        idx = range(start, min(start + batch_size, len(dataset)))
+        items = [dataset[i] for i in idx]
+        x = torch.stack([a for a, _ in items]).to(device)
+        t = torch.stack([b for _, b in items]).to(device)
+        imgs.append(model.encode_image(x, normalize=True).float().cpu())
+        txts.append(model.encode_text(t, normalize=True).float().cpu())
+    return torch.cat(imgs), torch.cat(txts)
