@@ -129,6 +129,7 @@ def baselines(ctr, cte, ytr, yte, *, budgets, k=10, probe_iter=200, seed=0) -> l
         if faiss is not None and ctr.shape[0] >= 256:
             msub = _largest_divisor_at_most(d, budget)
             pq = faiss.ProductQuantizer(d, msub, 8)
+            pq.cp.min_points_per_centroid = 1  # small train sets are expected here; silence the warning
             # faiss k-means seeds from a fixed default, so codes are reproducible.
             pq.train(ctr.numpy().astype("float32"))
 

@@ -217,14 +217,15 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0:
         with open(os.path.join(cfg.out_dir, "train_summary.json"), "w", encoding="utf-8") as f:
             json.dump({k: v for k, v in summary.items() if k != "history"} | {"final_loss": history[-1] if history else None}, f, indent=2)
-    summary["model"] = model
+    summary.update(model=model, preprocess=preprocess, tokenizer=tokenizer)
     return summary
 
 
 def _worker(cfg_dict: dict) -> dict:
     """Entry point of each process started by torch.distributed.run's launcher."""
     out = train(TrainConfig(**cfg_dict))
-    out.pop("model")
+    for key in ("model", "preprocess", "tokenizer"):
+        out.pop(key)
     import torch.distributed as dist
 
     if dist.is_initialized():
