@@ -35,6 +35,12 @@ _TEMPLATES = (
     "an old postal code digit: {word}",
     "a small grey image showing the number {n}",
     "a quickly scribbled {word}",
+    # Captions that describe only the instance, not the class: 4 of 16 templates. Text alone
+    # then cannot classify every pair, so a representation must combine both modalities.
+    "a {stroke} handwritten digit",
+    "a {width} number drawn by hand",
+    "some digit written in {stroke} strokes",
+    "a {width}, {stroke} scribble of a numeral",
 )
 
 
