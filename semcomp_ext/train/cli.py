@@ -99,7 +99,7 @@ def register(subparsers) -> None:
     r.add_argument("--temperatures", type=_floats, default=None, help="comma list (default 0.01,0.07,0.1,0.2,0.4)")
     r.add_argument("--steps", type=int, default=None, help="training steps per temperature (default 600; --quick 120)")
     r.add_argument("--warmup", type=int, default=None)
-    r.add_argument("--probe-iter", type=int, default=None, help="L-BFGS iterations of the linear probe")
+    r.add_argument("--probe-iter", type=int, default=None, help="L-BFGS iterations of the linear probe (default 200; --quick 30)")
     r.add_argument("--drop-rates", type=_floats, default=(0.0, 0.5, 0.75, 0.9, 0.95))
     r.add_argument("--rfs-seeds", type=_ints, default=(0, 1, 2))
     r.add_argument("--knn-k", type=int, default=10)

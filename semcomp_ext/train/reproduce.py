@@ -49,7 +49,7 @@ class ReproduceConfig:
 
 
 # --quick: every artefact, all five temperatures, within ~5 minutes on a shared 2-core CPU.
-QUICK = {"steps": 120, "limit": 2000, "probe_iter": 100, "warmup": 10}
+QUICK = {"steps": 120, "limit": 2000, "probe_iter": 30, "warmup": 10}
 
 
 def _round(x, nd=6):
