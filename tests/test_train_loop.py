@@ -14,18 +14,24 @@ from train_fixtures import make_coco  # noqa: E402
 from semcomp_ext.cli import main  # noqa: E402
 from semcomp_ext.train.loop import CHECKPOINT, TrainConfig, load_checkpoint, train  # noqa: E402
 
-pytest.importorskip("open_clip")
+try:  # through the shim: a plain import fails on CPU torch with a CUDA torchvision
+    from semcomp_ext._compat import import_open_clip
+
+    import_open_clip()
+except ImportError:
+    pytest.skip("open_clip is not installed", allow_module_level=True)
 SMALL = dict(dataset="digits", limit=256, batch_size=64, lr=2e-3, warmup=2, quiet=True)
 
 
 def test_tiny_training_decreases_loss(tmp_path):
-    s = train(TrainConfig(out_dir=str(tmp_path), steps=24, temperature=0.1, **SMALL))
+    # 128 pairs, 2 batches an epoch: 40 steps are enough to start fitting them.
+    s = train(TrainConfig(out_dir=str(tmp_path), steps=40, temperature=0.1, **(SMALL | {"limit": 128, "lr": 3e-3})))
     h = s["history"]
-    assert len(h) == 24 and s["done"]
-    assert sum(h[-4:]) / 4 < sum(h[:4]) / 4 - 0.15, h
+    assert len(h) == 40 and s["done"]
+    assert sum(h[-4:]) / 4 < sum(h[:4]) / 4 - 0.2, h
     assert s["logit_scale"] == pytest.approx(10.0)  # fixed temperature stays fixed
     ck = load_checkpoint(str(tmp_path / CHECKPOINT))
-    assert ck["step"] == 24 and ck["done"]
+    assert ck["step"] == 40 and ck["done"]
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
