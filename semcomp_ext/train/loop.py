@@ -212,7 +212,7 @@ def train(cfg: TrainConfig) -> dict:
         import torch.distributed as dist
 
         dist.barrier()
-    summary = {"step": step, "steps": cfg.steps, "history": history, "logit_scale": float(model.logit_scale.exp()),
+    summary = {"step": step, "steps": cfg.steps, "history": history, "logit_scale": float(model.logit_scale.detach().exp()),
                "elapsed_s": elapsed, "world_size": world, "done": step >= cfg.steps}
     if rank == 0:
         with open(os.path.join(cfg.out_dir, "train_summary.json"), "w", encoding="utf-8") as f:
