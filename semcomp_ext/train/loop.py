@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from .data import PairDataset, load_pairs
-from .models import MAX_LOG_LOGIT_SCALE, TINY, create_model, image_size
+from .models import MAX_LOG_LOGIT_SCALE, TINY, create_model, image_size, with_text_tower
 
 __all__ = ["TrainConfig", "train", "launch", "load_checkpoint", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
 # Settings that must agree for a checkpoint to be resumed (the rest may change, e.g. --quiet).
-_RESUME_KEYS = ("model", "dataset", "limit", "temperature", "steps", "batch_size", "lr", "weight_decay", "warmup", "seed")
+_RESUME_KEYS = ("model", "text_tower", "dataset", "limit", "temperature", "steps", "batch_size", "lr", "weight_decay", "warmup", "seed")
 
 
 @dataclass
@@ -32,6 +32,7 @@ class TrainConfig:
     dataset: str = "mnist"
     data_root: str | None = None
     limit: int | None = None          # cap on training pairs (quick runs, tests)
+    text_tower: str = "open_clip"     # or "minilm": frozen pretrained MiniLM + trained projection
     temperature: float | None = 0.07  # None: learnable logit scale, clamped at 100 like open_clip
     steps: int = 300
     batch_size: int = 128             # global batch (split evenly over processes)
@@ -130,6 +131,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"batch size {cfg.batch_size} must be divisible by the number of processes {world}")
     local_bs = cfg.batch_size // world
     model, preprocess, tokenizer = create_model(cfg.model, cfg.pretrained, temperature=cfg.temperature, seed=cfg.seed)
+    model, tokenizer = with_text_tower(model, tokenizer, cfg.text_tower)
     model.to(device)
     train_data, _ = load_pairs(cfg.dataset, cfg.data_root, cfg.limit)
     ds = PairDataset(train_data, tokenizer, preprocess, image_size(model))
@@ -146,7 +148,7 @@ def train(cfg: TrainConfig) -> dict:
     if os.path.isfile(ckpt_path):
         ck = load_checkpoint(ckpt_path)
         saved = ck["config"]
-        diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+        diff = [k for k in _RESUME_KEYS if saved.get(k, getattr(TrainConfig, k, None)) != getattr(cfg, k)]
         if diff:
             raise ValueError(f"{ckpt_path} was written with different settings ({', '.join(diff)}); use another --out or delete it")
         model.load_state_dict(ck["model"])

