@@ -102,18 +102,20 @@ def _param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _dist_env():
-    """(rank, world_size) from the torchrun environment, initialising the process group."""
+def _dist_env(device: str):
+    """(rank, world_size) from the torchrun environment, initialising the process group:
+    NCCL when training on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        cuda = device.startswith("cuda")
+        if cuda:
             # NCCL needs each rank bound to its own GPU before the group is created.
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     return dist.get_rank(), world
 
 
@@ -126,7 +128,7 @@ def train(cfg: TrainConfig) -> dict:
 
     from ..losses import ClipLoss
 
-    rank, world = _dist_env()
+    rank, world = _dist_env(cfg.device)
     device = torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     _seed_all(cfg.seed)
     _set_threads(cfg)
