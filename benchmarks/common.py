@@ -84,8 +84,12 @@ def cpu_peak_extra_bytes(fn) -> int:
 def in_subprocess(module: str, args: list[str]) -> dict:
     """Run `python -m benchmarks.<module> --child ARGS` and parse its last JSON line (a fresh
     process per measurement so allocator caches of other methods do not interfere)."""
+    # A fixed mmap threshold makes glibc map (and unmap on free) every block >= 64 KiB, so
+    # resident memory follows live allocations; with its default dynamic threshold, blocks up
+    # to 32 MiB are recycled from an already-resident heap and would not show in VmHWM.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--child", *args], capture_output=True,
-                         text=True, cwd=Path(__file__).resolve().parent.parent, check=True).stdout
+                         text=True, cwd=Path(__file__).resolve().parent.parent, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -2,6 +2,7 @@
 // that call it (no libm calls, no branches, fixed-width lane accumulators).
 #pragma once
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -9,15 +10,17 @@
 
 namespace semcomp::cpu {
 
-// exp(x) for float to ~2 ulp, branch-free so a loop of it vectorises. Classic range
-// reduction x = k ln2 + r, |r| <= ln2/2, with a degree-6 minimax polynomial for e^r and 2^k
-// built in the exponent bits. Arguments are clamped to the normal range: results below
-// ~1e-38 flush to that value (irrelevant against the 1 that every log-sum-exp contains).
-// NaN propagates.
+// exp(x) for float to ~2 ulp, written so a loop of it vectorises (no calls, no branches):
+// range reduction x = k ln2 + r, |r| <= ln2/2, a degree-6 minimax polynomial for e^r, and 2^k
+// built in the exponent bits. k = round(x log2 e) by the 1.5 * 2^23 magic-number trick.
+// Arguments are clamped to the normal range (results below ~1e-38 flush to that value,
+// irrelevant next to the 1 every log-sum-exp contains). NaN propagates.
 inline float fast_exp(float x) {
-  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float fk = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - fk * 0.693359375f;  // ln2 split in a high part exact in float ...
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float fk = (xc * 1.44269504088896341f + kMagic) - kMagic;
+  float r = xc - fk * 0.693359375f;  // ln2 split: a high part exact in float ...
   r = r - fk * -2.12194440e-4f;      // ... and the low remainder
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -26,24 +29,18 @@ inline float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fk) + 127) << 23;
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof(float));
+  const float two_k = std::bit_cast<float>((static_cast<int32_t>(fk) + 127) << 23);
   const float y = p * two_k;
   return x != x ? x : y;
 }
 
 inline double fast_exp(double x) { return std::exp(x); }
 
-template <typename T>
-inline T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
-
-// max that propagates NaN (std::max drops a NaN in its second argument).
+// max that propagates NaN (std::max drops a NaN in its second argument). Bitwise `|`, not
+// `||`: short-circuit evaluation is control flow, which stops GCC vectorising the loop.
 template <typename T>
 inline T nan_max(T a, T b) {
-  return (a != a || a > b) ? a : b;
+  return ((a != a) | (a > b)) ? a : b;
 }
 
 }  // namespace semcomp::cpu

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "common/cpu_math.h"
@@ -29,7 +30,6 @@ namespace {
 using cpu::fast_exp;
 using cpu::nan_max;
 
-constexpr int kLanes = 16;         // independent accumulators so reductions vectorise
 constexpr int64_t kColBlock = 256;  // columns per task in the column statistics
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -40,40 +40,34 @@ constexpr int64_t kColBlock = 256;  // columns per task in the column statistics
 
 int64_t pick_chunk(int64_t requested, int64_t rows, int64_t cols) {
   if (requested > 0) return std::min(requested, rows);
-  // ~1M workspace elements: big enough for efficient GEMM blocks, small enough that the
-  // workspace is a few MB whatever N is.
-  int64_t c = (int64_t{1} << 20) / std::max<int64_t>(cols, 1);
+  // ~4M workspace elements (16 MB in fp32): large GEMM blocks (fewer, bigger BLAS calls
+  // measured ~10% faster than 1M at N=8192), still a small constant next to N x N.
+  int64_t c = (int64_t{1} << 22) / std::max<int64_t>(cols, 1);
   c = std::clamp<int64_t>(c, 16, 1024) / 16 * 16;
   return std::min(c, rows);
 }
 
 // ---- fused loops (bodies are templates; float gets per-ISA clones) ---------------------
+// Written as `omp simd` loops over a row with explicit reductions and a branch-free exp, so
+// GCC vectorises them in every clone (-fopenmp enables the pragma; no -ffast-math needed).
 
-// log-sum-exp over j of s * w[j]  (s > 0, so max(s w) = s max(w)).
+// log-sum-exp over j of s * w[j]  (s > 0, so max(s w) = s max(w)). A NaN is skipped by the
+// max but reaches the sum, so the result is NaN.
 template <typename T>
 inline __attribute__((always_inline)) T row_lse_body(const T* w, int64_t n, T s) {
-  T mx[kLanes];
-  for (int l = 0; l < kLanes; ++l) mx[l] = cpu::neg_inf<T>();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) mx[l] = nan_max(mx[l], w[j + l]);
-  T m = cpu::neg_inf<T>();
-  for (int l = 0; l < kLanes; ++l) m = nan_max(m, mx[l]);
-  for (; j < n; ++j) m = nan_max(m, w[j]);
+  T m = std::numeric_limits<T>::lowest();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = w[j] > m ? w[j] : m;
   m *= s;
-  T acc[kLanes] = {};
-  j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += fast_exp(s * w[j + l] - m);
   T sum = 0;
-  for (int l = 0; l < kLanes; ++l) sum += acc[l];
-  for (; j < n; ++j) sum += fast_exp(s * w[j] - m);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += fast_exp(s * w[j] - m);
   return m + std::log(sum);
 }
 
 // Online update of column statistics (running max cm, running sum cs of exp(S - cm), in
 // scaled units) over rows [0, rows) of a row-major block with leading dimension ld, for
-// columns [j0, j1).
+// columns [j0, j1). Rows outer, columns inner: each pass streams the block once.
 template <typename T>
 inline __attribute__((always_inline)) void col_update_body(const T* w, int64_t rows, int64_t ld,
                                                            int64_t j0, int64_t j1, T s, T* cm,
@@ -81,11 +75,13 @@ inline __attribute__((always_inline)) void col_update_body(const T* w, int64_t r
   const int64_t n = j1 - j0;
   T bm[kColBlock];
   T nm[kColBlock];
-  for (int64_t j = 0; j < n; ++j) bm[j] = cpu::neg_inf<T>();
+  for (int64_t j = 0; j < n; ++j) bm[j] = std::numeric_limits<T>::lowest();
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = w + r * ld + j0;
+#pragma omp simd
     for (int64_t j = 0; j < n; ++j) bm[j] = nan_max(bm[j], row[j]);
   }
+#pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     nm[j] = nan_max(cm[j0 + j], s * bm[j]);
     cs[j0 + j] *= fast_exp(cm[j0 + j] - nm[j]);
@@ -93,6 +89,7 @@ inline __attribute__((always_inline)) void col_update_body(const T* w, int64_t r
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = w + r * ld + j0;
     T* sum = cs + j0;
+#pragma omp simd
     for (int64_t j = 0; j < n; ++j) sum[j] += fast_exp(s * row[j] - nm[j]);
   }
   for (int64_t j = 0; j < n; ++j) cm[j0 + j] = nm[j];
@@ -103,24 +100,12 @@ inline __attribute__((always_inline)) void col_update_body(const T* w, int64_t r
 template <bool SYM, typename T>
 inline __attribute__((always_inline)) T grad_row_body(T* w, int64_t n, T s, T r_i, T rc_i,
                                                       const T* c, const T* cc) {
-  T acc[kLanes] = {};
-  int64_t j = 0;
-  auto g_of = [&](int64_t jj) {
-    const T x = s * w[jj];
-    T g = rc_i * fast_exp(x - r_i);
-    if constexpr (SYM) g += cc[jj] * fast_exp(x - c[jj]);
-    return g;
-  };
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const T g = g_of(j + l);
-      acc[l] += g * w[j + l];
-      w[j + l] = g;
-    }
   T ds = 0;
-  for (int l = 0; l < kLanes; ++l) ds += acc[l];
-  for (; j < n; ++j) {
-    const T g = g_of(j);
+#pragma omp simd reduction(+ : ds)
+  for (int64_t j = 0; j < n; ++j) {
+    const T x = s * w[j];
+    T g = rc_i * fast_exp(x - r_i);
+    if constexpr (SYM) g += cc[j] * fast_exp(x - c[j]);
     ds += g * w[j];
     w[j] = g;
   }
