@@ -33,8 +33,10 @@ at::Tensor gather_columns_cpu(const at::Tensor& x, const at::Tensor& index) {
         const scalar_t* row = xp + i * sr;
         scalar_t* dst = o + i * k;
         if (sc == 1) {
+_Pragma("omp simd")
           for (int64_t c = 0; c < k; ++c) dst[c] = row[ip[c]];
         } else {
+_Pragma("omp simd")
           for (int64_t c = 0; c < k; ++c) dst[c] = row[ip[c] * sc];
         }
       }

@@ -21,6 +21,8 @@
 namespace semcomp {
 namespace {
 
+constexpr int64_t kPrefetch = 4;  // rows ahead to prefetch on the permuted (unsorted) path
+
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
@@ -68,17 +70,28 @@ std::tuple<at::Tensor, at::Tensor> segment_mean_cpu(const at::Tensor& x, const a
         std::fill(acc.begin(), acc.end(), A(0));
         for (int64_t p = offset[g]; p < offset[g + 1]; ++p) {
           const scalar_t* row = xp + (perm.empty() ? p : perm[p]) * sr;
+          // Unsorted ids visit rows in permuted order, which the hardware prefetcher cannot
+          // follow: fetch the row kPrefetch positions ahead.
+          if (!perm.empty() && p + kPrefetch < offset[g + 1]) {
+            const char* ahead = reinterpret_cast<const char*>(xp + perm[p + kPrefetch] * sr);
+            for (int64_t b = 0; b < k * sc * int64_t(sizeof(scalar_t)); b += 64) __builtin_prefetch(ahead + b);
+          }
+          A* a = acc.data();
           if (fp) {
-            for (int64_t c = 0; c < k; ++c) acc[c] += static_cast<A>(row[fp[c] * sc]);
+_Pragma("omp simd")
+            for (int64_t c = 0; c < k; ++c) a[c] += static_cast<A>(row[fp[c] * sc]);
           } else if (sc == 1) {
-            for (int64_t c = 0; c < k; ++c) acc[c] += static_cast<A>(row[c]);
+_Pragma("omp simd")
+            for (int64_t c = 0; c < k; ++c) a[c] += static_cast<A>(row[c]);
           } else {
-            for (int64_t c = 0; c < k; ++c) acc[c] += static_cast<A>(row[c * sc]);
+_Pragma("omp simd")
+            for (int64_t c = 0; c < k; ++c) a[c] += static_cast<A>(row[c * sc]);
           }
         }
         const int64_t m = offset[g + 1] - offset[g];
         const A inv = m > 0 ? A(1) / static_cast<A>(m) : A(0);  // empty group -> zero row
         scalar_t* dst = op_ + g * k;
+_Pragma("omp simd")
         for (int64_t c = 0; c < k; ++c) dst[c] = static_cast<scalar_t>(acc[c] * inv);
       }
     });
@@ -118,8 +131,10 @@ at::Tensor segment_mean_bwd_cpu(const at::Tensor& grad, const at::Tensor& ids,
         if (fp) {
           std::fill(acc.begin(), acc.end(), A(0));
           for (int64_t c = 0; c < k; ++c) acc[fp[c]] += static_cast<A>(src[c]);
+_Pragma("omp simd")
           for (int64_t c = 0; c < dim; ++c) dst[c] = static_cast<scalar_t>(acc[c] * inv);
         } else {
+_Pragma("omp simd")
           for (int64_t c = 0; c < k; ++c) dst[c] = static_cast<scalar_t>(static_cast<A>(src[c]) * inv);
         }
       }
