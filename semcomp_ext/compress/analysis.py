@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import torch
 
-from .readers import discover, iter_chunks, list_shards, open_shard, validate
+from .readers import DEFAULT_BATCH_ROWS, discover, iter_chunks, list_shards, open_shard, validate
 
 
-def gap_report(inputs: list, *, batch_size: int = 65536, column: str = "embedding", quiet: bool = False) -> dict:
+def gap_report(inputs: list, *, batch_size: int = DEFAULT_BATCH_ROWS, column: str = "embedding", quiet: bool = False) -> dict:
     """One pass over the shards with O(M*D + D^2) state: per-modality sums of unit vectors
     (modality gap, as metrics.modality_gaps), per-pair cosine sums (metrics.true_pair_cosine),
     and the pooled second-moment matrix (metrics.explained_variance's PCA spectrum)."""
@@ -96,7 +96,7 @@ def eval_report(inputs, compressed: str, labels: str, *, label_column: str = "la
     dim, _, _ = validate(mods, None, column)
     files = list_shards(labels) if os.path.isdir(labels) else [labels]
     label_shards = [open_shard(p, label_column, want_2d=False) for p in files]
-    batch = 65536
+    batch = DEFAULT_BATCH_ROWS
     y = torch.from_numpy(_read_rows(label_shards, max_rows, batch).astype(np.int64))
     xs = [torch.from_numpy(_read_rows(mm.shards, max_rows, batch)).float() for mm in mods]
     cshards = [open_shard(os.path.join(compressed, s["centroids"]["file"])) for s in man["shards"]]

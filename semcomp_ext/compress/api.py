@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from . import atomic, manifest
 from .pipeline import Plan, concept_map_task, concept_reduce_task, pair_task
-from .readers import discover, open_concepts, validate
+from .readers import DEFAULT_BATCH_ROWS, discover, open_concepts, validate
 
 _OURS = ("centroids", "metadata", "concepts", ".spill", manifest.MANIFEST)
 _SPILL_TARGET = 256 << 20  # bytes of worst-case spill per partition: bounds reduce memory
@@ -28,7 +28,7 @@ class CompressOptions:
     seed: int = 0
     normalize: str = "none"
     out_dtype: str = "float32"
-    batch_size: int = 65536
+    batch_size: int = DEFAULT_BATCH_ROWS
     partitions: int = 0
     skip_invalid: bool = False
     engine: str = "local"

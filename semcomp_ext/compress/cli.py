@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from .readers import DEFAULT_BATCH_ROWS
+
 
 def _compress(args) -> int:
     from .api import CompressOptions, compress
@@ -72,7 +74,7 @@ def register(sub) -> None:
     c.add_argument("--normalize", nargs="?", const="input", default="none",
                    choices=["none", "input", "output", "both"], help="L2-normalise inputs (bare flag), outputs or both")
     c.add_argument("--out-dtype", default="float32", choices=["float32", "float16"])
-    c.add_argument("--batch-size", type=int, default=65536, help="rows per block (bounds memory)")
+    c.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_ROWS, help=f"rows per block (bounds memory; default {DEFAULT_BATCH_ROWS})")
     c.add_argument("--partitions", type=int, default=0, help="concept mode: hash partitions (0 = auto)")
     c.add_argument("--skip-invalid", action="store_true", help="drop NaN/Inf rows (counted in the manifest)")
     c.add_argument("--engine", default="local", choices=["local", "ray"])
@@ -89,7 +91,7 @@ def register(sub) -> None:
 
     gp = sub.add_parser("gap", help="modality gap, true-pair cosine and explained variance of a folder (streamed)")
     gp.add_argument("inputs", nargs="+", help="a clip-retrieval root or >= 2 modality folders")
-    gp.add_argument("--batch-size", type=int, default=65536)
+    gp.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_ROWS)
     gp.add_argument("--embedding-column", default="embedding")
     gp.add_argument("-q", "--quiet", action="store_true")
     gp.set_defaults(func=_gap)

@@ -21,6 +21,13 @@ import numpy as np
 EMB_EXTS = (".npy", ".parquet")
 
 
+
+# Rows per streamed block. Small enough that the block buffers (a few per modality) are
+# recycled by the allocator instead of being freshly mapped and page-faulted every block:
+# measured on the 2-core development machine, 1 GB of fp32 D=512 pairs took 1.49 s at 65536 rows and
+# 0.65 s at 8192 rows.
+DEFAULT_BATCH_ROWS = 8192
+
 def require_pyarrow(what: str):
     try:
         import pyarrow  # noqa: F401
