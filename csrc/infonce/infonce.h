@@ -10,6 +10,9 @@
 //   dq = s G k,   dk = s G^T q,   ds = sum_ij G_ij <q_i, k_j>
 #pragma once
 
+#include <initializer_list>
+#include <utility>
+
 #include "common/checks.h"
 
 namespace semcomp {
@@ -33,6 +36,14 @@ inline void check_infonce_pair(const char* op, const at::Tensor& q, const at::Te
                 offset, ", Nq=", q.size(0), ", Nk=", k.size(0));
   }
   check_scale(op, logit_scale, q);
+}
+
+// Backward ops: the pair checks, then every per-row vector (name, tensor), each of length Nq.
+inline void check_infonce_bwd(const char* op, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& logit_scale, bool symmetric, int64_t offset,
+                              std::initializer_list<std::pair<const char*, const at::Tensor*>> rows) {
+  check_infonce_pair(op, q, k, logit_scale, symmetric, offset);
+  for (const auto& [name, t] : rows) check_row_vector(op, name, *t, q.size(0), q);
 }
 
 }  // namespace semcomp

@@ -285,13 +285,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_coef,
     const at::Tensor& col_coef, const at::Tensor& diag_coef, int64_t chunk_size) {
   constexpr const char* op = "infonce_bwd";
-  check_infonce_pair(op, a, b, logit_scale, /*symmetric=*/true, 0);
-  const int64_t n = a.size(0);
-  check_row_vector(op, "row_lse", row_lse, n, a);
-  check_row_vector(op, "col_lse", col_lse, n, a);
-  check_row_vector(op, "row_coef", row_coef, n, a);
-  check_row_vector(op, "col_coef", col_coef, n, a);
-  check_row_vector(op, "diag_coef", diag_coef, n, a);
+  check_infonce_bwd(op, a, b, logit_scale, /*symmetric=*/true, 0,
+                    {{"row_lse", &row_lse}, {"col_lse", &col_lse}, {"row_coef", &row_coef},
+                     {"col_coef", &col_coef}, {"diag_coef", &diag_coef}});
   auto out = a.scalar_type() == at::kDouble
                  ? bwd_impl<true, double>(op, a, b, logit_scale, row_lse, col_lse, row_coef,
                                           col_coef, diag_coef, 0, chunk_size)
@@ -316,11 +312,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_rect_bwd_cpu(
     const at::Tensor& lse, const at::Tensor& row_coef, const at::Tensor& diag_coef, int64_t offset,
     int64_t chunk_size) {
   constexpr const char* op = "infonce_rect_bwd";
-  check_infonce_pair(op, q, k, logit_scale, /*symmetric=*/false, offset);
-  const int64_t n = q.size(0);
-  check_row_vector(op, "lse", lse, n, q);
-  check_row_vector(op, "row_coef", row_coef, n, q);
-  check_row_vector(op, "diag_coef", diag_coef, n, q);
+  check_infonce_bwd(op, q, k, logit_scale, /*symmetric=*/false, offset,
+                    {{"lse", &lse}, {"row_coef", &row_coef}, {"diag_coef", &diag_coef}});
   const at::Tensor none;
   auto out = q.scalar_type() == at::kDouble
                  ? bwd_impl<false, double>(op, q, k, logit_scale, lse, none, row_coef, none,

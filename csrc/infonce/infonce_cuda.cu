@@ -478,13 +478,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cuda(
     const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_coef,
     const at::Tensor& col_coef, const at::Tensor& diag_coef, int64_t chunk_size) {
   constexpr const char* op = "infonce_bwd";
-  check_infonce_pair(op, a, b, logit_scale, /*symmetric=*/true, 0);
-  const int64_t n = a.size(0);
-  check_row_vector(op, "row_lse", row_lse, n, a);
-  check_row_vector(op, "col_lse", col_lse, n, a);
-  check_row_vector(op, "row_coef", row_coef, n, a);
-  check_row_vector(op, "col_coef", col_coef, n, a);
-  check_row_vector(op, "diag_coef", diag_coef, n, a);
+  check_infonce_bwd(op, a, b, logit_scale, /*symmetric=*/true, 0,
+                    {{"row_lse", &row_lse}, {"col_lse", &col_lse}, {"row_coef", &row_coef},
+                     {"col_coef", &col_coef}, {"diag_coef", &diag_coef}});
   c10::cuda::CUDAGuard guard(a.device());
   auto out = dispatch<true>(op, a.scalar_type(), [&](auto tag) {
     return bwd_impl<decltype(tag), true>(a, b, logit_scale, row_lse, col_lse, row_coef, col_coef,
@@ -510,11 +506,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_rect_bwd_cuda(
     const at::Tensor& lse, const at::Tensor& row_coef, const at::Tensor& diag_coef, int64_t offset,
     int64_t chunk_size) {
   constexpr const char* op = "infonce_rect_bwd";
-  check_infonce_pair(op, q, k, logit_scale, /*symmetric=*/false, offset);
-  const int64_t n = q.size(0);
-  check_row_vector(op, "lse", lse, n, q);
-  check_row_vector(op, "row_coef", row_coef, n, q);
-  check_row_vector(op, "diag_coef", diag_coef, n, q);
+  check_infonce_bwd(op, q, k, logit_scale, /*symmetric=*/false, offset,
+                    {{"lse", &lse}, {"row_coef", &row_coef}, {"diag_coef", &diag_coef}});
   c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor none;
   auto out = dispatch<false>(op, q.scalar_type(), [&](auto tag) {
