@@ -5,6 +5,7 @@ come only from a local checkpoint path."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -29,6 +30,15 @@ def open_clip():
     return oc
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def create_model(name: str = TINY, pretrained: str | None = None, *, temperature: float | None = 0.07, seed: int = 0):
     """(model, preprocess, tokenizer). temperature=None: learnable logit scale (open_clip's
     init, ln(1/0.07)); a float: fixed scale 1/temperature (the parameter is frozen).
@@ -40,7 +50,14 @@ def create_model(name: str = TINY, pretrained: str | None = None, *, temperature
     if pretrained is not None and not os.path.isfile(pretrained):
         raise FileNotFoundError(f"--pretrained must be a local checkpoint file, got {pretrained!r}")
     torch.manual_seed(seed)  # open_clip initialises from the global generator
-    model, _, preprocess = oc.create_model_and_transforms(name, pretrained=None, device="cpu")
+    # Random initialisation is intended here (weights come from `pretrained` below, if at all):
+    # drop open_clip's root-logger warning that says so on every model.
+    quiet = _DropMessage("No pretrained weights loaded")
+    logging.getLogger().addFilter(quiet)
+    try:
+        model, _, preprocess = oc.create_model_and_transforms(name, pretrained=None, device="cpu")
+    finally:
+        logging.getLogger().removeFilter(quiet)
     if pretrained is not None:
         state = torch.load(pretrained, map_location="cpu", weights_only=False)
         for key in ("model", "state_dict"):
