@@ -98,12 +98,13 @@ def test_opcheck(device, dtype):
         torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(device, backend):
     a, b = _pair(50, 8, device, torch.float32)
     a.requires_grad_()
     s = torch.tensor(5.0, device=device)
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True, backend=backend)
     def f(a, b, s):
         return sc.infonce_loss(a, b, logit_scale=s) * 2
 

@@ -70,11 +70,12 @@ def test_opcheck_segment_and_gather(device):
         torch.library.opcheck(op, args)
 
 
-def test_centroids_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_centroids_torch_compile_fullgraph(device, backend):
     x = torch.randn(40, 8, device=device, requires_grad=True)
     ids = _ids(40, 6, device)
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True, backend=backend)
     def f(x, ids):
         return sc.centroids(x, ids, 6).square().sum()
 
