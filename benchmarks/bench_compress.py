@@ -11,10 +11,8 @@ path (many ids). Writes benchmarks/results/compress_cpu.json and deletes the dat
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -22,6 +20,11 @@ import tempfile
 import time
 
 import numpy as np
+
+try:
+    from .common import environment, write_result
+except ImportError:  # run as a script
+    from common import environment, write_result
 
 ROWS_PER_SHARD = 65536
 
@@ -102,7 +105,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    import torch
 
     results = []
     tmp = tempfile.mkdtemp(prefix="semcomp-bench-", dir="/tmp")
@@ -128,16 +130,12 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     pairs_local = {round(r["input_gb"]): r["peak_rss_mb"] for r in results if r["mode"] == "pairs" and r["engine"] == "local"}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores ({platform.processor() or 'cpu'})",
-        "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": commit,
+        "env": environment(),
         "dim": args.dim, "modalities": 2, "drop_rate": 0.5, "in_dtype": "float32", "rows_per_shard": ROWS_PER_SHARD,
         "load_average_at_end": os.getloadavg(), "results": results, "peak_rss_mb_by_input_gb_local": pairs_local,
     }
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(doc, f, indent=1)
+    write_result(args.json, doc)
     print(json.dumps(doc["peak_rss_mb_by_input_gb_local"]))
 
 

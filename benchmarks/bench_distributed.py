@@ -12,12 +12,9 @@ loss values (they must agree). Output: benchmarks/results/distributed_cpu.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 
@@ -25,6 +22,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from semcomp_ext.distributed.launch import launch  # noqa: E402
+
+try:
+    from .common import environment, write_result
+except ImportError:  # run as a script
+    from common import environment, write_result
 
 IMPLS = ("semcomp_gather", "semcomp_ring", "open_clip")
 
@@ -60,12 +62,6 @@ def _worker(rank, world, impl, n, d, local_loss, gather_with_grad, seed):
             "loss": float(loss.detach()), "grad_norm": float(img.grad.norm())}
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, cwd=os.path.dirname(__file__)).strip()
-    except Exception:  # pragma: no cover
-        return "unknown"
-
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -95,18 +91,12 @@ def main(argv=None) -> None:
         "global_batch": args.global_batch, "world_size": w, "local_batch": n, "dim": args.dim, "dtype": "float32",
         "local_loss": bool(args.local_loss), "gather_with_grad": bool(args.gather_with_grad),
         "backend": "gloo", "threads_per_rank": 1,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count()},
-        "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "env": environment(),
         "note": "input features (2 x n x D fp32 = "
                 f"{2 * n * args.dim * 4 / 2**20:.0f} MiB per rank) exist before the measurement starts",
         "results": runs,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", args.out)
+    print("wrote", write_result(args.out, result))
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ def in_subprocess(module: str, args: list[str]) -> dict:
 
 
 def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+    """Write payload as JSON to benchmarks/results/<name>, or to `name` if it is a path."""
+    path = Path(name) if os.sep in str(name) else RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -9,17 +9,18 @@ reference on the global batch, and ring vs gather. Writes benchmarks/results/dis
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from semcomp_ext.distributed.launch import launch  # noqa: E402
 from semcomp_ext.distributed.verify import clip_parity_worker  # noqa: E402
+
+try:
+    from .common import environment, write_result
+except ImportError:  # run as a script
+    from common import environment, write_result
 
 
 def main(argv=None) -> None:
@@ -41,14 +42,9 @@ def main(argv=None) -> None:
                             slot[k] = max(slot.get(k, 0.0), v)
             table[f"W={world},{dtype}"] = merged
             print(world, dtype, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = {"local_batch": args.local_batch, "dim": args.dim, "torch": torch.__version__, "git_commit": commit,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    out = {"local_batch": args.local_batch, "dim": args.dim, "env": environment(),
            "upstream_gradient": "1 + rank/2 (differs per rank)", "max_abs_diff_over_ranks": table}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print("wrote", args.out)
+    print("wrote", write_result(args.out, out))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Fabricated MSCOCO / Flickr30k folders in the exact released formats (tiny JPEGs)."""
 
-import csv
 import json
 import os
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from . import atomic, manifest
 from .pipeline import Plan, concept_map_task, concept_reduce_task, pair_task

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from . import atomic, manifest
-from .readers import iter_chunks, open_concepts, validate
+from . import atomic
+from .readers import iter_chunks
 
 # A test hook: sleep this many seconds after each finished task (kill -9 / resume tests).
 _SLEEP_ENV = "SEMCOMP_TEST_SLEEP_PER_SHARD"
