@@ -18,13 +18,16 @@ from benchmarks import bench_infonce, bench_segment_gather, report  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="GPU: N in {4096, 32768}, D=512 only")
     args = p.parse_args(argv)
     if args.device == "cpu":
         bench_infonce.main(["--n", "4096", "8192", "--d", "512"])
         bench_segment_gather.main([])
     else:
-        bench_infonce.main(["--device", args.device, "--n", "4096", "16384", "32768", "65536", "--d", "512", "1024",
-                            "--dtype", "bfloat16", "--methods", "semcomp", "open_clip", "compiled_reference"])
+        sizes = ["--n", "4096", "32768", "--d", "512"] if args.quick else \
+            ["--n", "4096", "16384", "32768", "65536", "--d", "512", "768", "1024"]
+        bench_infonce.main(["--device", args.device, *sizes, "--dtype", "bfloat16",
+                            "--methods", "semcomp", "open_clip", "inf_cl", "compiled_reference"])
         bench_segment_gather.main(["--device", args.device, "--n", str(1 << 22), "--d", "512", "--groups", "1000",
                                    str(1 << 20)])
     report.main([])

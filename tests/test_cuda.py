@@ -1,0 +1,122 @@
+"""CUDA-only behaviour: CUDA-graph capture (no host syncs in the captured ops), the
+reduce-overhead torch.compile mode, and fp16 gradients at a batch size where unscaled
+entries of s*G fall below fp16's smallest subnormal. The op-by-op comparisons with the
+reference run on CUDA through the `device` fixture of the other test files."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import semcomp_ext as sc
+from semcomp_ext import reference as R
+from semcomp_ext._ops import has_kernel, ops
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and has_kernel("infonce_fwd", "cuda")),
+    reason="needs a CUDA device and semcomp_ext built with CUDA",
+)
+
+
+def _unit(n, d, dtype=torch.float32):
+    return F.normalize(torch.randn(n, d, device="cuda"), dim=1).to(dtype)
+
+
+def _all_ops(a, b, s, x, ids, idx, feats):
+    loss, r, c = ops.infonce_fwd(a, b, s, 0)
+    coef = torch.full_like(r, 0.5 / a.shape[0])
+    ga, gb, gs = ops.infonce_bwd(a, b, s, r, c, coef, coef, coef * 2, 0)
+    lr, lse = ops.infonce_rect_fwd(a[:50], b, s, 20, 0)
+    gq, gk, gs2 = ops.infonce_rect_bwd(a[:50], b, s, lse, torch.ones_like(lse), torch.ones_like(lse), 20, 0)
+    m, cnt = ops.segment_mean(x, ids, 7, feats)
+    gx = ops.segment_mean_bwd(m.contiguous(), ids, cnt, x.shape[1], feats)
+    y = ops.gather_columns(x, idx)
+    gy = ops.gather_columns_bwd(y, idx, x.shape[1])
+    return [loss, r, c, ga, gb, gs, lr, lse, gq, gk, gs2, m, cnt, gx, y, gy]
+
+
+def test_cuda_graph_capture_of_every_op():
+    """Every op captures into a CUDA graph (a host sync during capture raises) and the
+    replay on new inputs matches eager execution."""
+    a, b = _unit(200, 64), _unit(200, 64)
+    s = torch.tensor(14.3, device="cuda")
+    x = torch.randn(300, 40, device="cuda")
+    ids = torch.randint(0, 7, (300,), device="cuda")
+    idx = torch.tensor([3, 0, 39, 3], device="cuda")
+    feats = torch.tensor([5, 1, 1], device="cuda")
+    static = [a, b, s, x, ids, idx, feats]
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture (workspaces, cuBLAS handles)
+        _all_ops(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = _all_ops(*static)
+    fresh = [_unit(200, 64), _unit(200, 64), torch.tensor(9.0, device="cuda"), torch.randn(300, 40, device="cuda"),
+             torch.randint(0, 7, (300,), device="cuda"), torch.tensor([1, 2, 2, 38], device="cuda"),
+             torch.tensor([0, 39, 20], device="cuda")]
+    for dst, src in zip(static, fresh):
+        dst.copy_(src)
+    graph.replay()
+    expect = _all_ops(*fresh)
+    for got, want in zip(outs, expect):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_reduce_overhead_training_step():
+    """torch.compile(mode='reduce-overhead') (CUDA graphs) over a step that uses the loss,
+    centroids and feature selection, forward and backward, matches eager."""
+    w = torch.randn(32, 16, device="cuda", requires_grad=True)
+    feats = torch.tensor([0, 5, 9, 15], device="cuda")
+
+    def step(xa, xb, ids, s):
+        za, zb = F.normalize(xa @ w, dim=1), F.normalize(xb @ w, dim=1)
+        loss = sc.infonce_loss(za, zb, logit_scale=s)
+        cent = sc.centroids(za, ids, 5, features=feats)
+        loss = loss + sc.select_features(cent, feats[:2]).square().mean()
+        (g,) = torch.autograd.grad(loss, w)
+        return loss.detach(), g
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    s = torch.tensor(10.0, device="cuda")
+    for _ in range(4):  # warm-up, record, replays
+        xa, xb = torch.randn(64, 32, device="cuda"), torch.randn(64, 32, device="cuda")
+        ids = torch.randint(0, 5, (64,), device="cuda")
+        got = compiled(xa, xb, ids, s)
+        want = step(xa, xb, ids, s)
+        for g_, w_ in zip(got, want):
+            torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_index_still_raises_on_cuda():
+    x = torch.randn(10, 4, device="cuda")
+    with pytest.raises((ValueError, RuntimeError), match="out of range|must be in"):
+        sc.centroids(x, torch.tensor([0] * 9 + [5], device="cuda"), 3)
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients_at_large_n(dtype):
+    """N = 32768, reduction='mean': the entries of s*G are ~1e-8..1e-25, below fp16's
+    subnormals unless pre-scaled. Gradients must stay within 2x of what torch's own
+    autograd reaches in the same dtype, and within 2% of the fp64 reference."""
+    n, d = 32768, 64
+    a, b = _unit(n, d, dtype).requires_grad_(), _unit(n, d, dtype).requires_grad_()
+    s = torch.tensor(100.0, device="cuda", requires_grad=True)
+    ga, gb, gs = torch.autograd.grad(sc.infonce_loss(a, b, logit_scale=s), (a, b, s))
+    ad, bd = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    sd = s.detach().double().requires_grad_()
+    ra, rb, rs = torch.autograd.grad(R.infonce_reference(ad, bd, sd), (ad, bd, sd))
+    del ad, bd
+    at, bt = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ta, tb = torch.autograd.grad(R.infonce_reference(at, bt, s.detach().to(dtype)), (at, bt))
+
+    def rel(x, y):
+        return float((x.double() - y).norm() / y.norm())
+
+    for ours, theirs, ref in ((ga, ta, ra), (gb, tb, rb)):
+        assert torch.isfinite(ours).all()
+        e, et = rel(ours, ref), rel(theirs, ref)
+        assert e <= max(2 * et, 2e-2), (e, et)
+    assert abs(float(gs) - float(rs)) <= 1e-2 * abs(float(rs)) + 1e-6
