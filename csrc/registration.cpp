@@ -1,9 +1,17 @@
 // The whole op surface of semcomp_ext: every schema is defined here, once. Backends add
 // implementations with TORCH_LIBRARY_IMPL(semcomp, CPU|CUDA, m) in csrc/<family>/; fake
 // kernels and autograd are registered in semcomp_ext/_ops.py. This file also defines the
-// pybind11 module `semcomp_ext._C`, whose import loads the registrations.
+// Python module `semcomp_ext._C`, whose import loads the registrations.
+//
+// The module is written against the plain Python C API, not pybind11: torch's own Python
+// bindings use a pybind11 of their own, and a second pybind11 in the same process (from
+// whatever pip installed at build time) shares its internals registry; when the two
+// versions disagree, every C++ exception that torch translates for Python crashed the
+// process (seen with torch 2.11 on the GPU machine).
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
 #include <ATen/Parallel.h>
-#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -51,25 +59,59 @@ int parallel_thread_count(int64_t work_items) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "semcomp_ext native kernels (ops are registered under torch.ops.semcomp)";
-  m.def("build_info", [] {
-    pybind11::dict d;
-    d["version"] = SEMCOMP_VERSION;
-    d["torch_version"] = SEMCOMP_TORCH_VERSION;
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (d == nullptr) return nullptr;
+  auto put = [d](const char* key, PyObject* value) {
+    if (value == nullptr) return false;
+    const int rc = PyDict_SetItemString(d, key, value);
+    Py_DECREF(value);
+    return rc == 0;
+  };
 #ifdef SEMCOMP_WITH_CUDA
-    d["cuda"] = true;
+  constexpr bool cuda = true;
 #else
-    d["cuda"] = false;
+  constexpr bool cuda = false;
 #endif
-    d["cuda_archs"] = SEMCOMP_CUDA_ARCHS;
 #ifdef _OPENMP
-    d["openmp"] = true;
+  constexpr bool openmp = true;
 #else
-    d["openmp"] = false;
+  constexpr bool openmp = false;
 #endif
-    return d;
-  }, "Build information: version, torch version built against, CUDA compiled, archs, OpenMP.");
-  m.def("_parallel_thread_count", &parallel_thread_count, pybind11::arg("work_items"),
-        "Distinct threads used by at::parallel_for inside this library (test hook).");
+  if (!put("version", PyUnicode_FromString(SEMCOMP_VERSION)) ||
+      !put("torch_version", PyUnicode_FromString(SEMCOMP_TORCH_VERSION)) ||
+      !put("cuda", PyBool_FromLong(cuda)) ||
+      !put("cuda_archs", PyUnicode_FromString(SEMCOMP_CUDA_ARCHS)) ||
+      !put("openmp", PyBool_FromLong(openmp))) {
+    Py_DECREF(d);
+    return nullptr;
+  }
+  return d;
 }
+
+PyObject* parallel_thread_count_py(PyObject*, PyObject* arg) {
+  const long long n = PyLong_AsLongLong(arg);
+  if (n == -1 && PyErr_Occurred()) return nullptr;
+  int count = 0;
+  Py_BEGIN_ALLOW_THREADS
+  count = parallel_thread_count(n);
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLong(count);
+}
+
+PyMethodDef kMethods[] = {
+    {"build_info", build_info, METH_NOARGS,
+     "Build information: version, torch version built against, CUDA compiled, archs, OpenMP."},
+    {"_parallel_thread_count", parallel_thread_count_py, METH_O,
+     "Distinct threads used by at::parallel_for inside this library (test hook)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
+                       "semcomp_ext native kernels (ops are registered under torch.ops.semcomp)",
+                       -1, kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&kModule); }

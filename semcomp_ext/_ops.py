@@ -56,7 +56,8 @@ def _infonce_fwd_fake(a, b, logit_scale, chunk_size=0):
 @torch.library.register_fake("semcomp::infonce_bwd")
 def _infonce_bwd_fake(a, b, logit_scale, row_lse, col_lse, row_coef, col_coef, diag_coef, chunk_size=0):
     _check_pair("infonce_bwd", a, b, logit_scale, True)
-    return torch.empty_like(a), torch.empty_like(b), torch.empty_like(logit_scale)
+    # contiguous whatever the inputs' strides, as the kernels return them
+    return a.new_empty(a.shape), b.new_empty(b.shape), torch.empty_like(logit_scale)
 
 
 @torch.library.register_fake("semcomp::infonce_rect_fwd")
@@ -69,7 +70,7 @@ def _infonce_rect_fwd_fake(q, k, logit_scale, offset=0, chunk_size=0):
 @torch.library.register_fake("semcomp::infonce_rect_bwd")
 def _infonce_rect_bwd_fake(q, k, logit_scale, lse, row_coef, diag_coef, offset=0, chunk_size=0):
     _check_pair("infonce_rect_bwd", q, k, logit_scale, False, offset)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(logit_scale)
+    return q.new_empty(q.shape), k.new_empty(k.shape), torch.empty_like(logit_scale)
 
 
 @torch.library.register_fake("semcomp::segment_mean")

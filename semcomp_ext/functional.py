@@ -75,14 +75,14 @@ def _resolve_scale(fn: str, temperature, logit_scale, like: torch.Tensor) -> tor
         t = float(temperature)
         if not (math.isfinite(t) and t > 0):
             raise ValueError(f"{fn}: temperature must be finite and > 0, got {temperature}")
-        return torch.tensor(1.0 / t, dtype=acc, device=like.device)
+        return torch.full((), 1.0 / t, dtype=acc, device=like.device)  # no pageable copy
     if temperature is not None and temperature != _DEFAULT_TEMPERATURE:
         raise ValueError(f"{fn}: give temperature or logit_scale, not both (got temperature={temperature})")
     if not torch.is_tensor(logit_scale):
         s = float(logit_scale)
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"{fn}: logit_scale must be finite and > 0, got {logit_scale}")
-        return torch.tensor(s, dtype=acc, device=like.device)
+        return torch.full((), s, dtype=acc, device=like.device)
     if logit_scale.numel() != 1 or logit_scale.dim() > 1:
         raise ValueError(f"{fn}: logit_scale must be a one-element tensor of shape [] or [1], got {tuple(logit_scale.shape)}")
     if not logit_scale.is_floating_point():

@@ -98,6 +98,33 @@ def test_opcheck(device, dtype):
         torch.library.opcheck(op, args)
 
 
+def test_opcheck_transposed_inputs(device):
+    """Backward ops return contiguous gradients for transposed inputs; the fake kernels must
+    say so too (a stride mismatch breaks compiled backward graphs)."""
+    a, b = _pair(13, 6, device)
+    at, bt = a.T.contiguous().T, b.T.contiguous().T
+    s = torch.tensor(3.0, dtype=torch.float64, device=device)
+    _, rl, cl = ops.infonce_fwd(a, b, s, 4)
+    r = torch.rand(13, dtype=torch.float64, device=device)
+    torch.library.opcheck(ops.infonce_bwd.default, (at, bt, s, rl, cl, r, r, r, 4))
+    _, lse = ops.infonce_rect_fwd(a[:5], b, s, 2, 4)
+    torch.library.opcheck(ops.infonce_rect_bwd.default, (at[:5], bt, s, lse, r[:5], r[:5], 2, 4))
+
+
+def test_compiled_backward_with_transposed_inputs(device):
+    w = torch.randn(6, 8, dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(20, 6, dtype=torch.float64, device=device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(w, x):
+        z = (x @ w).T.contiguous().T  # transposed strides reach the op and its backward
+        return sc.infonce_loss(z, z.flip(0), 0.5)
+
+    (g,) = torch.autograd.grad(f(w, x), w)
+    (gr,) = torch.autograd.grad(R.infonce_reference(x @ w, (x @ w).flip(0), 2.0), w)
+    torch.testing.assert_close(g, gr)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(device, backend):
     a, b = _pair(50, 8, device, torch.float32)

@@ -98,7 +98,9 @@ struct Lse2 {
       s += exp2_(x - m);
     }
   }
-  // Merges another state; empty states are absorbed without computing exp2(-inf - -inf).
+  // Merges another state; empty states (-inf, 0) are absorbed without computing
+  // exp2(-inf - -inf). A state that saw a NaN as its first value keeps m = -inf with s = NaN:
+  // it is not empty, and its NaN must reach the result.
   __device__ __forceinline__ void merge(A om, A os) {
     if (om > m) {
       const A t = m;
@@ -108,7 +110,11 @@ struct Lse2 {
       s = os;
       os = u;
     }
-    if (om != neg_inf<A>()) s += os * exp2_(om - m);
+    if (om != neg_inf<A>()) {
+      s += os * exp2_(om - m);
+    } else if (os != A(0)) {
+      s += os;  // os is NaN here: (-inf, s > 0) cannot arise from add()
+    }
   }
   __device__ __forceinline__ A lse_natural() const { return (m + log2_(s)) * kLn2<A>; }
 };
@@ -122,7 +128,7 @@ struct alignas(sizeof(T) * V) Vec {
 
 __host__ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// ---- index validation: first bad position, one host sync ------------------------------
+// ---- index validation: first bad position, one host sync (none under graph capture) ----
 
 // Records in *first_bad the smallest i with idx[i] outside [0, bound) (atomicMin, so the
 // result is the first bad position whatever the schedule).
@@ -156,9 +162,44 @@ inline at::Tensor new_status(int64_t slots, const at::Tensor& like) {
                   like.options().dtype(at::kLong));
 }
 
-// After the one host sync (status.cpu()): raises the CPU backend's message for a bad slot.
+// Whether `stream` is being captured into a CUDA graph (a host sync there is illegal).
+inline bool stream_is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
+  return st != cudaStreamCaptureStatusNone;
+}
+
+// Device-side end of validation inside a captured graph: a bad slot (selected by `mask`)
+// prints its slot and position and traps, so the replay fails with a CUDA error instead of
+// returning results computed from bad indices.
+template <int Unused = 0>
+__global__ void trap_if_bad_kernel(const unsigned long long* __restrict__ status, int slots,
+                                   unsigned mask) {
+  for (int s = 0; s < slots; ++s) {
+    if (((mask >> s) & 1u) && status[s] != static_cast<unsigned long long>(INT64_MAX)) {
+      printf("semcomp: out-of-range index in a CUDA graph replay (check slot %d, position %llu)\n",
+             s, status[s]);
+      __trap();
+    }
+  }
+}
+
+// Ends a validation: outside graph capture, copies `status` to the host (the op's one
+// sync) for raise_if_bad; while the stream is captured, launches trap_if_bad_kernel on the
+// slots in `mask` instead and returns an undefined tensor (raise_if_bad then does nothing).
+inline at::Tensor finish_status(const at::Tensor& status, unsigned mask, cudaStream_t stream) {
+  if (!stream_is_capturing(stream)) return status.cpu();
+  trap_if_bad_kernel<<<1, 1, 0, stream>>>(
+      reinterpret_cast<const unsigned long long*>(status.const_data_ptr<int64_t>()),
+      static_cast<int>(status.numel()), mask);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {};
+}
+
+// After finish_status: raises the CPU backend's message for a bad slot.
 inline void raise_if_bad(const char* op, const char* name, const at::Tensor& host_status,
                          int64_t slot, const at::Tensor& idx, int64_t bound) {
+  if (!host_status.defined()) return;  // under graph capture: checked on the device
   const int64_t pos = host_status.const_data_ptr<int64_t>()[slot];
   if (pos == std::numeric_limits<int64_t>::max()) return;
   const int64_t v = idx[pos].item<int64_t>();  // error path only: a second sync is fine

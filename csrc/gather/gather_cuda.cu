@@ -77,7 +77,7 @@ at::Tensor gather_columns_cuda(const at::Tensor& x, const at::Tensor& index) {
   const at::Tensor idx = index.to(at::kLong).contiguous();
   at::Tensor status = new_status(1, x);
   launch_index_scan(idx, d, status, 0, stream);
-  raise_if_bad(op, "index", status.cpu(), 0, idx, d);  // the one host sync
+  raise_if_bad(op, "index", finish_status(status, 1u, stream), 0, idx, d);  // the one sync
   if (n == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
@@ -111,11 +111,14 @@ at::Tensor gather_columns_bwd_cuda(const at::Tensor& grad, const at::Tensor& ind
   c10::cuda::CUDAGuard guard(grad.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();
   const int64_t n = grad.size(0), k = grad.size(1);
-  if (n == 0 || dim == 0) return at::zeros({n, dim}, grad.options());
-  const at::Tensor idx = index.to(at::kLong).contiguous();
   if (k == 0) return at::zeros({n, dim}, grad.options());
+  const at::Tensor idx = index.to(at::kLong).contiguous();
   at::Tensor status = new_status(3, grad);  // [row (unused), count (unused), index]
   launch_index_scan(idx, dim, status, 2, stream);
+  if (n == 0 || dim == 0) {  // nothing to scatter, but a bad index still raises (as on CPU)
+    raise_if_bad(op, "index", finish_status(status, 4u, stream), 2, idx, dim);
+    return at::zeros({n, dim}, grad.options());
+  }
   auto [off, src] = column_csr(idx, dim, stream);
   const at::Tensor gr = grad.contiguous();
   at::Tensor dx = at::empty({n, dim}, grad.options());
@@ -129,7 +132,7 @@ at::Tensor gather_columns_bwd_cuda(const at::Tensor& grad, const at::Tensor& ind
         n, dim, reinterpret_cast<unsigned long long*>(status.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  raise_if_bad(op, "index", status.cpu(), 2, idx, dim);  // the one host sync
+  raise_if_bad(op, "index", finish_status(status, 4u, stream), 2, idx, dim);  // the one sync
   return dx;
 }
 

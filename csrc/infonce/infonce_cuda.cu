@@ -201,17 +201,19 @@ __global__ void sym_finish_kernel(const A* __restrict__ cm, const A* __restrict_
 // ---- backward -----------------------------------------------------------------------------
 // One block per chunk row; threads walk V-vectors of the row. For each element
 //   g = rc_i exp2(x - r_i) [+ cc_j exp2(x - c_j)] - dc_i [j == i + offset],  x = W s log2(e)
-// (r, c pre-scaled to base 2), ds_i += g W_ij, and s*g is stored (in place when GT == A).
+// (r, c pre-scaled to base 2), ds_i += g W_ij, and s*g is stored (in place when GT == A),
+// times gscale[0] when given (fp16: see bwd_impl).
 // ds_i is reduced over the block (fixed tree) into ds_rows[i].
 template <typename A, typename GT, int V, bool SYM>
 __global__ void __launch_bounds__(kThreads)
 grad_kernel(const A* W, GT* G, int64_t nk, int64_t i0, int64_t offset,
             const A* __restrict__ scale, const A* __restrict__ rlse,
             const A* __restrict__ rcoef, const A* __restrict__ dcoef, const A* __restrict__ c2,
-            const A* __restrict__ ccoef, A* __restrict__ ds_rows) {
+            const A* __restrict__ ccoef, const A* __restrict__ gscale, A* __restrict__ ds_rows) {
   const int64_t rr = blockIdx.x, i = i0 + rr;
   const A s = scale_ok(scale[0]) ? scale[0] : std::numeric_limits<A>::quiet_NaN();  // poison
   const A sl = s * kLog2e<A>;
+  const A sg = gscale ? s * gscale[0] : s;  // stored value s*G, times the fp16 pre-scale
   const A r2 = rlse[i] * kLog2e<A>, rc = rcoef[i], dc = dcoef[i];
   const int64_t jd = i + offset;
   const A* w = W + rr * nk;
@@ -232,7 +234,7 @@ grad_kernel(const A* W, GT* G, int64_t nk, int64_t i0, int64_t offset,
       if constexpr (SYM) gv += ccv.v[v] * exp2_(x - cv.v[v]);
       if (j0 + v == jd) gv -= dc;
       ds += gv * wv.v[v];
-      out.v[v] = static_cast<GT>(s * gv);
+      out.v[v] = static_cast<GT>(sg * gv);
     }
     *reinterpret_cast<Vec<GT, V>*>(g + j0) = out;
   }
@@ -403,9 +405,24 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
   // (col_coef may arrive as a view with an odd storage offset).
   const bool ccoef_aligned = !SYM || aligned16(ccoef.const_data_ptr());
   const int V = (nk % VW == 0 && ccoef_aligned) ? VW : 1;
+  // fp16 G blocks: with reduction="mean" at large N most entries of s*G (~1e-8..1e-25) lie
+  // below fp16's smallest subnormal (6e-8) and would flush to zero. They are stored times an
+  // exact power of two p, chosen on the device (no sync) so that the largest possible entry,
+  // s * (max|row_coef| + max|col_coef| + max|diag_coef|), lands near 2^14; dq is then computed
+  // in fp32 and both gradients are multiplied by 1/p (exact) before the final cast.
+  constexpr bool kPrescale = kMixed<T> && std::is_same_v<T, at::Half>;
+  at::Tensor gscale;
+  if constexpr (kPrescale) {
+    at::Tensor m = rcoef.abs().amax().add(dcoef.abs().amax());
+    if constexpr (SYM) m = m.add(ccoef.abs().amax());
+    const at::Tensor e = m.mul(s.reshape({})).reciprocal().mul(16384.0).log2().floor();
+    gscale = e.nan_to_num(0.0, 60.0, -30.0).clamp(-30.0, 60.0).exp2().reshape({1}).contiguous();
+  }
+  const A* gsp = kPrescale ? gscale.const_data_ptr<A>() : nullptr;
   at::Tensor ws = at::empty({C, nk}, opts);
   at::Tensor gbuf = kMixed<T> ? at::empty({C, nk}, q.options()) : ws;
-  at::Tensor gq = at::empty({nq, q.size(1)}, q.options());  // GEMM dtype, cast at the end
+  // dq in the GEMM dtype (cast at the end), or fp32 when the G blocks are pre-scaled
+  at::Tensor gq = at::empty({nq, q.size(1)}, kPrescale ? opts : q.options());
   at::Tensor gk = at::zeros({nk, k.size(1)}, opts);         // fp32 (fp64) accumulator
   at::Tensor ds_rows = at::empty({nq}, opts);
   at::Tensor scratch;  // only for the accumulate_mixed fallback
@@ -422,15 +439,23 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
     if (V == VW) {
       grad_kernel<A, GT, VW, SYM><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
           w.const_data_ptr<A>(), gp, nk, i0, offset, sp, rlse.const_data_ptr<A>(),
-          rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, ds_rows.data_ptr<A>());
+          rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, gsp, ds_rows.data_ptr<A>());
     } else {
       grad_kernel<A, GT, 1, SYM><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
           w.const_data_ptr<A>(), gp, nk, i0, offset, sp, rlse.const_data_ptr<A>(),
-          rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, ds_rows.data_ptr<A>());
+          rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, gsp, ds_rows.data_ptr<A>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor gq_blk = gq.narrow(0, i0, c);
-    at::mm_out(gq_blk, gblk, k);  // dq_c = (sG) k, one rounding to the GEMM dtype
+#if SEMCOMP_MM_OUT_DTYPE
+    if constexpr (kPrescale) {
+      at::mm_out(gq_blk, gblk, k, at::kFloat);  // p * dq_c in fp32
+    } else {
+      at::mm_out(gq_blk, gblk, k);  // dq_c = (sG) k, one rounding to the GEMM dtype
+    }
+#else
+    at::mm_out(gq_blk, gblk, k);
+#endif
 #if SEMCOMP_MM_OUT_DTYPE
     if constexpr (kMixed<T>) {
       accumulate_mixed(gk, gblk.t(), qc, scratch);  // dk += (sG)^T q_c in fp32
@@ -441,6 +466,11 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
   }
   // Deterministic reduction of the row shares (ATen's sum has a fixed order for a fixed size).
   at::Tensor gs = at::sum(ds_rows).reshape(logit_scale.sizes()).to(logit_scale.scalar_type());
+  if constexpr (kPrescale) {
+    const at::Tensor inv = gscale.reciprocal();  // exact: p is a power of two
+    gq.mul_(inv);
+    gk.mul_(inv);
+  }
   return {gq.to(q_in.scalar_type()), gk.to(k_in.scalar_type()), gs};
 }
 

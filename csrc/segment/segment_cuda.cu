@@ -130,10 +130,12 @@ std::tuple<at::Tensor, at::Tensor> segment_mean_cuda(const at::Tensor& x, const 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (has_feat) launch_index_scan(feat, d, status, 2, stream);
-  const at::Tensor host = status.cpu();  // the one host sync
+  const at::Tensor host = finish_status(status, 1u | 4u, stream);  // the one host sync
   raise_if_bad(op, "ids", host, 0, id, g_count);
   if (has_feat) raise_if_bad(op, "features", host, 2, feat, d);
-  const bool sorted = host.const_data_ptr<int64_t>()[1] == std::numeric_limits<int64_t>::max();
+  // Under graph capture the sortedness is unknown on the host: always sort (correct either way).
+  const bool sorted =
+      host.defined() && host.const_data_ptr<int64_t>()[1] == std::numeric_limits<int64_t>::max();
 
   at::Tensor out = at::empty({g_count, k}, x.options());
   at::Tensor counts = at::empty({g_count}, x.options().dtype(at::kLong));
@@ -191,15 +193,16 @@ at::Tensor segment_mean_bwd_cuda(const at::Tensor& grad, const at::Tensor& ids,
   const bool has_feat = features.has_value();
   at::Tensor feat;
   if (has_feat) feat = features->to(at::kLong).contiguous();
-  if (n == 0 || dim == 0 || k == 0) {
-    if (has_feat && feat.numel() > 0) {  // still name a bad feature, as the CPU backend does
-      at::Tensor status = new_status(3, grad);
-      launch_index_scan(feat, dim, status, 2, stream);
-      raise_if_bad(op, "features", status.cpu(), 2, feat, dim);
-    }
+  const at::Tensor id = ids.to(at::kLong).contiguous();
+  if (n == 0 || dim == 0 || k == 0) {  // nothing to scatter, but bad ids / features still raise
+    at::Tensor status = new_status(3, grad);
+    if (has_feat) launch_index_scan(feat, dim, status, 2, stream);
+    launch_index_scan(id, g_count, status, 0, stream);
+    const at::Tensor host = finish_status(status, 1u | 4u, stream);
+    if (has_feat) raise_if_bad(op, "features", host, 2, feat, dim);
+    raise_if_bad(op, "ids", host, 0, id, g_count);
     return at::zeros({n, dim}, grad.options());
   }
-  const at::Tensor id = ids.to(at::kLong).contiguous();
   const at::Tensor cnt = counts.contiguous();
   const at::Tensor gr = grad.contiguous();
   at::Tensor status = new_status(3, grad);  // [bad id row, zero-count row, bad feature]
@@ -220,10 +223,11 @@ at::Tensor segment_mean_bwd_cuda(const at::Tensor& grad, const at::Tensor& ids,
         reinterpret_cast<unsigned long long*>(status.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const at::Tensor host = status.cpu();  // the one host sync
+  const at::Tensor host = finish_status(status, 1u | 2u | 4u, stream);  // the one host sync
   if (has_feat) raise_if_bad(op, "features", host, 2, feat, dim);
   raise_if_bad(op, "ids", host, 0, id, g_count);
-  const int64_t zero_row = host.const_data_ptr<int64_t>()[1];
+  const int64_t zero_row =
+      host.defined() ? host.const_data_ptr<int64_t>()[1] : std::numeric_limits<int64_t>::max();
   if (zero_row != std::numeric_limits<int64_t>::max()) {
     const int64_t g = id[zero_row].item<int64_t>();
     TORCH_CHECK(false, op, ": counts[", g, "] = ", cnt[g].item<int64_t>(), " but row ", zero_row,
