@@ -29,7 +29,7 @@ inline float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const float two_k = std::bit_cast<float>((static_cast<int32_t>(fk) + 127) << 23);
+  const float two_k = __builtin_bit_cast(float, (static_cast<int32_t>(fk) + 127) << 23);  // C++17-safe
   const float y = p * two_k;
   return x != x ? x : y;
 }
