@@ -65,8 +65,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 # ---- build ---------------------------------------------------------------------------------
+# The compiler must be the one torch was built with and link libstdc++ dynamically. The GPU
+# image sets CC/CXX to a /opt/gcc wrapper that links libstdc++ statically: the extension then
+# carries its own copy of the iostream code, and formatting any TORCH_CHECK message crashed
+# the process. The system GCC is used unless SEMCOMP_CXX names another.
+if [ -x /usr/bin/g++ ]; then
+  export CXX="${SEMCOMP_CXX:-/usr/bin/g++}" CC="${SEMCOMP_CC:-/usr/bin/gcc}"
+  export CUDAHOSTCXX="$CXX"
+fi
 ARCH="${SEMCOMP_CUDA_ARCH:-$($PY -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")' 2>/dev/null || echo 90)}"
-run_stage build 420 "SEMCOMP_CUDA=ON CMAKE_ARGS='-DCMAKE_CUDA_ARCHITECTURES=$ARCH' CMAKE_BUILD_PARALLEL_LEVEL=\$(nproc) $PY -m pip install -q --no-build-isolation --no-deps -e . && $PY -c 'import semcomp_ext, json; print(json.dumps(semcomp_ext.build_info()))'"
+run_stage build 420 "SEMCOMP_CUDA=ON CMAKE_ARGS='-DCMAKE_CUDA_ARCHITECTURES=$ARCH' CMAKE_BUILD_PARALLEL_LEVEL=\$(nproc) $PY -m pip install -q --no-build-isolation --no-deps -e . && $PY -c 'import semcomp_ext, json; print(json.dumps(semcomp_ext.build_info()))' && $PY -m benchmarks.native_error_check"
 
 # ---- tests: every op test over cpu and cuda, then the CUDA-graph capture tests -------------
 KERNEL_TESTS="tests/test_infonce.py tests/test_segment_gather.py tests/test_clip_loss.py tests/test_cuda.py tests/test_distributed.py"

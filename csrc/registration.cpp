@@ -3,11 +3,11 @@
 // kernels and autograd are registered in semcomp_ext/_ops.py. This file also defines the
 // Python module `semcomp_ext._C`, whose import loads the registrations.
 //
-// The module is written against the plain Python C API, not pybind11: torch's own Python
-// bindings use a pybind11 of their own, and a second pybind11 in the same process (from
-// whatever pip installed at build time) shares its internals registry; when the two
-// versions disagree, every C++ exception that torch translates for Python crashed the
-// process (seen with torch 2.11 on the GPU machine).
+// The module is written against the plain Python C API: it holds two functions, and this
+// keeps a second pybind11 (beside the one torch's bindings carry) out of the process.
+// Build with the GCC torch was built with, linking libstdc++ dynamically: an extension with
+// its own static copy of libstdc++ crashes when a TORCH_CHECK message is formatted
+// (benchmarks/native_error_check.py detects it).
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
