@@ -21,7 +21,16 @@ try:
 except ImportError:  # run as a script
     from common import cpu_peak_extra_bytes, environment, in_subprocess, median_time, write_result
 
-METHODS = ("semcomp", "open_clip", "inf_cl", "reference", "compiled_reference")
+METHODS = ("semcomp", "semcomp_tile", "open_clip", "inf_cl", "reference", "compiled_reference")
+# CUDA implementation selected while a method runs (forward and backward): "semcomp" is the
+# default path, "semcomp_tile" the tensor-core tile kernels (bf16/fp16 only).
+METHOD_IMPL = {"semcomp": "auto", "semcomp_tile": "tile"}
+
+
+def select_impl(method: str) -> None:
+    import semcomp_ext as sc
+
+    sc.set_infonce_cuda_impl(METHOD_IMPL.get(method, "auto"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -29,7 +38,7 @@ def make_loss(method: str):
     import semcomp_ext as sc
     from semcomp_ext import reference as R
 
-    if method == "semcomp":
+    if method in ("semcomp", "semcomp_tile"):
         return lambda a, b, s: sc.infonce_loss(a, b, logit_scale=s)
     if method == "open_clip":
         from semcomp_ext._compat import import_open_clip
@@ -92,6 +101,7 @@ def fwd_bwd(fn, a, b, s):
 def child(method: str, n: int, d: int, dtype: str, device: str) -> dict:
     """Peak extra memory of one fwd+bwd (after a warm-up call), minus the returned gradients."""
     fn = make_loss(method)
+    select_impl(method)
     a, b, s = inputs(n, d, DTYPES[dtype], device)
     fwd_bwd(fn, a, b, s)
     grad_bytes = 2 * a.numel() * a.element_size() + s.numel() * s.element_size()
@@ -140,6 +150,7 @@ def bench(n: int, d: int, dtype: str, device: str, methods, repeats: int) -> lis
         try:  # one method failing (out of memory, a peer's bug) must not stop the others
             if isinstance(fns[m], Exception):
                 raise fns[m]
+            select_impl(m)
             val = float(fns[m](a, b, s).detach())
             row["loss"] = val
             if not abs(val - truth) <= tol * max(1.0, abs(truth)):
@@ -158,6 +169,7 @@ def bench(n: int, d: int, dtype: str, device: str, methods, repeats: int) -> lis
         except Exception as exc:  # noqa: BLE001  (recorded in the results, printed below)
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         finally:
+            select_impl("semcomp")
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     del sets

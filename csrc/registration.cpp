@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "infonce/infonce.h"
+
 #include <mutex>
 #include <set>
 #include <thread>
@@ -59,7 +61,29 @@ int parallel_thread_count(int64_t work_items) {
 
 }  // namespace
 
+namespace semcomp {
+std::atomic<int>& infonce_cuda_impl() {
+  static std::atomic<int> mode{0};
+  return mode;
+}
+}  // namespace semcomp
+
 namespace {
+
+PyObject* set_infonce_cuda_impl(PyObject*, PyObject* arg) {
+  const long v = PyLong_AsLong(arg);
+  if (v == -1 && PyErr_Occurred()) return nullptr;
+  if (v < 0 || v > 2) {
+    PyErr_Format(PyExc_ValueError, "infonce CUDA implementation must be 0, 1 or 2, got %ld", v);
+    return nullptr;
+  }
+  semcomp::infonce_cuda_impl().store(static_cast<int>(v));
+  Py_RETURN_NONE;
+}
+
+PyObject* get_infonce_cuda_impl(PyObject*, PyObject*) {
+  return PyLong_FromLong(semcomp::infonce_cuda_impl().load());
+}
 
 PyObject* build_info(PyObject*, PyObject*) {
   PyObject* d = PyDict_New();
@@ -104,6 +128,10 @@ PyObject* parallel_thread_count_py(PyObject*, PyObject* arg) {
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS,
      "Build information: version, torch version built against, CUDA compiled, archs, OpenMP."},
+    {"_set_infonce_cuda_impl", set_infonce_cuda_impl, METH_O,
+     "Selects the CUDA InfoNCE implementation for bf16/fp16: 0 auto, 1 gemm, 2 tile."},
+    {"_infonce_cuda_impl", get_infonce_cuda_impl, METH_NOARGS,
+     "The selected CUDA InfoNCE implementation (0 auto, 1 gemm, 2 tile)."},
     {"_parallel_thread_count", parallel_thread_count_py, METH_O,
      "Distinct threads used by at::parallel_for inside this library (test hook)."},
     {nullptr, nullptr, 0, nullptr}};

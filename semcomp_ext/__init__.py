@@ -7,6 +7,7 @@ import torch
 
 from . import _ops  # noqa: F401  (loads and registers the native ops)
 from ._C import build_info as _native_build_info
+from ._ops import get_infonce_cuda_impl, set_infonce_cuda_impl
 from .features import RandomFeatureSelector, rfs_index
 from .functional import (
     centroids,
@@ -39,6 +40,7 @@ __all__ = [
     "compression_ratio",
     "explained_variance",
     "fisher_ratio",
+    "get_infonce_cuda_impl",
     "infonce_loss",
     "infonce_rect_loss",
     "modality_gap",
@@ -47,6 +49,7 @@ __all__ = [
     "pair_centroids",
     "rfs_index",
     "select_features",
+    "set_infonce_cuda_impl",
     "true_pair_cosine",
 ]
 

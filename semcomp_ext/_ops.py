@@ -21,7 +21,31 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 ops = torch.ops.semcomp
 
-__all__ = ["ops", "has_kernel"]
+__all__ = ["ops", "has_kernel", "set_infonce_cuda_impl", "get_infonce_cuda_impl"]
+
+_CUDA_IMPLS = ("auto", "gemm", "tile")
+
+
+def set_infonce_cuda_impl(impl: str) -> str:
+    """Select the CUDA InfoNCE implementation for bf16/fp16 inputs (process-wide); returns
+    the previous selection. "gemm": cuBLAS writes each chunk of logits in fp32, separate
+    kernels compute the log-sum-exps and gradients. "tile": the logits are computed on the
+    tensor cores tile by tile and consumed in shared memory (never written to device memory).
+    "auto" (default) currently means "gemm". fp32/fp64 inputs always use "gemm"."""
+    from . import _C
+
+    if impl not in _CUDA_IMPLS:
+        raise ValueError(f"set_infonce_cuda_impl: impl must be one of {_CUDA_IMPLS}, got {impl!r}")
+    previous = get_infonce_cuda_impl()
+    _C._set_infonce_cuda_impl(_CUDA_IMPLS.index(impl))
+    return previous
+
+
+def get_infonce_cuda_impl() -> str:
+    """The CUDA InfoNCE implementation selected for bf16/fp16 inputs ("auto", "gemm", "tile")."""
+    from . import _C
+
+    return _CUDA_IMPLS[_C._infonce_cuda_impl()]
 
 
 def has_kernel(op: str, device: torch.device | str) -> bool:

@@ -123,3 +123,73 @@ def test_low_precision_gradients_at_large_n(dtype):
         e, et = rel(ours, ref), rel(theirs, ref)
         assert e <= max(2 * et, 2e-2), (e, et)
     assert abs(float(gs) - float(rs)) <= 1e-2 * abs(float(rs)) + 1e-6
+
+
+@pytest.fixture
+def tile_impl():
+    previous = sc.set_infonce_cuda_impl("tile")
+    yield
+    sc.set_infonce_cuda_impl(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d,chunk", [(70, 40, 0), (130, 33, 50), (257, 64, 0), (1000, 96, 256), (5, 8, 0)])
+def test_tile_impl_matches_gemm_impl_and_fp64(dtype, n, d, chunk, tile_impl):
+    """The tensor-core tile kernels against the gemm path (same rounding of G to the input
+    dtype) and against the fp64 reference, symmetric and rectangular with an offset."""
+    a, b = _unit(n, d, dtype).requires_grad_(), _unit(n, d, dtype).requires_grad_()
+    s = torch.tensor(14.3, device="cuda", requires_grad=True)
+
+    def both(fn):
+        out_tile = fn()
+        previous = sc.set_infonce_cuda_impl("gemm")
+        try:
+            out_gemm = fn()
+        finally:
+            sc.set_infonce_cuda_impl(previous)
+        return out_tile, out_gemm
+
+    def sym():
+        loss = sc.infonce_loss(a, b, logit_scale=s, chunk_size=chunk)
+        return (loss, *torch.autograd.grad(loss, (a, b, s)))
+
+    def rect():
+        q = a[: max(1, n // 2)]
+        rows = sc.infonce_rect_loss(q, b, s, offset=n // 3, chunk_size=chunk)
+        w = torch.linspace(0.5, 1.5, rows.shape[0], device="cuda")
+        return (rows, *torch.autograd.grad((rows * w).sum(), (a, b, s)))
+
+    for fn in (sym, rect):
+        tile, gemm = both(fn)
+        for x, y in zip(tile, gemm):
+            assert torch.isfinite(x).all()
+            torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-4)
+    ad, bd = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ref = R.infonce_reference(ad, bd, s.detach().double())
+    ra, rb = torch.autograd.grad(ref, (ad, bd))
+    loss, ga, gb, _ = sym()
+    assert abs(float(loss) - float(ref)) <= 1e-3 * abs(float(ref))
+    for g, r in ((ga, ra), (gb, rb)):
+        assert float((g.double() - r).norm() / r.norm()) < 2e-2
+
+
+def test_tile_impl_nan_and_bad_scale_and_graph_capture(tile_impl):
+    a, b = _unit(100, 32, torch.bfloat16), _unit(100, 32, torch.bfloat16)
+    a[3, 1] = float("nan")
+    assert torch.isnan(sc.infonce_loss(a, b, reduction="none")).all()  # via every column LSE
+    a[3, 1] = 0
+    _, r, c = ops.infonce_fwd(a, b, torch.tensor(-1.0, device="cuda"), 0)
+    assert torch.isnan(r).all() and torch.isnan(c).all()
+    s = torch.tensor(10.0, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.infonce_fwd(a, b, s, 0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.infonce_fwd(a, b, s, 0)
+    a.copy_(_unit(100, 32, torch.bfloat16))
+    graph.replay()
+    for x, y in zip(out, ops.infonce_fwd(a, b, s, 0)):
+        torch.testing.assert_close(x, y)

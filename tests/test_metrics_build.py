@@ -78,3 +78,16 @@ def test_metric_bad_input():
         sc.modality_gap(torch.randn(0, 4), torch.randn(0, 4))
     with pytest.raises(ValueError, match="labels must have shape"):
         sc.fisher_ratio(torch.randn(5, 3), torch.arange(4))
+
+
+def test_infonce_cuda_impl_selection_round_trips():
+    assert sc.get_infonce_cuda_impl() == "auto"
+    assert sc.set_infonce_cuda_impl("tile") == "auto"
+    try:
+        assert sc.get_infonce_cuda_impl() == "tile"
+        a, b = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+        torch.testing.assert_close(sc.infonce_loss(a, b, 0.5), sc.infonce_loss(a, b, 0.5, impl="reference"))
+    finally:
+        assert sc.set_infonce_cuda_impl("auto") == "tile"
+    with pytest.raises(ValueError, match="impl must be one of .*got 'fast'"):
+        sc.set_infonce_cuda_impl("fast")

@@ -10,12 +10,19 @@
 //   dq = s G k,   dk = s G^T q,   ds = sum_ij G_ij <q_i, k_j>
 #pragma once
 
+#include <atomic>
 #include <initializer_list>
 #include <utility>
 
 #include "common/checks.h"
 
 namespace semcomp {
+
+// Which CUDA implementation the InfoNCE ops use for bf16/fp16 inputs (fp32/fp64 always use
+// "gemm"): 0 auto, 1 gemm (cuBLAS logits in fp32 + LSE/gradient kernels), 2 tile (tensor-core
+// tiles fused with the LSE/gradient epilogues, infonce_tile.h). Process-wide; set from Python
+// with semcomp_ext.set_infonce_cuda_impl(). Defined in registration.cpp.
+std::atomic<int>& infonce_cuda_impl();
 
 inline void check_infonce_pair(const char* op, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& logit_scale, bool symmetric, int64_t offset) {

@@ -44,6 +44,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "infonce/infonce.h"
+#include "infonce/infonce_tile.h"
 
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
 #define SEMCOMP_MM_OUT_DTYPE 1  // aten::mm.dtype_out / addmm.dtype_out exist
@@ -249,6 +250,24 @@ __global__ void scale_vec_kernel(const A* __restrict__ in, A f, int64_t n, A* __
     out[i] = in[i] * f;
 }
 
+// Tile path: one thread per row merges the row's split partials (base 2) in split order,
+// writes r_i and, for the rect form, loss_i = r_i - S_i,i+offset.
+template <bool SYM>
+__global__ void tile_row_finish_kernel(const float* __restrict__ pm, const float* __restrict__ ps,
+                                       int64_t splits, int64_t n, const float* __restrict__ diag,
+                                       const float* __restrict__ scale, float* __restrict__ rlse,
+                                       float* __restrict__ loss) {
+  const bool ok = scale_ok(scale[0]);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    Lse2<float> st{pm[i], ps[i]};
+    for (int64_t sp = 1; sp < splits; ++sp) st.merge(pm[sp * n + i], ps[sp * n + i]);
+    const float r = ok ? st.lse_natural() : std::numeric_limits<float>::quiet_NaN();
+    rlse[i] = r;
+    if constexpr (!SYM) loss[i] = r - diag[i];
+  }
+}
+
 // ---- host drivers ------------------------------------------------------------------------
 
 unsigned grid_1d(int64_t n) {
@@ -310,6 +329,52 @@ void accumulate_mixed(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m
 }
 #endif
 
+// The tile kernels run for bf16/fp16 when selected (infonce_cuda_impl() == 2). "auto" keeps
+// the gemm path until the tile kernels have been timed against it on a GPU.
+template <typename T>
+bool use_tile() {
+  return kMixed<T> && infonce_cuda_impl().load() == 2;
+}
+
+// Forward on the tile kernels: logits never leave the SM. q, k contiguous bf16/fp16.
+template <bool SYM>
+std::vector<at::Tensor> tile_fwd_impl(const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& s, int64_t offset) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  const int64_t nq = q.size(0), nk = k.size(0);
+  const auto opts = q.options().dtype(at::kFloat);
+  const int64_t n_rb = ceil_div(nq, tile::kBM), n_ct = ceil_div(nk, tile::kBN);
+  TORCH_CHECK(n_rb <= kMaxGridX, "infonce: too many rows (", nq, ")");
+  const int64_t splits = tile::pick_splits(n_rb, n_ct, tile::device_sms(q));
+  at::Tensor rpm = at::empty({splits, nq}, opts), rps = at::empty({splits, nq}, opts);
+  at::Tensor diag = at::empty({nq}, opts), cpm, cps;
+  if constexpr (SYM) {
+    cpm = at::empty({n_rb, nk}, opts);
+    cps = at::empty({n_rb, nk}, opts);
+  }
+  const float* sp = s.const_data_ptr<float>();
+  tile::launch_fwd(q, k, sp, offset, SYM, splits, rpm, rps, cpm, cps, diag);
+  at::Tensor rlse = at::empty({nq}, opts), loss = at::empty({nq}, opts);
+  tile_row_finish_kernel<SYM><<<grid_1d(nq), kThreads, 0, stream>>>(
+      rpm.const_data_ptr<float>(), rps.const_data_ptr<float>(), splits, nq,
+      diag.const_data_ptr<float>(), sp, rlse.data_ptr<float>(), loss.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr (SYM) {
+    at::Tensor cm = at::full({nk}, -std::numeric_limits<double>::infinity(), opts);
+    at::Tensor cs = at::zeros({nk}, opts), clse = at::empty({nk}, opts);
+    col_merge_kernel<float><<<grid_1d(nk), kThreads, 0, stream>>>(
+        cpm.const_data_ptr<float>(), cps.const_data_ptr<float>(), n_rb, nk, cm.data_ptr<float>(),
+        cs.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sym_finish_kernel<float><<<grid_1d(nq), kThreads, 0, stream>>>(
+        cm.const_data_ptr<float>(), cs.const_data_ptr<float>(), rlse.const_data_ptr<float>(),
+        diag.const_data_ptr<float>(), sp, nq, clse.data_ptr<float>(), loss.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {loss, rlse, clse};
+  }
+  return {loss, rlse};
+}
+
 template <typename T, bool SYM>
 std::vector<at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
                                  const at::Tensor& logit_scale, int64_t offset, int64_t chunk) {
@@ -320,6 +385,7 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
   const int64_t nq = q.size(0), nk = k.size(0);
   const auto opts = q_in.options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
   const at::Tensor s = logit_scale.reshape({1}).to(opts).contiguous();  // stays on device
+  if (use_tile<T>()) return tile_fwd_impl<SYM>(q, k, s, offset);
   const int64_t C = pick_chunk(chunk, nq, nk, sizeof(A));
   const int V = nk % VW == 0 ? VW : 1;
   const int64_t n_ct = ceil_div(nk, 32 * V), n_rt = ceil_div(C, kTileRows);
@@ -400,7 +466,10 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     ccoef = ccoef_in.to(opts).contiguous();
   }
-  const int64_t C = pick_chunk(chunk, nq, nk, sizeof(A) + (kMixed<T> ? sizeof(T) : 0));
+  // The tile path needs only the G block (input dtype); the gemm path also the fp32 W block.
+  const bool tiled = use_tile<T>();
+  const int64_t C =
+      pick_chunk(chunk, nq, nk, tiled ? sizeof(T) : sizeof(A) + (kMixed<T> ? sizeof(T) : 0));
   // Vector loads of W, c2 and col_coef need nk % VW == 0 and 16-byte aligned vectors
   // (col_coef may arrive as a view with an odd storage offset).
   const bool ccoef_aligned = !SYM || aligned16(ccoef.const_data_ptr());
@@ -419,8 +488,14 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
     gscale = e.nan_to_num(0.0, 60.0, -30.0).clamp(-30.0, 60.0).exp2().reshape({1}).contiguous();
   }
   const A* gsp = kPrescale ? gscale.const_data_ptr<A>() : nullptr;
-  at::Tensor ws = at::empty({C, nk}, opts);
+  at::Tensor ws = tiled ? at::Tensor() : at::empty({C, nk}, opts);
   at::Tensor gbuf = kMixed<T> ? at::empty({C, nk}, q.options()) : ws;
+  int64_t splits = 0;
+  at::Tensor ds_part;
+  if (tiled) {
+    splits = tile::pick_splits(ceil_div(C, tile::kBM), ceil_div(nk, tile::kBN), tile::device_sms(q));
+    ds_part = at::empty({splits, C}, opts);
+  }
   // dq in the GEMM dtype (cast at the end), or fp32 when the G blocks are pre-scaled
   at::Tensor gq = at::empty({nq, q.size(1)}, kPrescale ? opts : q.options());
   at::Tensor gk = at::zeros({nk, k.size(1)}, opts);         // fp32 (fp64) accumulator
@@ -429,23 +504,33 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
   const A* sp = s.const_data_ptr<A>();
   for (int64_t i0 = 0; i0 < nq; i0 += C) {
     const int64_t c = std::min(C, nq - i0);
-    at::Tensor w = ws.narrow(0, 0, c);
     at::Tensor gblk = gbuf.narrow(0, 0, c);
     const at::Tensor qc = q.narrow(0, i0, c);
-    dots<T>(w, qc, k);
     const A* c2p = SYM ? c2.const_data_ptr<A>() : nullptr;
     const A* ccp = SYM ? ccoef.const_data_ptr<A>() : nullptr;
-    GT* gp = reinterpret_cast<GT*>(gblk.data_ptr());
-    if (V == VW) {
-      grad_kernel<A, GT, VW, SYM><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
-          w.const_data_ptr<A>(), gp, nk, i0, offset, sp, rlse.const_data_ptr<A>(),
-          rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, gsp, ds_rows.data_ptr<A>());
-    } else {
-      grad_kernel<A, GT, 1, SYM><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
-          w.const_data_ptr<A>(), gp, nk, i0, offset, sp, rlse.const_data_ptr<A>(),
-          rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, gsp, ds_rows.data_ptr<A>());
+    if constexpr (kMixed<T>) {
+      if (tiled) {  // s*G straight from the tensor-core tiles; ds shares summed over splits
+        tile::launch_grad(q, k, sp, i0, c, offset, SYM, splits, rlse.const_data_ptr<A>(),
+                          rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, gsp,
+                          gblk, ds_part);
+        ds_rows.narrow(0, i0, c).copy_(at::sum(ds_part.narrow(1, 0, c), 0));
+      }
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!tiled) {  // the gemm path: W = q_c k^T in fp32, then the G kernel
+      at::Tensor w = ws.narrow(0, 0, c);
+      dots<T>(w, qc, k);
+      GT* gp = reinterpret_cast<GT*>(gblk.data_ptr());
+      if (V == VW) {
+        grad_kernel<A, GT, VW, SYM><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
+            w.const_data_ptr<A>(), gp, nk, i0, offset, sp, rlse.const_data_ptr<A>(),
+            rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, gsp, ds_rows.data_ptr<A>());
+      } else {
+        grad_kernel<A, GT, 1, SYM><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
+            w.const_data_ptr<A>(), gp, nk, i0, offset, sp, rlse.const_data_ptr<A>(),
+            rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, gsp, ds_rows.data_ptr<A>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     at::Tensor gq_blk = gq.narrow(0, i0, c);
 #if SEMCOMP_MM_OUT_DTYPE
     if constexpr (kPrescale) {
