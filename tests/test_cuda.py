@@ -193,3 +193,13 @@ def test_tile_impl_nan_and_bad_scale_and_graph_capture(tile_impl):
     graph.replay()
     for x, y in zip(out, ops.infonce_fwd(a, b, s, 0)):
         torch.testing.assert_close(x, y)
+
+
+def test_autocast_cuda_runs_the_bf16_kernels():
+    a, b = _unit(300, 64).requires_grad_(), _unit(300, 64)
+    s = torch.tensor(14.3, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = sc.infonce_loss(a, b, logit_scale=s)
+    torch.testing.assert_close(out.detach(), sc.infonce_loss(a.detach().bfloat16(), b.bfloat16(), logit_scale=s))
+    (g,) = torch.autograd.grad(out, a)
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()

@@ -249,3 +249,36 @@ def test_logit_bias_changes_nothing_but_gets_zero_grad(device):
     assert out.item() == sc.infonce_loss(a, b).item()
     out.backward()
     assert bias.grad is not None and bias.grad.item() == 0.0
+
+
+def test_autocast_casts_embeddings_not_the_scale():
+    """Under torch.autocast the embeddings reach the kernels in the autocast dtype (the
+    same result as passing bf16 tensors) while logit_scale keeps fp32; gradients come back
+    to the fp32 inputs in fp32. (CPU autocast here; AutocastCUDA has the same kernel.)"""
+    a, b = _pair(50, 16, "cpu", torch.float32)
+    a.requires_grad_()
+    s = torch.tensor(1 / 0.07, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sc.infonce_loss(a, b, logit_scale=s)
+        rect = sc.infonce_rect_loss(a[:20], b, s, offset=5)
+    want = sc.infonce_loss(a.detach().bfloat16(), b.bfloat16(), logit_scale=s.detach())
+    torch.testing.assert_close(out.detach(), want)
+    torch.testing.assert_close(rect.detach(), sc.infonce_rect_loss(a.detach()[:20].bfloat16(), b.bfloat16(), s.detach(), offset=5))
+    ga, gs = torch.autograd.grad(out + rect.sum(), (a, s))
+    assert ga.dtype == torch.float32 and gs.dtype == torch.float32 and torch.isfinite(ga).all()
+    # the scale was not rounded to bf16: 1/0.07 is 14.2857 in fp32, 14.3125 in bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        via_bf16_scale = sc.infonce_loss(a, b, logit_scale=s.detach().bfloat16().float())
+    assert not torch.equal(out.detach(), via_bf16_scale.detach())
+
+
+def test_autocast_under_torch_compile():
+    a, b = _pair(40, 8, "cpu", torch.float32)
+    s = torch.tensor(5.0)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(a, b, s):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return sc.infonce_loss(a, b, logit_scale=s)
+
+    torch.testing.assert_close(f(a, b, s), sc.infonce_loss(a.bfloat16(), b.bfloat16(), logit_scale=s))
