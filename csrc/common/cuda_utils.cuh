@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cub/device/device_radix_sort.cuh>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -27,6 +28,22 @@ __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { ret
 // Grid dimension y/z are limited to 65535; x to 2^31 - 1.
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxGridX = 2147483647;
+
+// Multiprocessor count of a device (cached per device index).
+inline int64_t multiprocessor_count(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, std::max(device, 0)));
+    return std::max(1, n);
+  }
+  if (cache[device] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = std::max(1, n);
+  }
+  return cache[device];
+}
 
 // ---- reductions (fixed shuffle trees: deterministic for a given launch shape) ----------
 

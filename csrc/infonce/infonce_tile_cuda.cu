@@ -282,17 +282,6 @@ tile_grad_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ k, i
   if ((t & 3) == 0 && row_ok) ds_part[split * ld_ds + (i - i0)] = ds;
 }
 
-int sm_count(int device) {
-  static int cache[64] = {0};
-  if (device < 0 || device >= 64) return 132;
-  if (cache[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device] = std::max(1, n);
-  }
-  return cache[device];
-}
-
 // 16-byte staging and stores need d % 8 == 0 (q, k rows) and 16-byte aligned bases.
 bool vec_ok(const at::Tensor& q, const at::Tensor& k, int64_t ld) {
   return q.size(1) % 8 == 0 && ld % 8 == 0 && semcomp::cuda::aligned16(q.const_data_ptr()) &&
@@ -369,6 +358,8 @@ void launch_grad(const at::Tensor& q, const at::Tensor& k, const float* scale, i
   });
 }
 
-int64_t device_sms(const at::Tensor& like) { return sm_count(like.device().index()); }
+int64_t device_sms(const at::Tensor& like) {
+  return semcomp::cuda::multiprocessor_count(like.device().index());
+}
 
 }  // namespace semcomp::tile

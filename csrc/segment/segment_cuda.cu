@@ -24,6 +24,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "common/cuda_utils.cuh"
 #include "segment/segment.h"
 
@@ -48,6 +50,7 @@ __global__ void segment_mean_kernel(const T* __restrict__ x, int64_t sr, int64_t
                                     const int64_t* __restrict__ perm,
                                     const int64_t* __restrict__ feat, int64_t k,
                                     const int64_t* __restrict__ off, int64_t g_count,
+                                    int64_t splits, acc_t<T>* __restrict__ part,
                                     T* __restrict__ out, int64_t* __restrict__ counts) {
   using A = acc_t<T>;
   extern __shared__ unsigned char smem_raw[];
@@ -55,8 +58,11 @@ __global__ void segment_mean_kernel(const T* __restrict__ x, int64_t sr, int64_t
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c0 = (int64_t(blockIdx.y) * blockDim.x + tx) * V;  // this thread's columns
   const bool active = c0 < k;
-  for (int64_t g = blockIdx.x; g < g_count; g += gridDim.x) {
-    const int64_t b = off[g], e = off[g + 1];
+  for (int64_t u = blockIdx.x; u < g_count * splits; u += gridDim.x) {
+    // unit u = (group g, split sp): rows [b, e) of the group's [gb, ge)
+    const int64_t g = u / splits, sp = u % splits;
+    const int64_t gb = off[g], ge = off[g + 1];
+    const int64_t b = gb + (ge - gb) * sp / splits, e = gb + (ge - gb) * (sp + 1) / splits;
     A acc[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[v] = A(0);
@@ -86,7 +92,12 @@ __global__ void segment_mean_kernel(const T* __restrict__ x, int64_t sr, int64_t
       }
       __syncthreads();  // red[] is reused by the next group
     }
-    if (ty == 0 && active) {
+    if (splits > 1) {  // fp32 partial sums, combined in split order by segment_combine_kernel
+      if (ty == 0 && active) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) part[u * k + c0 + v] = acc[v];
+      }
+    } else if (ty == 0 && active) {
       const A inv = e > b ? A(1) / static_cast<A>(e - b) : A(0);  // empty group -> zeros
       T* dst = out + g * k + c0;
       if constexpr (V > 1) {
@@ -98,7 +109,23 @@ __global__ void segment_mean_kernel(const T* __restrict__ x, int64_t sr, int64_t
         dst[0] = static_cast<T>(acc[0] * inv);
       }
     }
-    if (blockIdx.y == 0 && tx == 0 && ty == 0) counts[g] = e - b;
+    if (blockIdx.y == 0 && tx == 0 && ty == 0 && sp == 0) counts[g] = ge - gb;
+  }
+}
+
+// out[g, c] = (sum over splits of part[g, sp, c], in split order) / count_g.
+template <typename T>
+__global__ void segment_combine_kernel(const acc_t<T>* __restrict__ part, int64_t splits,
+                                       const int64_t* __restrict__ off, int64_t g_count,
+                                       int64_t k, T* __restrict__ out) {
+  using A = acc_t<T>;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < g_count * k;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t g = idx / k, c = idx % k, len = off[g + 1] - off[g];
+    A acc = A(0);
+    for (int64_t sp = 0; sp < splits; ++sp) acc += part[(g * splits + sp) * k + c];
+    const A inv = len > 0 ? A(1) / static_cast<A>(len) : A(0);
+    out[idx] = static_cast<T>(acc * inv);
   }
 }
 
@@ -157,25 +184,48 @@ std::tuple<at::Tensor, at::Tensor> segment_mean_cuda(const at::Tensor& x, const 
     // threadIdx.x over column vectors (a multiple of 32, <= 256); threadIdx.y over rows,
     // about the average group size so small groups do not leave lanes idle.
     const int tx = static_cast<int>(std::min<int64_t>(ceil_div(col_threads, 32) * 32, 256));
-    const int ty = std::min(256 / tx, pow2_floor(std::max<int64_t>(1, n / g_count)));
     const int64_t col_tiles = ceil_div(col_threads, tx);
     TORCH_CHECK(col_tiles <= kMaxGridY, op, ": too many columns (", k, ")");
+    // Few, long groups (10 classes over 10^6 rows) would leave most multiprocessors idle with
+    // one block per group: each group is then split into `splits` row ranges (>= ~256 rows
+    // each) whose fp32 partial sums are combined in a fixed order (deterministic for a given
+    // GPU model; no atomics).
+    const int64_t units_wanted = 2 * multiprocessor_count(x.device().index());
+    const int64_t splits =
+        g_count * col_tiles >= units_wanted
+            ? 1
+            : std::clamp<int64_t>(std::min(ceil_div(units_wanted, g_count * col_tiles),
+                                           ceil_div(n, g_count * 256)),
+                                  1, 1024);
+    const int ty = std::min(256 / tx, pow2_floor(std::max<int64_t>(1, n / (g_count * splits))));
     const dim3 block(tx, ty);
-    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(g_count, kMaxGridX)),
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(g_count * splits, kMaxGridX)),
                     static_cast<unsigned>(col_tiles));
     const size_t smem = size_t(ty - 1) * tx * V * sizeof(A);
     const int64_t* pp = perm.defined() ? perm.const_data_ptr<int64_t>() : nullptr;
     const int64_t* fp = has_feat ? feat.const_data_ptr<int64_t>() : nullptr;
+    at::Tensor part;
+    if (splits > 1)
+      part = at::empty({g_count * splits, k}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+    A* partp = splits > 1 ? part.data_ptr<A>() : nullptr;
     if (vec) {
       segment_mean_kernel<scalar_t, VW><<<grid, block, smem, stream>>>(
           xp, x.stride(0), x.stride(1), pp, fp, k, off.const_data_ptr<int64_t>(), g_count,
-          out.data_ptr<scalar_t>(), counts.data_ptr<int64_t>());
+          splits, partp, out.data_ptr<scalar_t>(), counts.data_ptr<int64_t>());
     } else {
       segment_mean_kernel<scalar_t, 1><<<grid, block, smem, stream>>>(
           xp, x.stride(0), x.stride(1), pp, fp, k, off.const_data_ptr<int64_t>(), g_count,
-          out.data_ptr<scalar_t>(), counts.data_ptr<int64_t>());
+          splits, partp, out.data_ptr<scalar_t>(), counts.data_ptr<int64_t>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (splits > 1) {
+      const int64_t total = g_count * k;
+      segment_combine_kernel<scalar_t><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 65536)),
+                                         256, 0, stream>>>(part.const_data_ptr<A>(), splits,
+                                                           off.const_data_ptr<int64_t>(), g_count,
+                                                           k, out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {out, counts};
 }
