@@ -28,8 +28,9 @@ def main(argv=None) -> int:
             ["--n", "4096", "16384", "32768", "65536", "--d", "512", "768", "1024"]
         bench_infonce.main(["--device", args.device, *sizes, "--dtype", "bfloat16",
                             "--methods", "semcomp", "semcomp_tile", "open_clip", "inf_cl", "compiled_reference"])
-        bench_segment_gather.main(["--device", args.device, "--n", str(1 << 22), "--d", "512", "--groups", "1000",
-                                   str(1 << 20)])
+        for dtype in ("float32", "bfloat16"):
+            bench_segment_gather.main(["--device", args.device, "--n", str(1 << 22), "--d", "512", "--groups", "10",
+                                       "1000", str(1 << 20), "--dtype", dtype])
     report.main([])
     return 0
 
