@@ -35,7 +35,6 @@ def measure(n: int = 8192, copy_bytes: int = 1 << 31) -> dict:
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
     t_mm = cuda_time(lambda: torch.mm(a, b, out=c))
-    del a, b, c
     x = torch.randn(copy_bytes // 4, device="cuda")
     y = torch.empty_like(x)
     t_cp = cuda_time(lambda: y.copy_(x))

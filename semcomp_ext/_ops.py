@@ -32,8 +32,6 @@ def set_infonce_cuda_impl(impl: str) -> str:
     kernels compute the log-sum-exps and gradients. "tile": the logits are computed on the
     tensor cores tile by tile and consumed in shared memory (never written to device memory).
     "auto" (default) currently means "gemm". fp32/fp64 inputs always use "gemm"."""
-    from . import _C
-
     if impl not in _CUDA_IMPLS:
         raise ValueError(f"set_infonce_cuda_impl: impl must be one of {_CUDA_IMPLS}, got {impl!r}")
     previous = get_infonce_cuda_impl()
@@ -43,8 +41,6 @@ def set_infonce_cuda_impl(impl: str) -> str:
 
 def get_infonce_cuda_impl() -> str:
     """The CUDA InfoNCE implementation selected for bf16/fp16 inputs ("auto", "gemm", "tile")."""
-    from . import _C
-
     return _CUDA_IMPLS[_C._infonce_cuda_impl()]
 
 
