@@ -1,11 +1,22 @@
-"""Throughput and peak RSS of `semcomp compress` on synthetic fp32 shards (page cache).
+"""Throughput, CPU time and peak RSS of `semcomp compress` on synthetic fp32 shards (page cache).
 
-    python benchmarks/bench_compress.py [--sizes-gb 1 10] [--dim 512] [--engines local ray]
+    python benchmarks/bench_compress.py [--gb 2] [--workers 1 2] [--tiny 1000 10000] [--engines local ray]
 
-For each input size: writes M=2 modality folders of fp32 .npy shards into /tmp, reads them
-once (page cache), runs pair centroids + RFS (drop 0.5) in a fresh child process and records
-wall time of the compress() call and the child's peak RSS (wait4). Also times the concept
-path (many ids). Writes benchmarks/results/compress_cpu.json and deletes the data.
+* **Large input** (`--gb`, GiB; M=2 modality folders of fp32 D=512 `.npy` shards of 65536 rows,
+  read once first so they are in the page cache): pair centroids + RFS at drop 0.5 for each
+  `--workers` N, each in a fresh child process. Wall time is measured from the call of
+  compress() (which opens the first shard) to its return (manifest complete and fsynced);
+  CPU time (user+sys of the child, every thread) over the same span; peak RSS from wait4.
+  In the same run: a plain numpy load of the same files (np.load of each shard, one process)
+  for the CPU-time-per-GB reference, and the PyPI peer `embedding-reader` reading the same
+  folders if it is installed.
+* **Tiny shards** (`--tiny`): N shards of 10 rows each; wall time per shard of the whole job
+  (default workers) — flat in N means O(1) per shard. Run once per `--tiny-storage` folder
+  (input and output there): on a disk each shard costs three fsyncs (its file, its folder,
+  its journal line); on a tmpfs (/dev/shm) what remains is the software overhead.
+* `--concept-gb`: concept mode (≈4 rows per id), optional.
+
+Writes benchmarks/results/compress_cpu.json (`--json`) and deletes the data.
 """
 
 from __future__ import annotations
@@ -27,24 +38,26 @@ except ImportError:  # run as a script
     from common import environment, write_result
 
 ROWS_PER_SHARD = 65536
+GIB = 1 << 30
 
 
-def make_input(root: str, gb: float, dim: int, concepts: bool) -> int:
+def make_input(root: str, gb: float, dim: int, rows: int = ROWS_PER_SHARD, concepts: bool = False,
+               n_shards: int | None = None) -> int:
     """Two modalities; the shard contents repeat one random block (content does not matter
-    for throughput, only that it is finite)."""
-    shard_bytes = ROWS_PER_SHARD * dim * 4
-    n_shards = max(1, round(gb * 1e9 / (2 * shard_bytes)))
-    block = np.random.default_rng(0).standard_normal((ROWS_PER_SHARD, dim), dtype=np.float32)
+    for throughput, only that it is finite). `gb` is the total input in GiB."""
+    shard_bytes = rows * dim * 4
+    n_shards = n_shards or max(1, round(gb * GIB / (2 * shard_bytes)))
+    block = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
     for mod in ("img_emb", "text_emb"):
         os.makedirs(os.path.join(root, mod), exist_ok=True)
         for i in range(n_shards):
-            np.save(os.path.join(root, mod, f"{mod}_{i:04d}.npy"), block)
+            np.save(os.path.join(root, mod, f"{mod}_{i:05d}.npy"), block)
     if concepts:
         os.makedirs(os.path.join(root, "concepts"), exist_ok=True)
         rng = np.random.default_rng(1)
-        n_ids = n_shards * ROWS_PER_SHARD // 4  # many concepts: ~4 rows each
+        n_ids = n_shards * rows // 4  # many concepts: ~4 rows each
         for i in range(n_shards):
-            np.save(os.path.join(root, "concepts", f"c_{i:04d}.npy"), rng.integers(0, n_ids, ROWS_PER_SHARD))
+            np.save(os.path.join(root, "concepts", f"c_{i:05d}.npy"), rng.integers(0, n_ids, rows))
     return n_shards
 
 
@@ -58,7 +71,35 @@ def warm(root: str) -> int:
     return total
 
 
+def _emb_files(root: str) -> list:
+    return [os.path.join(root, m, f) for m in ("img_emb", "text_emb") for f in sorted(os.listdir(os.path.join(root, m)))]
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def worker(args) -> None:
+    """Runs in a fresh child: one measured job, result as a JSON line on stdout."""
+    if args.task == "numpy":
+        t, c = time.perf_counter(), _cpu()
+        n = 0
+        for p in _emb_files(args.root):
+            n += np.load(p).nbytes
+        print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": _cpu() - c, "bytes_read": n}))
+        return
+    if args.task == "embedding-reader":
+        from embedding_reader import EmbeddingReader
+
+        t, c = time.perf_counter(), _cpu()
+        n = 0
+        for m in ("img_emb", "text_emb"):
+            reader = EmbeddingReader(os.path.join(args.root, m), file_format="npy")
+            for emb, _ in reader(batch_size=ROWS_PER_SHARD, show_progress=False):
+                n += emb.nbytes
+        print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": _cpu() - c, "bytes_read": n}))
+        return
     import torch
 
     from semcomp_ext.compress import CompressOptions, compress
@@ -69,16 +110,22 @@ def worker(args) -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ins = [os.path.join(args.root, "img_emb"), os.path.join(args.root, "text_emb")]
     opts = CompressOptions(inputs=ins, out=args.out, drop_rate=0.5, engine=args.engine, quiet=True,
-                           concepts=os.path.join(args.root, "concepts") if args.concept else None)
-    t = time.perf_counter()
-    compress(opts)
-    dt = time.perf_counter() - t
-    print(json.dumps({"seconds": dt, "threads": torch.get_num_threads()}))
+                           workers=args.workers, concepts=os.path.join(args.root, "concepts") if args.concept else None)
+    t, c = time.perf_counter(), _cpu()
+    m = compress(opts)
+    print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": _cpu() - c, "threads": torch.get_num_threads(),
+                      "shards": m["num_shards"]}))
 
 
-def run_child(root: str, out: str, engine: str, concept: bool) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, __file__, "--worker", "--root", root, "--out", out, "--engine", engine]
+def run_child(root: str, out: str | None, task: str = "compress", engine: str = "local", workers: int | None = None,
+              concept: bool = False) -> dict:
+    if out:
+        shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, __file__, "--worker", "--task", task, "--root", root, "--engine", engine]
+    if out:
+        cmd += ["--out", out]
+    if workers:
+        cmd += ["--workers-n", str(workers)]
     if concept:
         cmd.append("--concept")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -88,55 +135,107 @@ def run_child(root: str, out: str, engine: str, concept: bool) -> dict:
         raise RuntimeError(f"worker failed: {cmd}")
     res = json.loads(stdout.strip().splitlines()[-1])
     res["peak_rss_mb"] = ru.ru_maxrss / 1024  # KiB on Linux; Ray workers are not children-of-wait4
-    shutil.rmtree(out, ignore_errors=True)
+    if out:
+        shutil.rmtree(out, ignore_errors=True)
     return res
+
+
+def _peer_available() -> str | None:
+    try:
+        import embedding_reader  # noqa: F401
+    except ImportError as exc:
+        return f"not installed ({exc})"
+    return None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--task", default="compress")
     ap.add_argument("--root"), ap.add_argument("--out"), ap.add_argument("--engine", default="local")
+    ap.add_argument("--workers-n", type=int, default=None)
     ap.add_argument("--concept", action="store_true")
-    ap.add_argument("--sizes-gb", type=float, nargs="+", default=[1.0, 10.0])
+    ap.add_argument("--gb", type=float, default=2.0, help="large input, GiB")
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--engines", nargs="+", default=["local", "ray"])
-    ap.add_argument("--concept-gb", type=float, default=1.0)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--engines", nargs="+", default=["local"])
+    ap.add_argument("--tiny", type=int, nargs="*", default=[1000, 10000], help="shard counts of the 10-row runs")
+    ap.add_argument("--concept-gb", type=float, default=0.0)
+    ap.add_argument("--tmp", default="/tmp", help="where inputs and outputs are written")
+    ap.add_argument("--tiny-storage", nargs="+", default=["/tmp", "/dev/shm"], help="folders for the tiny-shard runs")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "compress_cpu.json"))
     args = ap.parse_args()
     if args.worker:
+        args.workers = args.workers_n
         return worker(args)
 
     results = []
-    tmp = tempfile.mkdtemp(prefix="semcomp-bench-", dir="/tmp")
-    try:
-        for gb in args.sizes_gb:
-            root = os.path.join(tmp, f"in{gb:g}")
-            make_input(root, gb, args.dim, concepts=False)
-            nbytes = warm(root)
-            for engine in args.engines if gb == min(args.sizes_gb) else ["local"]:
-                r = run_child(root, os.path.join(tmp, "out"), engine, False)
-                r.update(mode="pairs", engine=engine, input_gb=nbytes / 1e9, gb_per_s=nbytes / 1e9 / r["seconds"])
-                print(json.dumps(r), flush=True)
-                results.append(r)
-            shutil.rmtree(root)
-        root = os.path.join(tmp, "concept")
-        make_input(root, args.concept_gb, args.dim, concepts=True)
-        nbytes = warm(os.path.join(root, "img_emb")) + warm(os.path.join(root, "text_emb"))
-        warm(os.path.join(root, "concepts"))
-        r = run_child(root, os.path.join(tmp, "out"), "local", True)
-        r.update(mode="concepts", engine="local", input_gb=nbytes / 1e9, gb_per_s=nbytes / 1e9 / r["seconds"])
+    load_start = os.getloadavg()
+    tmp = tempfile.mkdtemp(prefix="semcomp-bench-", dir=args.tmp)
+    out = os.path.join(tmp, "out")
+
+    def record(r):
         print(json.dumps(r), flush=True)
         results.append(r)
+
+    try:
+        root = os.path.join(tmp, "large")
+        make_input(root, args.gb, args.dim)
+        nbytes = warm(root)
+        gb = nbytes / 1e9
+        ref = run_child(root, None, task="numpy")
+        ref.update(kind="numpy-load", input_gb=gb, gb_per_s=gb / ref["seconds"], cpu_s_per_gb=ref["cpu_seconds"] / gb)
+        record(ref)
+        for engine in args.engines:
+            for w in args.workers if engine == "local" else [None]:
+                warm(root)
+                r = run_child(root, out, engine=engine, workers=w)
+                r.update(kind="compress", mode="pairs", engine=engine, workers=w, input_gb=gb, gb_per_s=gb / r["seconds"],
+                         cpu_s_per_gb=r["cpu_seconds"] / gb, cpu_vs_numpy_load=r["cpu_seconds"] / ref["cpu_seconds"])
+                record(r)
+        why = _peer_available()
+        if why is None:
+            warm(root)
+            r = run_child(root, None, task="embedding-reader")
+            r.update(kind="embedding-reader", input_gb=gb, gb_per_s=gb / r["seconds"], cpu_s_per_gb=r["cpu_seconds"] / gb)
+        else:
+            r = {"kind": "embedding-reader", "skipped": why}
+        record(r)
+        shutil.rmtree(root)
+
+        for storage in args.tiny_storage:
+            tiny = tempfile.mkdtemp(prefix="semcomp-bench-tiny-", dir=storage)
+            try:
+                for n in args.tiny:
+                    root = os.path.join(tiny, f"tiny{n}")
+                    make_input(root, 0, args.dim, rows=10, n_shards=n)
+                    gb = warm(root) / 1e9
+                    r = run_child(root, os.path.join(tiny, "out"))
+                    r.update(kind="tiny-shards", storage=storage, rows_per_shard=10, n_shards=n, input_gb=gb,
+                             ms_per_shard=r["seconds"] / n * 1e3, cpu_ms_per_shard=r["cpu_seconds"] / n * 1e3)
+                    record(r)
+                    shutil.rmtree(root)
+            finally:
+                shutil.rmtree(tiny, ignore_errors=True)
+
+        if args.concept_gb:
+            root = os.path.join(tmp, "concept")
+            make_input(root, args.concept_gb, args.dim, concepts=True)
+            gb = (warm(os.path.join(root, "img_emb")) + warm(os.path.join(root, "text_emb"))) / 1e9
+            warm(os.path.join(root, "concepts"))
+            r = run_child(root, out, concept=True)
+            r.update(kind="compress", mode="concepts", engine="local", input_gb=gb, gb_per_s=gb / r["seconds"])
+            record(r)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    pairs_local = {round(r["input_gb"]): r["peak_rss_mb"] for r in results if r["mode"] == "pairs" and r["engine"] == "local"}
     doc = {
         "env": environment(),
         "dim": args.dim, "modalities": 2, "drop_rate": 0.5, "in_dtype": "float32", "rows_per_shard": ROWS_PER_SHARD,
-        "load_average_at_end": os.getloadavg(), "results": results, "peak_rss_mb_by_input_gb_local": pairs_local,
+        "input_gib": args.gb, "storage": args.tmp, "usable_cores": len(os.sched_getaffinity(0)),
+        "load_average_at_start": load_start,
+        "load_average_at_end": os.getloadavg(), "results": results,
     }
     write_result(args.json, doc)
-    print(json.dumps(doc["peak_rss_mb_by_input_gb_local"]))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ __all__ = [
     "modality_gap",
     "modality_gaps",
     "multimodal_infonce_loss",
+    "open_compressed",
     "pair_centroids",
     "rfs_index",
     "select_features",
@@ -62,3 +63,13 @@ def build_info() -> dict:
     info["cuda_archs"] = [a for a in info["cuda_archs"].split(",") if a]
     info["num_threads"] = torch.get_num_threads()
     return info
+
+
+def __getattr__(name: str):
+    # open_compressed is imported on first use: `import semcomp_ext` stays free of numpy-only
+    # readers, pyarrow and faiss until a compressed folder is opened
+    if name == "open_compressed":
+        from .compress.open import open_compressed
+
+        return open_compressed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -77,3 +77,18 @@ def tree_sha(out) -> dict:
             with open(p, "rb") as fh:
                 res[os.path.relpath(p, out)] = hashlib.sha256(fh.read()).hexdigest()
     return res
+
+
+def make_labelled_clusters(root, n: int = 240, dim: int = 32, classes: int = 3, seed: int = 0):
+    """Two modalities (`root/in/{img,text}_emb`) of `classes` separated clusters, with labels
+    in `root/lab/labels_0000.npy`; returns the labels."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    mu = rng.standard_normal((classes, dim)) * 3
+    for m in ("img", "text"):
+        os.makedirs(os.path.join(root, "in", f"{m}_emb"))
+        x = (mu[y] + rng.standard_normal((n, dim))).astype(np.float32)
+        np.save(os.path.join(root, "in", f"{m}_emb", f"{m}_emb_0000.npy"), x)
+    os.makedirs(os.path.join(root, "lab"))
+    np.save(os.path.join(root, "lab", "labels_0000.npy"), y)
+    return y

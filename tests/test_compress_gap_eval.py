@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import semcomp_ext as sc
 from semcomp_ext.cli import main
 from semcomp_ext.compress.analysis import gap_report
 
-from _compress_data import ROWS, make_clip_layout
+from _compress_data import ROWS, make_clip_layout, make_labelled_clusters
 
 
 def test_gap_streamed_matches_metrics(tmp_path):
@@ -32,16 +31,7 @@ def test_gap_streamed_matches_metrics(tmp_path):
 
 def test_eval_compressed_vs_original(tmp_path, capsys):
     # three classes with separated means so accuracies are meaningful
-    rng = np.random.default_rng(0)
-    n, dim = 240, 32
-    y = rng.integers(0, 3, n)
-    mu = rng.standard_normal((3, dim)) * 3
-    for m in ("img", "text"):
-        os.makedirs(tmp_path / "in" / f"{m}_emb")
-        x = (mu[y] + rng.standard_normal((n, dim))).astype(np.float32)
-        np.save(tmp_path / "in" / f"{m}_emb" / f"{m}_emb_0000.npy", x)
-    os.makedirs(tmp_path / "lab")
-    np.save(tmp_path / "lab" / "labels_0000.npy", y)
+    make_labelled_clusters(tmp_path)
     assert main(["compress", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--drop-rate", "0.5", "-q"]) == 0
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "in"), "--compressed", str(tmp_path / "out"), "--labels", str(tmp_path / "lab"), "--k", "5"]) == 0

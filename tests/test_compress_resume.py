@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("pyarrow")
 
+from semcomp_ext.compress.manifest import load_state
+
 from _compress_data import make_clip_layout, make_concepts, tree_sha
 
 ROWS = (40, 41, 42, 43, 44, 45)
@@ -36,18 +38,19 @@ def test_kill9_then_resume_is_identical(tmp_path, mode):
     p = subprocess.Popen(_cmd(tmp_path / "in", "-o", out, *extra), env=env)
     key = "shards" if mode == "pairs" else "maps"
     deadline = time.time() + 60
-    while time.time() < deadline:  # wait until some (not all) tasks are recorded
+    while time.time() < deadline:  # wait until some (not all) tasks are committed (manifest + journal)
         try:
-            done = len(json.loads((out / "manifest.json").read_text()).get(key, []))
-        except (FileNotFoundError, json.JSONDecodeError):
+            done = len(load_state(str(out)).get(key, []))
+        except (FileNotFoundError, ValueError):
             done = 0
         if done >= 2:
             break
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    m = json.loads((out / "manifest.json").read_text())
+    m = load_state(str(out))
     assert m["status"] == "in_progress" and 2 <= len(m[key]) < len(ROWS)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "in_progress"
     assert subprocess.run(_cmd(tmp_path / "in", "-o", out, *extra)).returncode == 2  # not empty, no --resume
     subprocess.run(_cmd(tmp_path / "in", "-o", out, *extra, "--resume"), check=True)
     assert tree_sha(out) == tree_sha(ref)  # every file, manifest included

@@ -19,7 +19,7 @@ pytest.importorskip("matplotlib")
 ARGS = ["--dataset", "digits", "--temperatures", "0.05,0.4", "--steps", "6", "--warmup", "1", "--limit", "320",
         "--batch-size", "64", "--probe-iter", "15", "--drop-rates", "0,0.9", "--rfs-seeds", "0,1", "--quiet"]
 ARTEFACTS = ["results.json", "timings.json", "report.md", "geometry.csv", "classification.csv", "rfs.csv", "baselines.csv",
-             "retrieval.csv", "gap_vs_tau.png", "acc_vs_drop.png", "acc_vs_bytes.png"]
+             "codecs.csv", "retrieval.csv", "gap_vs_tau.png", "acc_vs_drop.png", "acc_vs_bytes.png"]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,9 @@ def test_every_artefact_and_report(runs):
     header = (out / "rfs.csv").read_text().splitlines()[0]
     assert header.startswith("tau,drop_rate,keep,bytes,compression,probe_mean,probe_std")
     assert set(res["claims"]) == {"a", "b", "c", "d"}
+    assert {c["codec"] for c in r["codecs"]} >= {"int8", "binary"}
+    assert set(res["codec_compression"]["per_tau"]["0.4"]) >= {"float32", "int8", "binary"}
+    assert "Storage codecs" in report
 
 
 def test_same_seed_same_results(runs):

@@ -75,6 +75,18 @@ def _read_rows(shards, max_rows: int, batch: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def _read_decoded(folder: str, man: dict, codec, max_rows: int) -> np.ndarray:
+    """The first max_rows rows of a compressed folder, decoded to float32 by its codec."""
+    out, have = [], 0
+    for sh in man["shards"]:
+        if have >= max_rows:
+            break
+        codes = np.load(os.path.join(folder, sh["centroids"]["file"]), mmap_mode="r")[: max_rows - have]
+        out.append(codec.decode(np.asarray(codes)))
+        have += out[-1].shape[0]
+    return np.concatenate(out) if out else np.zeros((0, man["rfs"]["keep"]), np.float32)
+
+
 def eval_report(inputs, compressed: str, labels: str, *, label_column: str = "label", test_fraction: float = 0.2,
                 max_rows: int = 200000, k: int = 10, seed: int = 0, column: str = "embedding") -> dict:
     """Linear-probe and kNN accuracy of the compressed centroids vs the original embeddings
@@ -84,6 +96,7 @@ def eval_report(inputs, compressed: str, labels: str, *, label_column: str = "la
     from .. import compression_ratio, select_features
     from ..eval import knn_accuracy, linear_probe_accuracy, retrieval_recall
     from . import manifest
+    from .codecs import codec_from_manifest
 
     man = manifest.load(compressed)
     if man["parameters"]["mode"] != "pairs":
@@ -99,8 +112,8 @@ def eval_report(inputs, compressed: str, labels: str, *, label_column: str = "la
     batch = DEFAULT_BATCH_ROWS
     y = torch.from_numpy(_read_rows(label_shards, max_rows, batch).astype(np.int64))
     xs = [torch.from_numpy(_read_rows(mm.shards, max_rows, batch)).float() for mm in mods]
-    cshards = [open_shard(os.path.join(compressed, s["centroids"]["file"])) for s in man["shards"]]
-    c = torch.from_numpy(_read_rows(cshards, max_rows, batch)).float()
+    codec = codec_from_manifest(man)
+    c = torch.from_numpy(_read_decoded(compressed, man, codec, max_rows))
     n = min(len(y), c.shape[0], xs[0].shape[0])
     if n < 4:
         raise ValueError(f"eval: need at least 4 labelled rows, got {n}")
@@ -112,7 +125,10 @@ def eval_report(inputs, compressed: str, labels: str, *, label_column: str = "la
     reps["original_concat"] = torch.cat(xs, dim=1)
     reps["compressed"] = c
     res = {"rows": n, "train": len(tr), "test": n_test, "keep": man["rfs"]["keep"], "dim": dim,
-           "compression_ratio": compression_ratio(len(mods), dim, man["rfs"]["keep"]), "accuracy": {}}
+           "compression_ratio": compression_ratio(len(mods), dim, man["rfs"]["keep"]), "codec": codec.name,
+           # bytes of M fp32 embeddings / bytes of the stored code
+           "stored_compression_ratio": len(mods) * dim * 4 / codec.bytes_per_vector(man["rfs"]["keep"]),
+           "accuracy": {}}
     for name, x in reps.items():
         res["accuracy"][name] = {
             "linear_probe": linear_probe_accuracy(x[tr], y[tr], x[te], y[te], seed=seed),

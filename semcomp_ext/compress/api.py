@@ -5,13 +5,18 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import atomic, manifest
-from .pipeline import Plan, concept_map_task, concept_reduce_task, pair_task
-from .readers import DEFAULT_BATCH_ROWS, discover, open_concepts, validate
+from .codecs import parse_codec
+from .readers import DEFAULT_BATCH_ROWS, concept_dtype, discover, open_concepts, validate
 
-_OURS = ("centroids", "metadata", "concepts", ".spill", manifest.MANIFEST)
+if TYPE_CHECKING:  # the pipeline imports torch: only when a job runs (fast `--help`)
+    from .pipeline import Plan
+
+_OURS = ("centroids", "metadata", "concepts", ".spill", manifest.MANIFEST, manifest.JOURNAL, manifest.INDEX_DIR)
 _SPILL_TARGET = 256 << 20  # bytes of worst-case spill per partition: bounds reduce memory
 
 
@@ -28,6 +33,8 @@ class CompressOptions:
     seed: int = 0
     normalize: str = "none"
     out_dtype: str = "float32"
+    codec: str | None = None  # storage codec (codecs.parse_codec); None = out_dtype
+    codec_sample_rows: int = 65536
     batch_size: int = DEFAULT_BATCH_ROWS
     partitions: int = 0
     skip_invalid: bool = False
@@ -36,6 +43,7 @@ class CompressOptions:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
+    workers: int | None = None    # local engine: shards in parallel (None: the usable cores)
 
 
 def _prepare_out(opts: CompressOptions) -> dict | None:
@@ -48,7 +56,7 @@ def _prepare_out(opts: CompressOptions) -> dict | None:
             if not os.path.exists(manifest.manifest_path(out)):
                 raise FileExistsError(f"--resume: {out} has no {manifest.MANIFEST}; nothing to resume")
             atomic.remove_tmp_files(out)
-            return manifest.load(out)
+            return manifest.load_state(out)
         if not opts.overwrite:
             raise FileExistsError(f"output folder {out} is not empty; pass --resume to continue or --overwrite to replace it")
         foreign = [n for n in os.listdir(out) if n not in _OURS]
@@ -61,17 +69,77 @@ def _prepare_out(opts: CompressOptions) -> dict | None:
     return None
 
 
-def _progress(total: int, unit: str, quiet: bool, desc: str):
-    from tqdm import tqdm
+class Progress:
+    """A tqdm bar when `stream` is a terminal; otherwise a log line every `interval` seconds
+    (tasks done/total, rows, GB, GB/s, ETA) and one at the end; nothing when quiet."""
 
-    return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=quiet or not sys.stderr.isatty())
+    def __init__(self, total_bytes: int, total_tasks: int, quiet: bool = False, desc: str = "compress",
+                 interval: float = 5.0, stream=None):
+        self.stream = stream or sys.stderr
+        self.total_bytes, self.total_tasks, self.desc, self.interval = total_bytes, total_tasks, desc, interval
+        self.bytes = self.tasks = self.rows = self.start_bytes = 0
+        self.t0 = self.last = time.monotonic()
+        self.bar, self.log = None, False
+        if quiet:
+            return
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, file=self.stream)
+        else:
+            self.log = True
+
+    def skip(self, nbytes: int, tasks: int) -> None:
+        """Work done by an earlier (resumed) run: counted as done, not in the rate."""
+        self.start_bytes += nbytes
+        self.update(nbytes, tasks)
+
+    def update(self, nbytes: int, tasks: int = 1, rows: int = 0) -> None:
+        self.bytes += nbytes
+        self.tasks += tasks
+        self.rows += rows
+        if self.bar is not None:
+            self.bar.update(nbytes)
+        elif self.log and time.monotonic() - self.last >= self.interval:
+            self._line()
+
+    def _line(self) -> None:
+        self.last = now = time.monotonic()
+        dt = max(now - self.t0, 1e-9)
+        rate = (self.bytes - self.start_bytes) / dt
+        left = self.total_bytes - self.bytes
+        eta = f"{int(left / rate) // 60}:{int(left / rate) % 60:02d}" if rate > 0 else "?"
+        print(f"semcomp {self.desc}: {self.tasks}/{self.total_tasks} tasks, {self.rows:,} rows, "
+              f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB, {rate / 1e9:.2f} GB/s, "
+              f"{dt:.1f} s, ETA {eta}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.log:
+            self._line()
+            self.log = False
+
+
+def default_workers() -> int:
+    """The cores this process may run on (affinity / cgroup cpusets), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def build_plan(opts: CompressOptions) -> Plan:
     from .. import RandomFeatureSelector, __version__
+    from .pipeline import Plan
 
     if opts.out_dtype not in ("float32", "float16"):
         raise ValueError(f"--out-dtype must be float32 or float16, got {opts.out_dtype!r}")
+    if opts.codec is not None and opts.out_dtype != "float32" and opts.codec != opts.out_dtype:
+        raise ValueError(f"give --codec or --out-dtype, not both (got --codec {opts.codec!r}, --out-dtype {opts.out_dtype!r})")
+    codec = parse_codec(opts.codec or opts.out_dtype, seed=opts.seed)
+    if codec.needs_fit and opts.codec_sample_rows < 1:
+        raise ValueError(f"--codec-sample-rows must be >= 1, got {opts.codec_sample_rows}")
     if opts.normalize not in ("none", "input", "output", "both"):
         raise ValueError(f"--normalize must be none, input, output or both, got {opts.normalize!r}")
     if opts.batch_size < 1:
@@ -84,9 +152,12 @@ def build_plan(opts: CompressOptions) -> Plan:
         RandomFeatureSelector(dim, drop_rate=opts.drop_rate or 0.0, seed=opts.seed)
     concepts = None
     parts = 0
+    id_dtype = None
     if opts.concepts:
-        concepts = [c.describe() | {"kind": c.kind, "offset": c.offset, "column": c.column, "size": c.size}
-                    for c in open_concepts(opts.concepts, opts.concept_column, mods[0].shards)]
+        cshards = open_concepts(opts.concepts, opts.concept_column, mods[0].shards)
+        id_dtype = concept_dtype(cshards).name  # ids are written back in this dtype, unaltered
+        concepts = [c.describe() | {"kind": c.kind, "offset": c.offset, "column": c.column, "size": c.size,
+                                    "mtime_ns": c.mtime_ns} for c in cshards]
         for c in concepts:
             c.pop("bytes")
         rows = sum(s.rows for s in mods[0].shards)
@@ -96,13 +167,14 @@ def build_plan(opts: CompressOptions) -> Plan:
         "mode": "concepts" if concepts else "pairs",
         "modalities": [m.name for m in mods],
         "dim": dim, "in_dtype": in_dtype, "keep": sel.keep, "drop_rate": sel.drop_rate, "seed": opts.seed,
-        "normalize": opts.normalize, "out_dtype": opts.out_dtype, "skip_invalid": opts.skip_invalid,
+        "normalize": opts.normalize, "out_dtype": codec.code_dtype, "codec": codec.name,
+        "codec_sample_rows": opts.codec_sample_rows if codec.needs_fit else None, "skip_invalid": opts.skip_invalid,
         # the block size fixes the floating-point summation order of concept sums
         "batch_size": opts.batch_size, "partitions": parts, "embedding_column": opts.embedding_column,
-        "concept_column": opts.concept_column if concepts else None,
+        "concept_column": opts.concept_column if concepts else None, "concept_dtype": id_dtype,
     }
-    shard_dicts = lambda m: [s.describe() | {"kind": s.kind, "offset": s.offset, "column": s.column, "size": s.size}
-                             for s in m.shards]
+    shard_dicts = lambda m: [s.describe() | {"kind": s.kind, "offset": s.offset, "column": s.column, "size": s.size,
+                                             "mtime_ns": s.mtime_ns} for s in m.shards]
     mods_d = []
     for m in mods:
         ds = shard_dicts(m)
@@ -114,14 +186,49 @@ def build_plan(opts: CompressOptions) -> Plan:
     return plan
 
 
+def _codec_entry(plan: Plan, old: dict | None) -> dict:
+    """The manifest entry of the storage codec. On --resume it is the interrupted run's (same
+    parameters, already fitted), so resumed shards are encoded exactly like the first ones;
+    otherwise a codec that needs fitting is fitted now, before any shard is written, on the
+    first codec_sample_rows rows of centroid + RFS output (pairs-mode rows, in either mode)."""
+    if old is not None and "codec" in old:
+        return old["codec"]
+    p = plan.params
+    codec = parse_codec(p["codec"], seed=p["seed"])
+    if codec.needs_fit:
+        from .pipeline import codec_sample
+
+        codec.fit(codec_sample(plan, p["codec_sample_rows"]))
+    else:
+        codec.dim = p["keep"]
+    return codec.to_manifest()
+
+
 def _sources(plan: Plan) -> list:
-    src = [{"modality": m["name"], "path": s["path"], "rows": s["rows"], "bytes": s["size"]}
+    """Every input, identified by path, size and mtime (a --resume on changed inputs is refused)."""
+    src = [{"modality": m["name"], "path": s["path"], "rows": s["rows"], "bytes": s["size"], "mtime_ns": s["mtime_ns"]}
            for m in plan.mods for s in m["shards"]]
     for c in plan.concepts or []:
-        src.append({"modality": "concepts", "path": c["path"], "rows": c["rows"], "bytes": c["size"]})
+        src.append({"modality": "concepts", "path": c["path"], "rows": c["rows"], "bytes": c["size"],
+                    "mtime_ns": c["mtime_ns"]})
     for p in plan.metadata or []:
-        src.append({"modality": "metadata", "path": p, "rows": None, "bytes": os.path.getsize(p)})
+        st = os.stat(p)
+        src.append({"modality": "metadata", "path": p, "rows": None, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
     return src
+
+
+def _files_present(out: str, rec: dict) -> bool:
+    """A journal record is trusted if its files exist with the recorded sizes (a stat, no
+    hashing: `semcomp verify` re-hashes)."""
+    for key in ("centroids", "metadata", "concepts"):
+        f = rec.get(key)
+        if f:
+            try:
+                if os.path.getsize(os.path.join(out, f["file"])) != f["bytes"]:
+                    return False
+            except OSError:
+                return False
+    return True
 
 
 def compress(opts: CompressOptions) -> dict:
@@ -140,16 +247,22 @@ def compress(opts: CompressOptions) -> dict:
         if diff:
             raise ValueError(f"--resume: parameters differ from the interrupted run: {diff}")
         if old.get("sources") != m["sources"]:
-            raise ValueError("--resume: the input shards changed since the interrupted run (paths, rows or sizes)")
-        # keep only records whose files are still intact
-        m["shards"] = [s for s in old.get("shards", []) if all(manifest.file_ok(opts.out, s[k])
-                                                                for k in ("centroids", "metadata", "concepts") if k in s)]
+            raise ValueError("--resume: the input files changed since the interrupted run (paths, rows, sizes or mtimes)")
+        # trust the committed records whose files are still there (sizes only; verify re-hashes)
+        m["shards"] = [s for s in old.get("shards", []) if _files_present(opts.out, s)]
         m["maps"] = [r for r in old.get("maps", []) if all(os.path.exists(os.path.join(
             opts.out, ".spill", f"s{r['index']:05d}", f"p{q:05d}.npz")) for q in range(plan.partitions))]
-    manifest.save(opts.out, m)
+    m["codec"] = plan.extra["codec"] = _codec_entry(plan, old)
+    manifest.save(opts.out, m)  # in_progress, the records resumed from folded in
+    manifest.remove_journal(opts.out)  # ... so the journal restarts empty
 
     if opts.engine == "local":
-        from .engines import run_local as runner
+        from .engines import run_local
+
+        workers = default_workers() if opts.workers is None else opts.workers
+        if workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {workers}")
+        runner = lambda fn, p, items, cb: run_local(fn, p, items, cb, workers)  # noqa: E731
     elif opts.engine == "ray":
         from .engines import require_ray, run_ray
 
@@ -158,30 +271,37 @@ def compress(opts: CompressOptions) -> dict:
     else:
         raise ValueError(f"--engine must be local or ray, got {opts.engine!r}")
 
-    in_bytes = sum(s["size"] for mm in plan.mods for s in mm["shards"])
-    bar = _progress(in_bytes, "B", opts.quiet, "compress")
+    from .pipeline import concept_map_task, concept_reduce_task, pair_task
+
+    in_bytes = [sum(mm["shards"][i]["size"] for mm in plan.mods) for i in range(n_in)]
+    in_rows = [s["rows"] for s in plan.mods[0]["shards"]]
+    bar = Progress(sum(in_bytes), n_in + (plan.partitions if plan.concepts else 0), opts.quiet)
+    journal = manifest.Journal(opts.out)
 
     def done(key):
         def cb(rec):
-            m[key] = sorted(m[key] + [rec], key=lambda r: r["index"])
-            manifest.save(opts.out, m)  # atomic: a kill leaves the last consistent state
-            if key != "shards" or not plan.concepts:
-                bar.update(sum(mm["shards"][rec["index"]]["size"] for mm in plan.mods))
+            journal.append(key, rec)  # O(1) durable commit; folded into manifest.json at the end
+            m[key].append(rec)
+            reduce = key == "shards" and plan.concepts
+            bar.update(0 if reduce else in_bytes[rec["index"]], rows=0 if reduce else in_rows[rec["index"]])
         return cb
 
     try:
-        if plan.concepts:
-            todo = [i for i in range(n_in) if i not in {r["index"] for r in m["maps"]}]
-            bar.update(in_bytes - sum(plan.mods[0]["shards"][i]["size"] * len(plan.mods) for i in todo))
-            runner(concept_map_task, plan, todo, done("maps"))
-            todo = [q for q in range(plan.partitions) if q not in {r["index"] for r in m["shards"]}]
-            runner(concept_reduce_task, plan, todo, done("shards"))
-        else:
-            todo = [i for i in range(n_in) if i not in {r["index"] for r in m["shards"]}]
-            bar.update(in_bytes - sum(mm["shards"][i]["size"] for mm in plan.mods for i in todo))
-            runner(pair_task, plan, todo, done("shards"))
+        phases = [(concept_map_task, "maps", n_in), (concept_reduce_task, "shards", plan.partitions)] \
+            if plan.concepts else [(pair_task, "shards", n_in)]
+        for fn, key, n in phases:
+            finished = {r["index"] for r in m[key]}
+            todo = [i for i in range(n) if i not in finished]
+            if key == "maps" or not plan.concepts:
+                bar.skip(sum(in_bytes[i] for i in finished), len(finished))
+            else:
+                bar.update(0, len(finished))
+            runner(fn, plan, todo, done(key))
     finally:
+        journal.close()
         bar.close()
+    for key in ("shards", "maps"):
+        m[key].sort(key=lambda r: r["index"])
     m["rows_in"] = sum(s["rows"] for s in plan.mods[0]["shards"])
     m["rows_out"] = sum(s["rows"] for s in m["shards"])
     src = m["maps"] if plan.concepts else m["shards"]
@@ -191,4 +311,5 @@ def compress(opts: CompressOptions) -> dict:
         atomic.rmtree_if_exists(os.path.join(opts.out, ".spill"))
     m["status"] = "complete"
     manifest.save(opts.out, m)
+    manifest.remove_journal(opts.out)  # folded in: the complete manifest is durable
     return m

@@ -17,11 +17,30 @@ import numpy as np
 TMP_MARK = ".tmp-"
 
 
+def _read_umask() -> int:
+    """The process umask, read without a window where it is changed (Linux: /proc), else by
+    os.umask(0) + restore — done once, at import, before any worker thread exists."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+# mkstemp creates 0600 files; outputs get what a plain open() would give under the umask
+FILE_MODE = 0o666 & ~_read_umask()
+
+
 class DiskFullError(OSError):
     """Raised instead of a bare ENOSPC so the CLI can say which file could not be written."""
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -38,11 +57,12 @@ def atomic_file(path: str):
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + TMP_MARK, dir=folder)
     try:
         with os.fdopen(fd, "w+b") as f:  # readable: a rewritten header is rehashed
+            os.fchmod(f.fileno(), FILE_MODE)
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException as exc:
         try:
             os.unlink(tmp)

@@ -8,9 +8,47 @@ import json
 import os
 
 
-def run_local(fn, plan, items, on_done) -> None:
-    for i in items:
-        on_done(fn(plan, i))
+def run_local(fn, plan, items, on_done, workers: int = 1) -> None:
+    """Run fn(plan, i) for each item on `workers` threads (the heavy parts — readinto, the
+    torch kernels, writes and sha256 — release the GIL). At most `workers` tasks run at once,
+    each holding a few blocks, so memory is bounded by workers x blocks. Records reach
+    on_done (on this thread) as tasks finish, in any order. On an error the running tasks
+    finish and are committed, nothing new starts, and the first error is raised."""
+    items = list(items)
+    workers = max(1, min(workers, len(items)))
+    if workers == 1:
+        for i in items:
+            on_done(fn(plan, i))
+        return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    import torch
+
+    threads = torch.get_num_threads()
+    # the cores are shared out between the workers: no oversubscription by intra-op threads
+    torch.set_num_threads(max(1, threads // workers))
+    error = None
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="semcomp-task") as pool:
+            todo, running = iter(items), set()
+            while True:
+                while error is None and len(running) < workers:
+                    i = next(todo, None)
+                    if i is None:
+                        break
+                    running.add(pool.submit(fn, plan, i))
+                if not running:
+                    break
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    if f.exception() is not None:
+                        error = error or f.exception()
+                    else:
+                        on_done(f.result())
+    finally:
+        torch.set_num_threads(threads)
+    if error is not None:
+        raise error
 
 
 def require_ray():

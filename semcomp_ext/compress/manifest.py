@@ -1,8 +1,11 @@
 """manifest.json of a compressed folder: what was done, from what, and checksums to verify it.
 
-The manifest is rewritten atomically after every finished shard with "status": "in_progress"
-and only at the very end with "status": "complete" — a folder whose manifest is not complete
-is never mistaken for finished output, and `--resume` knows which shards are done.
+manifest.json is written with "status": "in_progress" when a job starts and only at the very
+end, with every shard folded in, with "status": "complete" — a folder whose manifest is not
+complete is never mistaken for finished output. In between, each finished task is committed
+in O(1) by appending one JSON line (its record, hashes included) to `manifest.journal`,
+flushed and fsynced; `--resume` reads the manifest plus the journal to know which tasks are
+done. A kill can tear only the journal's last line, which is then ignored.
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 
-from .atomic import sha256_file, write_json_atomic
+from .atomic import fsync_dir, sha256_file, write_json_atomic
 
 FORMAT = "semcomp-compress/1"
 MANIFEST = "manifest.json"
+JOURNAL = "manifest.journal"
+INDEX_DIR = "index"  # written by `semcomp index` (compress --overwrite may replace it)
 
 
 def manifest_path(out: str) -> str:
@@ -38,6 +43,76 @@ def save(out: str, m: dict) -> None:
     write_json_atomic(manifest_path(out), m)
 
 
+def load_state(out: str) -> dict:
+    """manifest.json with the journal's committed tasks folded into "shards" / "maps" (one
+    record per index, the last committed wins, sorted by index): the state a resume starts from.
+    (A resume saves this folded state as manifest.json and then starts a fresh journal.)"""
+    m = load(out)
+    for key, rec in read_journal(out):
+        m.setdefault(key, []).append(rec)
+    for key in ("shards", "maps"):
+        if key in m:
+            m[key] = sorted({r["index"]: r for r in m[key]}.values(), key=lambda r: r["index"])
+    return m
+
+
+def journal_path(out: str) -> str:
+    return os.path.join(out, JOURNAL)
+
+
+def read_journal(out: str) -> list:
+    """(key, record) of every task committed to the journal, in commit order. A torn last
+    line (a kill mid-append) is dropped; a bad line before the last means corruption: an error."""
+    path = journal_path(out)
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    entries = []
+    lines = data.split(b"\n")
+    for k, line in enumerate(lines[:-1]):  # lines[-1]: bytes after the last newline (torn)
+        try:
+            e = json.loads(line)
+            entries.append((e["key"], e["record"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            if k == len(lines) - 2 and not lines[-1]:
+                break  # a torn final line that happens to end in a newline
+            raise ValueError(f"corrupt journal {path}, line {k + 1}: {exc}") from exc
+    return entries
+
+
+class Journal:
+    """Append-only commit log: one JSON line per finished task, fsynced before returning."""
+
+    def __init__(self, out: str):
+        path = journal_path(out)
+        new = not os.path.exists(path)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        if new:
+            fsync_dir(out)
+
+    def append(self, key: str, record: dict) -> None:
+        data = (json.dumps({"key": key, "record": record}, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def remove_journal(out: str) -> None:
+    """Once its records are folded into a durable manifest.json, the journal goes."""
+    try:
+        os.unlink(journal_path(out))
+    except FileNotFoundError:
+        return
+    fsync_dir(out)
+
+
 def output_files(m: dict):
     """(relative path, expected sha256, expected bytes) of every file the manifest vouches for."""
     for sh in m.get("shards", []):
@@ -47,9 +122,17 @@ def output_files(m: dict):
                 yield f["file"], f["sha256"], f["bytes"]
 
 
-def file_ok(out: str, rec: dict) -> bool:
-    path = os.path.join(out, rec["file"])
-    return os.path.exists(path) and os.path.getsize(path) == rec["bytes"] and sha256_file(path) == rec["sha256"]
+def _check_codes(rel: str, a, codec, rows: int, keep: int) -> list[str]:
+    """Shape and dtype of a shard's codes, and that its first rows decode to (n, keep) finite floats."""
+    shape = codec.code_shape(rows, keep)
+    if a.shape != shape or a.dtype.name != codec.code_dtype:
+        return [f"{rel}: {a.dtype} {a.shape}, codec {codec.name!r} expects {codec.code_dtype} {shape}"]
+    import numpy as np
+
+    x = codec.decode(np.asarray(a[:256]))
+    if x.shape != (min(rows, 256), keep) or not np.isfinite(x).all():
+        return [f"{rel}: codes do not decode to finite ({min(rows, 256)}, {keep}) float32 rows with codec {codec.name!r}"]
+    return []
 
 
 def verify(out: str) -> list[str]:
@@ -71,6 +154,15 @@ def verify(out: str) -> list[str]:
         RandomFeatureSelector.from_dict(rfs)
     except ValueError as exc:
         problems.append(f"RFS index: {exc}")
+    codec = None
+    try:
+        from .codecs import codec_from_manifest
+
+        codec = codec_from_manifest(m)
+        if codec.dim not in (None, keep):
+            problems.append(f"codec {codec.name!r} is for K={codec.dim}, the RFS keeps {keep}")
+    except (ValueError, KeyError, ImportError) as exc:
+        problems.append(f"codec: {exc}")
     total = 0
     for rel, sha, nbytes in output_files(m):
         path = os.path.join(out, rel)
@@ -86,10 +178,8 @@ def verify(out: str) -> list[str]:
         if os.path.exists(path):
             try:
                 a = np.load(path, mmap_mode="r")
-                if a.shape != (sh["rows"], keep):
-                    problems.append(f"{c['file']}: shape {a.shape} != ({sh['rows']}, {keep})")
-                if a.dtype.name != m["parameters"]["out_dtype"]:
-                    problems.append(f"{c['file']}: dtype {a.dtype} != {m['parameters']['out_dtype']}")
+                if codec is not None:
+                    problems += _check_codes(c["file"], a, codec, sh["rows"], keep)
             except Exception as exc:
                 problems.append(f"{c['file']}: unreadable .npy ({exc})")
         total += sh["rows"]

@@ -99,16 +99,19 @@ def _pair_block(zs, index, keep_all: bool, normalize: str) -> torch.Tensor:
     return pair_centroids(parts, normalize="output" if normalize in ("output", "both") else False)
 
 
-def _write_streamed(path: str, blocks, rows_max: int, keep: int, dtype) -> dict:
+def _write_streamed(path: str, blocks, rows_max: int, keep: int, dtype, threaded: bool = True) -> dict:
     """Stream blocks into an atomic .npy. The header is written for rows_max rows; if rows were
     dropped the header is rewritten in place, padded to the same length, and the file rehashed.
     Writing and hashing run on a helper thread (both release the GIL) so they overlap the
-    next block's compute; at most 2 blocks are in flight, which bounds memory."""
+    next block's compute; at most 2 blocks are in flight, which bounds memory. `threaded=False`
+    (a single block: nothing to overlap) writes inline and saves the thread start-up."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from .readers import InlineExecutor
 
     dtype = np.dtype(dtype)
     header = atomic.npy_header((rows_max, keep), dtype)
-    with atomic.atomic_file(path) as f, ThreadPoolExecutor(1) as pool:
+    with atomic.atomic_file(path) as f, (ThreadPoolExecutor(1) if threaded else InlineExecutor()) as pool:
         w = atomic.HashingWriter(f)
         w.write(header)
         rows, pending = 0, None
@@ -182,6 +185,46 @@ def _filter_metadata(src: str, dst: str, keep_rows: np.ndarray | None) -> dict:
     return rec
 
 
+_CODECS: dict = {}
+
+
+def plan_codec(plan: Plan):
+    """The plan's (fitted) storage codec, rebuilt from its manifest entry once per process."""
+    from .codecs import codec_from_manifest
+
+    entry = plan.extra["codec"]
+    key = repr(sorted(entry.items()))
+    codec = _CODECS.get(key)
+    if codec is None:  # worker threads may build it twice: harmless, and never a KeyError
+        codec = codec_from_manifest(entry)
+        _CODECS.clear()
+        _CODECS[key] = codec
+    return codec
+
+
+def codec_sample(plan: Plan, rows: int) -> np.ndarray:
+    """The first `rows` output rows of pairs mode (centroid + RFS of the first input shards,
+    float32, non-finite rows dropped): the deterministic sample a codec is fitted on."""
+    p = plan.params
+    index = torch.tensor(plan.index, dtype=torch.int64)
+    keep_all = len(plan.index) == plan.dim
+    got, n = [], 0
+    for i in range(len(plan.mods[0]["shards"])):
+        shards = [_shard_obj(m["shards"][i]) for m in plan.mods]
+        start = 0
+        for chunk in zip(*(iter_chunks(s, p["batch_size"]) for s in shards)):
+            zs = [_as_tensor(c) for c in chunk]
+            mask = _check_finite(zs, [s.path for s in shards], start, p["skip_invalid"])
+            out = _pair_block(zs, index, keep_all, p["normalize"])
+            out = out if mask is None else out[mask]
+            got.append(out[: rows - n].numpy().copy())
+            n += got[-1].shape[0]
+            start += zs[0].shape[0]
+            if n >= rows:
+                return np.concatenate(got)
+    return np.concatenate(got) if got else np.zeros((0, len(plan.index)), np.float32)
+
+
 def pair_task(plan: Plan, i: int) -> dict:
     """Output shard i from input shard i of every modality."""
     shards = [_shard_obj(m["shards"][i]) for m in plan.mods]
@@ -189,7 +232,7 @@ def pair_task(plan: Plan, i: int) -> dict:
     p = plan.params
     index = torch.tensor(plan.index, dtype=torch.int64)
     keep_all = len(plan.index) == plan.dim
-    out_dtype = p["out_dtype"]
+    codec = plan_codec(plan)
     kept_rows = []
     invalid = 0
 
@@ -207,10 +250,11 @@ def pair_task(plan: Plan, i: int) -> dict:
             else:
                 kept_rows.append(None)
             start += zs[0].shape[0]
-            yield out.to(getattr(torch, out_dtype)).numpy()
+            yield codec.encode(out.numpy())
 
     name = f"centroids_{i:05d}.npy"
-    rec = _write_streamed(os.path.join(plan.out, "centroids", name), blocks(), shards[0].rows, len(plan.index), out_dtype)
+    rec = _write_streamed(os.path.join(plan.out, "centroids", name), blocks(), shards[0].rows,
+                          codec.code_width(len(plan.index)), codec.code_dtype, threaded=shards[0].rows > p["batch_size"])
     shard_rec = {"index": i, "rows": rec["rows"], "invalid_rows": invalid, "sources": paths, "centroids": rec}
     if plan.metadata:
         src = plan.metadata[i]
@@ -228,6 +272,25 @@ def _kept_row_ids(kept_rows, total: int, batch: int) -> np.ndarray:
 
 
 # ---- concepts mode ------------------------------------------------------------------------
+
+
+_SIGN = np.uint64(1 << 63)
+
+
+def encode_ids(a: np.ndarray) -> np.ndarray:
+    """Concept ids of any integer dtype -> int64 keys, exactly and order-preserving: uint64 ids
+    have their top bit flipped (a bijection onto int64), every other dtype is widened."""
+    if a.dtype.kind == "u" and a.dtype.itemsize == 8:
+        return (a.astype(np.uint64) ^ _SIGN).view(np.int64)
+    return a.astype(np.int64)
+
+
+def decode_ids(keys: np.ndarray, dtype) -> np.ndarray:
+    """Inverse of encode_ids: the keys back in the input's id dtype."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "u" and dtype.itemsize == 8:
+        return (keys.view(np.uint64) ^ _SIGN).astype(dtype)
+    return keys.astype(dtype)
 
 
 def partition_of(ids: np.ndarray, parts: int) -> np.ndarray:
@@ -260,7 +323,7 @@ def concept_map_task(plan: Plan, i: int) -> dict:
     invalid, start = 0, 0
     b = p["batch_size"]
     for chunk in zip(iter_chunks(cshard, b), *(iter_chunks(s, b) for s in shards)):
-        ids = torch.from_numpy(np.asarray(chunk[0], dtype=np.int64).copy())
+        ids = torch.from_numpy(encode_ids(chunk[0]))  # a copy: chunk[0] is a reused buffer
         zs = [_as_tensor(c) for c in chunk[1:]]
         mask = _check_finite(zs, paths, start, p["skip_invalid"])
         start += ids.shape[0]
@@ -310,11 +373,13 @@ def concept_reduce_task(plan: Plan, q: int) -> dict:
     means = tot / cnt.clamp_min(1).unsqueeze(1).float()
     if plan.params["normalize"] in ("output", "both"):
         means = torch.nn.functional.normalize(means, dim=1)
-    out_dtype = plan.params["out_dtype"]
+    codec = plan_codec(plan)
     rec = _write_streamed(os.path.join(plan.out, "centroids", f"centroids_{q:05d}.npy"),
-                          [means.to(getattr(torch, out_dtype)).numpy()], int(u2.numel()), s.shape[1], out_dtype)
+                          [codec.encode(means.numpy())], int(u2.numel()), codec.code_width(s.shape[1]), codec.code_dtype,
+                          threaded=False)
     cpath = os.path.join(plan.out, "concepts", f"concepts_{q:05d}.npy")
-    crec = atomic.write_npy_atomic(cpath, [u2.numpy()], (int(u2.numel()),), np.int64)
+    id_dtype = np.dtype(plan.params["concept_dtype"])
+    crec = atomic.write_npy_atomic(cpath, [decode_ids(u2.numpy(), id_dtype)], (int(u2.numel()),), id_dtype)
     crec["file"] = os.path.join("concepts", f"concepts_{q:05d}.npy")
     crec.pop("rows", None)
     _shard_done()

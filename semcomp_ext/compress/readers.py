@@ -14,6 +14,7 @@ shard size (an mmap's touched pages would count towards RSS until unmapped).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +48,7 @@ class Shard:
     offset: int = 0      # npy: byte offset of the data
     column: str = ""     # parquet: the column read
     size: int = 0
+    mtime_ns: int = 0    # with path and size, identifies the input on --resume
 
     def describe(self) -> dict:
         return {"path": self.path, "rows": self.rows, "dim": self.dim, "dtype": self.dtype, "bytes": self.size}
@@ -69,22 +71,45 @@ def list_shards(folder: str, exts=EMB_EXTS) -> list[str]:
     return [os.path.abspath(os.path.join(folder, f)) for f in files]
 
 
+# the header np.save writes (format 1.0), parsed without ast.literal_eval (~0.2 ms a file: the
+# bulk of opening a small shard); anything else goes through numpy's own reader
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|=]?[A-Za-z]\d*)', 'fortran_order': (False|True), "
+                         rb"'shape': \(((?:\d+, ?)*\d*)\), \} *\n")
+
+
+def _npy_header(f) -> tuple:
+    """(shape, fortran_order, dtype, data offset) of the .npy open as `f`."""
+    head = f.read(10)
+    if head[:8] == b"\x93NUMPY\x01\x00" and len(head) == 10:
+        text = f.read(int.from_bytes(head[8:10], "little"))
+        m = _NPY_HEADER.fullmatch(text)
+        if m:
+            shape = tuple(int(x) for x in m.group(3).split(b",") if x.strip())
+            return shape, m.group(2) == b"True", np.dtype(m.group(1).decode()), f.tell()
+    f.seek(0)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return shape, fortran, dtype, f.tell()
+
+
 def open_npy(path: str, want_2d: bool = True) -> Shard:
     """Parse the header and check the file holds exactly the data it announces (a truncated
     or padded file is reported here, before any output is written)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"missing shard: {path}")
-    size = os.path.getsize(path)
+    st = os.stat(path)
+    size = st.st_size
     try:
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
-            offset = f.tell()
+            shape, fortran, dtype, offset = _npy_header(f)
     except Exception as exc:  # numpy raises ValueError/EOFError/SyntaxError on garbage
         raise ValueError(f"corrupt .npy {path}: {exc}") from exc
     if fortran:
         raise ValueError(f"{path}: Fortran-ordered arrays are not supported; save C-ordered")
+    if not want_2d and not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{path}: concept ids must be integers, got dtype {dtype}"
+                         + (" (strings: map them to integer ids first)" if dtype.kind in "US" else ""))
     if dtype not in (np.float32, np.float16) and want_2d:
         raise ValueError(f"{path}: embeddings must be float32 or float16, got {dtype}")
     if want_2d and len(shape) != 2:
@@ -95,7 +120,9 @@ def open_npy(path: str, want_2d: bool = True) -> Shard:
     if size != expect:
         raise ValueError(f"truncated or corrupt .npy {path}: header says {shape} {dtype} "
                          f"({expect} bytes), file has {size} bytes")
-    return Shard(path, "npy", int(shape[0]), int(shape[1]) if want_2d else 0, dtype.name, offset, size=size)
+    # ids keep their exact dtype string ('<u8', '>i4'): byte order included, rebuildable by np.dtype
+    return Shard(path, "npy", int(shape[0]), int(shape[1]) if want_2d else 0, dtype.name if want_2d else dtype.str,
+                 offset, size=size, mtime_ns=st.st_mtime_ns)
 
 
 def open_parquet(path: str, column: str, want_2d: bool = True) -> Shard:
@@ -113,7 +140,7 @@ def open_parquet(path: str, column: str, want_2d: bool = True) -> Shard:
         raise ValueError(f"{path}: no column {column!r} (columns: {schema.names})")
     typ = schema.field(column).type
     rows = pf.metadata.num_rows
-    dim, dtype = 0, "int64"
+    dim, dtype = 0, ""
     if want_2d:
         if not (pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)):
             raise ValueError(f"{path}: column {column!r} must be a list of floats, got {typ}")
@@ -131,24 +158,50 @@ def open_parquet(path: str, column: str, want_2d: bool = True) -> Shard:
             dim = len(first.column(0)[0])
     elif not pa.types.is_integer(typ):
         raise ValueError(f"{path}: concept column {column!r} must be integers, got {typ}")
-    return Shard(path, "parquet", rows, dim, dtype, column=column, size=os.path.getsize(path))
+    else:
+        dtype = np.dtype(typ.to_pandas_dtype()).str
+    st = os.stat(path)
+    return Shard(path, "parquet", rows, dim, dtype, column=column, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 def open_shard(path: str, column: str = "embedding", want_2d: bool = True) -> Shard:
     return open_npy(path, want_2d) if path.endswith(".npy") else open_parquet(path, column, want_2d)
 
 
+class InlineExecutor:
+    """Stand-in for ThreadPoolExecutor(1) that runs each call when it is submitted: for work
+    of one block, where there is nothing to overlap and a thread start-up would dominate."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        fut = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by fut.result(), like a thread's
+            fut.set_exception(exc)
+        return fut
+
+
 def _iter_npy(shard: Shard, batch: int):
     """Blocks read by a helper thread one block ahead (readinto releases the GIL), into two
-    alternating buffers: I/O overlaps compute, memory stays 2 blocks."""
+    alternating buffers: I/O overlaps compute, memory stays 2 blocks. A shard of one block is
+    read inline (no thread, one buffer of its size): small shards cost no thread start-up."""
     from concurrent.futures import ThreadPoolExecutor
 
     width = max(shard.dim, 1)
     dtype = np.dtype(shard.dtype)
-    bufs = [np.empty((batch, width) if shard.dim else (batch,), dtype=dtype) for _ in range(2)]
-    row_bytes = width * dtype.itemsize
     starts = list(range(0, shard.rows, batch))
-    with open(shard.path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
+    cap = min(batch, shard.rows)
+    bufs = [np.empty((cap, width) if shard.dim else (cap,), dtype=dtype) for _ in range(min(2, len(starts)))]
+    row_bytes = width * dtype.itemsize
+    with open(shard.path, "rb", buffering=0) as f:
         def read(k):
             start = starts[k]
             n = min(batch, shard.rows - start)
@@ -159,12 +212,15 @@ def _iter_npy(shard: Shard, batch: int):
             return view
 
         f.seek(shard.offset)
-        nxt = pool.submit(read, 0) if starts else None
-        for k in range(len(starts)):
-            view = nxt.result()
-            # the consumer is done with buffer (k+1)%2 once it asks for block k: safe to refill
-            nxt = pool.submit(read, k + 1) if k + 1 < len(starts) else None
-            yield view  # reused after the next request: consumers must not keep it
+        if not starts:
+            return
+        with ThreadPoolExecutor(1) if len(starts) > 1 else InlineExecutor() as pool:
+            nxt = pool.submit(read, 0)
+            for k in range(len(starts)):
+                view = nxt.result()
+                # the consumer is done with buffer (k+1)%2 once it asks for block k: safe to refill
+                nxt = pool.submit(read, k + 1) if k + 1 < len(starts) else None
+                yield view  # reused after the next request: consumers must not keep it
 
 
 def _iter_parquet(shard: Shard, batch: int):
@@ -176,7 +232,9 @@ def _iter_parquet(shard: Shard, batch: int):
         for rb in pf.iter_batches(batch_size=batch, columns=[shard.column]):
             col = rb.column(0)
             if shard.dim == 0:
-                yield col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+                if col.null_count:
+                    raise ValueError(f"{shard.path}: null concept id in column {shard.column!r}")
+                yield col.to_numpy()  # the column's own integer dtype (uint64 stays uint64)
                 continue
             if col.null_count:
                 raise ValueError(f"{shard.path}: null embedding in column {shard.column!r}")
@@ -213,7 +271,11 @@ def iter_chunks(shard: Shard, batch: int):
 def discover(inputs: list[str], metadata: str | None = None, column: str = "embedding"):
     """Resolve CLI inputs to modalities (+ metadata folder). One path that contains `*_emb`
     folders is a clip-retrieval root; otherwise each path is one modality folder."""
-    if len(inputs) == 1 and os.path.isdir(inputs[0]):
+    for p in inputs:
+        if not os.path.isdir(p):
+            what = "clip-retrieval root" if len(inputs) == 1 else "modality folder"
+            raise FileNotFoundError(f"input {what} does not exist or is not a folder: {p}")
+    if len(inputs) == 1:
         root = inputs[0]
         subs = sorted(d for d in os.listdir(root) if d.endswith("_emb") and os.path.isdir(os.path.join(root, d)))
         if subs:
@@ -228,7 +290,8 @@ def validate(mods: list, metadata: str | None, column: str = "embedding"):
     """Open every shard; check M >= 2, equal shard counts, equal rows per shard across
     modalities, one dimension. Returns (dim, dtype, metadata shard paths or None)."""
     if len(mods) < 2:
-        raise ValueError(f"need at least 2 modality folders, got {len(mods)}: {[m.folder for m in mods]}")
+        hint = " (and it holds no *_emb folders, so it is not a clip-retrieval root)" if len(mods) == 1 else ""
+        raise ValueError(f"need at least 2 modality folders, got {len(mods)}: {[m.folder for m in mods]}{hint}")
     for m in mods:
         m.shards = [open_shard(p, column) for p in list_shards(m.folder)]
     ref = mods[0]
@@ -271,6 +334,14 @@ def open_concepts(path: str, column: str, ref_shards: list) -> list:
     for c, s in zip(shards, ref_shards):
         if c.rows != s.rows:
             raise ValueError(f"row counts differ: concept ids {c.path} has {c.rows} rows, {s.path} has {s.rows}")
-        if c.kind == "npy" and not np.issubdtype(np.dtype(c.dtype), np.integer):
-            raise ValueError(f"{c.path}: concept ids must be integers, got {c.dtype}")
     return shards
+
+
+def concept_dtype(shards: list) -> np.dtype:
+    """The one integer dtype that holds every concept-id shard's ids exactly (native order)."""
+    dt = np.result_type(*(np.dtype(s.dtype) for s in shards)) if shards else np.dtype(np.int64)
+    if not np.issubdtype(dt, np.integer):  # uint64 mixed with signed ids: no common integer type
+        kinds = sorted({np.dtype(s.dtype).name for s in shards})
+        raise ValueError(f"concept id shards mix integer dtypes {kinds} that no one integer dtype holds; "
+                         "convert them to one dtype")
+    return dt.newbyteorder("=")

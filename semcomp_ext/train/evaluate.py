@@ -1,5 +1,6 @@
 """Measurements of one trained encoder pair: geometry, classification of each storage form
-(one modality, concatenation, centroid, centroid + RFS), equal-byte baselines (PCA, int8 scalar
+(one modality, concatenation, centroid, centroid + RFS), centroid + RFS stored with each codec
+of `semcomp compress --codec` (int8, binary, pq), equal-byte baselines (PCA, int8 scalar
 quantization, product quantization) and cross-modal retrieval.
 
 Classifiers (linear probe, kNN) are fit on the train split's embeddings and scored on the test
@@ -9,6 +10,7 @@ item: the original is M=2 fp32 embeddings of D values (8D bytes)."""
 from __future__ import annotations
 
 import statistics
+from contextlib import contextmanager
 
 import torch
 
@@ -144,6 +146,78 @@ def baselines(ctr, cte, ytr, yte, *, budgets, k=10, probe_iter=200, seed=0) -> l
                 pq_cache[msub] = score(rec(ctr), rec(cte))
             rows.append({"method": "pq", "budget": budget, "bytes": msub} | pq_cache[msub])
     return rows
+
+
+# ---- centroid + RFS + storage codec -----------------------------------------------------------------
+
+CODECS = ("int8", "binary", "pq")
+
+
+def _codec_spec(name: str, keep: int, n_train: int) -> str | None:
+    """The codec spec evaluated for `name` at `keep` kept features: "pq" uses 8-bit
+    sub-quantizers over sub-vectors of >= 8 dims (about 1 bit per feature, the bytes of
+    "binary"), the largest count dividing keep; None (skipped) without faiss or when the train
+    split has fewer rows than the 256 centroids a sub-quantizer needs."""
+    if name != "pq":
+        return name
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return None
+    if n_train < 256:
+        return None
+    return f"pq:{_largest_divisor_at_most(keep, max(1, keep // 8))}"
+
+
+def rfs_codecs(ctr, cte, ytr, yte, *, drop_rates, rfs_seeds, codecs=CODECS, k=10, probe_iter=200, seed=0) -> list:
+    """Accuracy of the centroid + RFS stored with each codec at each drop rate: the codec
+    (`semcomp_ext.compress.codecs`, the code `semcomp compress --codec` runs) is fitted on the
+    train split's reduced centroids, both splits are encoded and decoded, and the decoded
+    vectors are scored (mean/std over RFS seeds; "pq" over the first RFS seed only, its
+    k-means costs ~0.1 s per sub-quantizer). bytes = the stored code per item; compression is
+    against both fp32 embeddings (8·D bytes)."""
+    from ..compress.codecs import parse_codec
+
+    score = _Scorer(ytr, yte, k, probe_iter, seed)
+    d = ctr.shape[1]
+    rows = []
+    for name in codecs:
+        for rate in drop_rates:
+            keep = RandomFeatureSelector(d, drop_rate=rate).keep
+            spec = _codec_spec(name, keep, ctr.shape[0])
+            if spec is None:
+                continue
+            runs = []
+            for s in rfs_seeds[:1] if name == "pq" else rfs_seeds:
+                sel = RandomFeatureSelector(d, drop_rate=rate, seed=s)
+                codec = parse_codec(spec, seed=seed)
+                xtr, xte = sel(ctr).numpy(), sel(cte).numpy()
+                if codec.needs_fit:
+                    codec.fit(xtr)
+                rec = [torch.from_numpy(codec.decode(codec.encode(x))) for x in (xtr, xte)]
+                runs.append(score(*rec))
+            nbytes = parse_codec(spec).bytes_per_vector(keep)
+            rows.append({"codec": name, "spec": spec, "drop_rate": rate, "keep": keep, "bytes": nbytes,
+                         "compression": 2 * d * FP32 / nbytes,
+                         "probe": _stats(r["probe"] for r in runs), "knn": _stats(r["knn"] for r in runs)})
+    return rows
+
+
+@contextmanager
+def faiss_threads(n: int):
+    """faiss's OpenMP threads set to n (e.g. torch's) inside the block; a no-op without faiss.
+    Two threads on the shared 2-core machine measured ~5x slower PQ training than one."""
+    try:
+        import faiss
+    except ImportError:
+        yield
+        return
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
 
 
 def retrieval(img, txt) -> dict:

@@ -67,6 +67,10 @@ def make_plots(results, out_dir: str) -> list:
             b = [r for r in R[t]["baselines"] if r["method"] == method]
             if b:
                 ax.plot([r["bytes"] for r in b], [r["probe"] for r in b], style, label=method)
+        for codec, style in (("int8", "o:"), ("binary", "v:"), ("pq", "x:")):
+            c = [r for r in R[t].get("codecs", []) if r["codec"] == codec]
+            if c:
+                ax.plot([r["bytes"] for r in c], [r["probe"]["mean"] for r in c], style, label=f"centroid+RFS+{codec}")
         f = cls["forms"]
         ax.plot([f["concat"]["bytes"]], [f["concat"]["probe"]], "k*", markersize=10, label="concat (fp32)")
         ax.set_xscale("log")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import PairDataset, load_pairs
+from .evaluate import CODECS
 from .loop import TrainConfig, train
 from .models import TINY, embed, image_size
 
@@ -42,6 +43,7 @@ class ReproduceConfig:
     seed: int = 0
     drop_rates: tuple = DROP_RATES
     rfs_seeds: tuple = (0, 1, 2)
+    codecs: tuple = CODECS  # storage codecs of centroid + RFS (evaluate.rfs_codecs)
     knn_k: int = 10
     probe_iter: int = 200
     threads: int | None = None
@@ -83,7 +85,11 @@ def evaluate_run(cfg: ReproduceConfig, model, tokenizer, preprocess, train_data,
         from ..functional import pair_centroids
 
         budgets = [r["bytes"] for r in cls["rfs"]]
-        out["baselines"] = E.baselines(pair_centroids(list(tr)), pair_centroids(list(te)), train_data.labels, labels, budgets=budgets, **kw)
+        ctr, cte = pair_centroids(list(tr)), pair_centroids(list(te))
+        with E.faiss_threads(torch.get_num_threads()):
+            out["baselines"] = E.baselines(ctr, cte, train_data.labels, labels, budgets=budgets, **kw)
+            out["codecs"] = E.rfs_codecs(ctr, cte, train_data.labels, labels, drop_rates=cfg.drop_rates,
+                                         rfs_seeds=cfg.rfs_seeds, codecs=cfg.codecs, **kw)
     return out
 
 
@@ -118,9 +124,10 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     conf.pop("quiet")
     results = _round({"config": conf, "num_train": len(train_data), "num_test": len(test_data),
                       "dim": _dim(per_tau), "temperatures": per_tau})
-    from .report import claims, write_report, write_tables
+    from .report import claims, codec_compression, write_report, write_tables
 
     results["claims"] = _round(claims(results))
+    results["codec_compression"] = _round(codec_compression(results))
     with open(os.path.join(cfg.out_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, sort_keys=True)
         f.write("\n")

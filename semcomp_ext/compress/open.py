@@ -1,0 +1,301 @@
+"""`open_compressed(path)`: read a `semcomp compress` output folder back.
+
+The stored vectors (codes) are memory-mapped (`.npy` shards), decoded to float32 by the
+folder's codec (`codecs.codec_from_manifest`) one shard or batch at a time, and streamed
+shard by shard (`iter_shards`) or in blocks of a fixed row count (`iter_batches`);
+`vectors()` / `ids()` / `metadata()` load the whole set.
+pyarrow is imported only when metadata is read.
+
+    cs = semcomp_ext.open_compressed("out")
+    cs.K, cs.D, cs.rfs_index, cs.normalize, cs.codec.name, len(cs)
+    for b in cs.iter_batches(65536):          # b.ids, b.vectors (n, K) float32, b.metadata
+        ...
+    q = cs.prepare_queries(full_dim_queries)  # the compression's normalisation + RFS, (Q, K)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import manifest as _manifest
+from .codecs import codec_from_manifest
+
+__all__ = ["Batch", "CompressedFolderError", "CompressedSet", "open_compressed"]
+
+
+class CompressedFolderError(ValueError):
+    """A folder that cannot be read as finished `semcomp compress` output: the job did not
+    finish, or a shard is missing, truncated or does not match the manifest."""
+
+
+@dataclass
+class Batch:
+    """Consecutive rows of a compressed set."""
+
+    start: int                # global row number of the first row
+    ids: np.ndarray           # (n,) int64: concept ids (concepts mode) or row numbers (pairs mode)
+    vectors: np.ndarray       # (n, K) float32 decoded vectors, or the stored codes (decode=False)
+    metadata: object = None   # pyarrow.Table with the n rows' metadata, or None
+    shard: int | None = None  # the output shard (iter_shards only)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class CompressedSet:
+    """A finished compressed folder. Use `open_compressed(path)` to get one."""
+
+    def __init__(self, path: str, m: dict, codec):
+        self.path = path
+        self.manifest = m
+        self.codec = codec
+        p, rfs = m["parameters"], m["rfs"]
+        self.mode = p["mode"]                       # "pairs" | "concepts"
+        self.normalize = p["normalize"]             # "none" | "input" | "output" | "both"
+        self.D, self.K, self.seed = int(rfs["dim"]), int(rfs["keep"]), int(rfs["seed"])
+        self.rfs_index = np.asarray(rfs["index"], dtype=np.int64)
+        self.shards = sorted(m["shards"], key=lambda s: s["index"])
+        rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(rows)])  # shard i = rows starts[i]:starts[i+1]
+        self.has_metadata = bool(self.shards) and all("metadata" in s for s in self.shards)
+
+    # ---- whole set -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __repr__(self) -> str:
+        return (f"CompressedSet({self.path!r}, rows={len(self)}, D={self.D}, K={self.K}, mode={self.mode}, "
+                f"normalize={self.normalize}, codec={self.codec.name}, shards={len(self.shards)})")
+
+    def vectors(self, decode: bool = True) -> np.ndarray:
+        """All rows: (N, K) float32, or the stored codes (decode=False: a single shard's
+        codes are returned as the read-only memory map itself); in memory otherwise."""
+        parts = [self.shard_vectors(i, decode) for i in range(len(self.shards))]
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros((0, self.K), np.float32)
+
+    def ids(self) -> np.ndarray:
+        """(N,) int64 id of every row: the concept id (concepts mode) or the output row number
+        (pairs mode; it equals the input row number unless --skip-invalid dropped rows)."""
+        return np.concatenate([self.shard_ids(i) for i in range(len(self.shards))]) if self.shards \
+            else np.zeros(0, np.int64)
+
+    def metadata(self):
+        """pyarrow.Table of every row's metadata (pairs mode with metadata), else None."""
+        if not self.has_metadata:
+            return None
+        import pyarrow as pa
+
+        return pa.concat_tables([self.shard_metadata(i) for i in range(len(self.shards))])
+
+    # ---- one shard -------------------------------------------------------------------------
+
+    def _file(self, rec: dict) -> str:
+        """Path of a file the manifest records, after checking it exists with the recorded size."""
+        path = os.path.join(self.path, rec["file"])
+        if not os.path.exists(path):
+            raise CompressedFolderError(f"missing shard {rec['file']} in {self.path}")
+        if os.path.getsize(path) != rec["bytes"]:
+            raise CompressedFolderError(f"corrupt shard {rec['file']}: {os.path.getsize(path)} bytes, the manifest "
+                                        f"says {rec['bytes']} (truncated or overwritten; `semcomp verify` checks every file)")
+        return path
+
+    def _mmap(self, rec: dict) -> np.ndarray:
+        """Memory-map a recorded .npy file read-only."""
+        path = self._file(rec)
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:  # numpy raises ValueError/EOFError/OSError on a damaged header
+            raise CompressedFolderError(f"corrupt shard {rec['file']}: {exc}") from exc
+
+    def codes(self, i: int) -> np.ndarray:
+        """The stored codes of shard i, memory-mapped read-only (shape checked)."""
+        sh = self.shards[i]
+        a = self._mmap(sh["centroids"])
+        shape = self.codec.code_shape(sh["rows"], self.K)
+        if a.shape != shape or a.dtype.name != self.codec.code_dtype:
+            raise CompressedFolderError(f"corrupt shard {sh['centroids']['file']}: {a.dtype} {a.shape}, codec "
+                                        f"{self.codec.name!r} of the manifest stores {self.codec.code_dtype} {shape}")
+        return a
+
+    def shard_vectors(self, i: int, decode: bool = True) -> np.ndarray:
+        return self._decode(self.codes(i)) if decode else self.codes(i)
+
+    def shard_ids(self, i: int) -> np.ndarray:
+        sh = self.shards[i]
+        if "concepts" in sh:
+            ids = self._mmap(sh["concepts"])
+            if ids.shape != (sh["rows"],):
+                raise CompressedFolderError(f"corrupt shard {sh['concepts']['file']}: shape {ids.shape}, "
+                                            f"the manifest says ({sh['rows']},)")
+            return ids
+        return np.arange(self.starts[i], self.starts[i + 1], dtype=np.int64)
+
+    def shard_metadata(self, i: int):
+        sh = self.shards[i]
+        if "metadata" not in sh:
+            return None
+        from .readers import require_pyarrow
+
+        pq = require_pyarrow("reading metadata")
+        path = self._file(sh["metadata"])
+        try:
+            table = pq.read_table(path, memory_map=True)
+        except Exception as exc:
+            raise CompressedFolderError(f"corrupt shard {sh['metadata']['file']}: {exc}") from exc
+        if table.num_rows != sh["rows"]:
+            raise CompressedFolderError(f"corrupt shard {sh['metadata']['file']}: {table.num_rows} rows, "
+                                        f"the manifest says {sh['rows']}")
+        return table
+
+    def _decode(self, codes) -> np.ndarray:
+        v = self.codec.decode(codes)
+        if v.ndim != 2 or v.shape[1] != self.K or v.dtype != np.float32:
+            raise CompressedFolderError(f"codec {self.codec.name!r} decoded {v.shape} {v.dtype}, expected (n, {self.K}) float32")
+        return v
+
+    # ---- streaming -------------------------------------------------------------------------
+
+    def iter_shards(self, decode: bool = True, metadata: bool = True):
+        """Yield one Batch per output shard (memory: one shard)."""
+        for i in range(len(self.shards)):
+            yield Batch(int(self.starts[i]), self.shard_ids(i), self.shard_vectors(i, decode),
+                        self.shard_metadata(i) if metadata else None, shard=i)
+
+    def iter_batches(self, rows: int, decode: bool = True, metadata: bool = True):
+        """Yield Batches of exactly `rows` consecutive rows (the last may be shorter), across
+        shard boundaries; codes are decoded one batch at a time."""
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+            raise ValueError(f"iter_batches: rows must be an int >= 1, got {rows!r}")
+        pending, have, start = [], 0, 0
+        for i in range(len(self.shards)):
+            n = int(self.starts[i + 1] - self.starts[i])
+            if n == 0:
+                continue
+            piece = (self.shard_ids(i), self.codes(i), self.shard_metadata(i) if metadata else None)
+            pos = 0
+            while pos < n:
+                take = min(rows - have, n - pos)
+                pending.append(tuple(x[pos:pos + take] if x is not None else None for x in piece))
+                have, pos = have + take, pos + take
+                if have == rows:
+                    yield self._batch(start, pending, decode)
+                    pending, have, start = [], 0, start + rows
+        if pending:
+            yield self._batch(start, pending, decode)
+
+    def _batch(self, start: int, pieces: list, decode: bool) -> Batch:
+        ids, codes, meta = zip(*pieces)
+        cat = (lambda xs: xs[0]) if len(pieces) == 1 else np.concatenate
+        codes = cat(codes)
+        table = None
+        if meta[0] is not None:
+            import pyarrow as pa
+
+            table = meta[0] if len(meta) == 1 else pa.concat_tables(meta)
+        return Batch(start, np.asarray(cat(ids), dtype=np.int64), self._decode(codes) if decode else codes, table)
+
+    # ---- row lookup ------------------------------------------------------------------------
+
+    def _locate(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            bad = rows[(rows < 0) | (rows >= len(self))][0]
+            raise IndexError(f"rows: row {int(bad)} out of range for a set of {len(self)} rows")
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+    def ids_at(self, rows) -> np.ndarray:
+        """Ids of the given global row numbers (any shape)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.mode != "concepts":
+            self._locate(rows)
+            return rows.copy()
+        shard = self._locate(rows)
+        out = np.empty(rows.shape, dtype=np.int64)
+        for i in np.unique(shard):
+            sel = shard == i
+            out[sel] = self.shard_ids(i)[rows[sel] - self.starts[i]]
+        return out
+
+    def metadata_at(self, rows) -> list | None:
+        """Metadata of the given global row numbers as a list of dicts (flat, in order), or
+        None without metadata. Only the shards holding those rows are read."""
+        if not self.has_metadata:
+            return None
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        shard = self._locate(rows)
+        out = [None] * len(rows)
+        for i in np.unique(shard):
+            where = np.nonzero(shard == i)[0]
+            recs = self.shard_metadata(int(i)).take(rows[where] - self.starts[i]).to_pylist()
+            for j, r in zip(where, recs):
+                out[j] = r
+        return out
+
+    # ---- queries ---------------------------------------------------------------------------
+
+    def prepare_queries(self, queries) -> np.ndarray:
+        """Apply the compression's normalisation and RFS to full-dimensional query embeddings
+        (Q, D) or (D,): L2-normalise on all D dims (normalize input/both), keep the RFS
+        columns, L2-normalise the K kept dims (output/both). Returns (Q, K) float32."""
+        q = np.asarray(queries)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.D:
+            raise ValueError(f"queries: expected full-dimensional embeddings of shape (Q, {self.D}) "
+                             f"(D of {self.path}), got shape {np.asarray(queries).shape}")
+        if not np.issubdtype(q.dtype, np.floating):
+            raise ValueError(f"queries: expected a floating-point array, got dtype {q.dtype}")
+        q = q.astype(np.float32)
+        finite = np.isfinite(q).all(1)
+        if not finite.all():
+            raise ValueError(f"queries: non-finite values (NaN/Inf) in query row {int(np.nonzero(~finite)[0][0])}")
+        if self.normalize in ("input", "both"):
+            q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        q = q[:, self.rfs_index]
+        if self.normalize in ("output", "both"):
+            q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        return np.ascontiguousarray(q)
+
+
+def open_compressed(path, *, verify: bool = False) -> CompressedSet:
+    """Open the output folder of `semcomp compress`.
+
+    Checks that the folder and its manifest exist, that the job finished (status complete)
+    and that every shard file has the size the manifest records and a readable header of
+    the recorded row count. `verify=True` also re-hashes every file (`semcomp verify`).
+    Raises FileNotFoundError (no folder / no manifest) or CompressedFolderError (a
+    ValueError: unfinished job, missing or corrupt shard)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"open_compressed: path {path!r} is not a folder")
+    if not os.path.exists(_manifest.manifest_path(path)):
+        raise FileNotFoundError(f"open_compressed: {path!r} has no {_manifest.MANIFEST}; "
+                                "is it the output folder of `semcomp compress`?")
+    m = _manifest.load(path)
+    if m.get("status") != "complete":
+        done = len(m.get("shards", []))
+        raise CompressedFolderError(f"open_compressed: the job writing {path!r} did not finish (status "
+                                    f"{m.get('status')!r}, {done} of {m.get('num_shards')} shards written); "
+                                    "finish it with `semcomp compress ... --resume`")
+    if verify:
+        problems = _manifest.verify(path)
+        if problems:
+            raise CompressedFolderError(f"open_compressed: {path!r} fails verification: " + "; ".join(problems))
+    try:
+        codec = codec_from_manifest(m, path)
+    except (KeyError, ValueError) as exc:
+        raise CompressedFolderError(f"open_compressed: {path!r}: unreadable codec entry in the manifest: {exc}") from exc
+    cs = CompressedSet(path, m, codec)
+    for i in range(len(cs.shards)):  # cheap checks: sizes and headers, no hashing
+        cs.codes(i)
+        cs.shard_ids(i)
+        if "metadata" in cs.shards[i]:
+            cs._file(cs.shards[i]["metadata"])
+    return cs
+
