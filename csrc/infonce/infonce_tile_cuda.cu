@@ -302,7 +302,7 @@ void dispatch_half(const at::Tensor& q, F&& f) {
 
 int64_t pick_splits(int64_t row_blocks, int64_t col_tiles, int64_t sms) {
   const int64_t want = ceil_div(2 * sms, std::max<int64_t>(row_blocks, 1));
-  return std::clamp<int64_t>(want, 1, std::max<int64_t>(col_tiles, 1));
+  return std::clamp<int64_t>(want, 1, std::clamp<int64_t>(col_tiles, 1, 65535));  // grid.y limit
 }
 
 void launch_fwd(const at::Tensor& q, const at::Tensor& k, const float* scale, int64_t offset,
