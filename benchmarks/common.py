@@ -40,7 +40,10 @@ def environment(device: str = "cpu") -> dict:
         "device": device,
     }
     if device.startswith("cuda"):
+        import semcomp_ext
+
         env["device_name"] = torch.cuda.get_device_name()
+        env["infonce_dk_accumulate"] = semcomp_ext.build_info()["infonce_dk_accumulate"]
     return env
 
 

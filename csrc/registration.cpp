@@ -66,6 +66,10 @@ std::atomic<int>& infonce_cuda_impl() {
   static std::atomic<int> mode{0};
   return mode;
 }
+std::atomic<int>& infonce_dk_accumulate_mode() {
+  static std::atomic<int> mode{0};
+  return mode;
+}
 }  // namespace semcomp
 
 namespace {
@@ -83,6 +87,10 @@ PyObject* set_infonce_cuda_impl(PyObject*, PyObject* arg) {
 
 PyObject* get_infonce_cuda_impl(PyObject*, PyObject*) {
   return PyLong_FromLong(semcomp::infonce_cuda_impl().load());
+}
+
+PyObject* get_infonce_dk_accumulate(PyObject*, PyObject*) {
+  return PyLong_FromLong(semcomp::infonce_dk_accumulate_mode().load());
 }
 
 PyObject* build_info(PyObject*, PyObject*) {
@@ -132,6 +140,8 @@ PyMethodDef kMethods[] = {
      "Selects the CUDA InfoNCE implementation for bf16/fp16: 0 auto, 1 gemm, 2 tile."},
     {"_infonce_cuda_impl", get_infonce_cuda_impl, METH_NOARGS,
      "The selected CUDA InfoNCE implementation (0 auto, 1 gemm, 2 tile)."},
+    {"_infonce_dk_accumulate", get_infonce_dk_accumulate, METH_NOARGS,
+     "How the CUDA backward accumulates dk: 0 not yet used, 1 addmm.dtype_out, 2 mm + add_."},
     {"_parallel_thread_count", parallel_thread_count_py, METH_O,
      "Distinct threads used by at::parallel_for inside this library (test hook)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops  # noqa: F401  (loads and registers the native ops)
+from ._C import _infonce_dk_accumulate as _native_dk_accumulate
 from ._C import build_info as _native_build_info
 from ._ops import get_infonce_cuda_impl, set_infonce_cuda_impl
 from .features import RandomFeatureSelector, rfs_index
@@ -62,6 +63,9 @@ def build_info() -> dict:
     info["torch_runtime"] = torch.__version__
     info["cuda_archs"] = [a for a in info["cuda_archs"].split(",") if a]
     info["num_threads"] = torch.get_num_threads()
+    # CUDA backward, bf16/fp16: how dk is accumulated in fp32 (decided on first use)
+    info["infonce_dk_accumulate"] = ("not yet used", "addmm.dtype_out", "mm.dtype_out + add_")[
+        _native_dk_accumulate()]
     return info
 
 

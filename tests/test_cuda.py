@@ -195,6 +195,12 @@ def test_tile_impl_nan_and_bad_scale_and_graph_capture(tile_impl):
         torch.testing.assert_close(x, y)
 
 
+def test_dk_accumulation_path_is_reported():
+    a, b = _unit(64, 32, torch.bfloat16).requires_grad_(), _unit(64, 32, torch.bfloat16)
+    sc.infonce_loss(a, b, 0.1).backward()
+    assert sc.build_info()["infonce_dk_accumulate"] in ("addmm.dtype_out", "mm.dtype_out + add_")
+
+
 def test_autocast_cuda_runs_the_bf16_kernels():
     a, b = _unit(300, 64).requires_grad_(), _unit(300, 64)
     s = torch.tensor(14.3, device="cuda")

@@ -24,6 +24,12 @@ namespace semcomp {
 // with semcomp_ext.set_infonce_cuda_impl(). Defined in registration.cpp.
 std::atomic<int>& infonce_cuda_impl();
 
+// How the CUDA backward accumulates dk (fp32) from bf16/fp16 blocks, decided on first use:
+// 0 not yet used, 1 one addmm.dtype_out per chunk, 2 mm.dtype_out into a scratch block plus
+// add_ (torch versions whose addmm.dtype_out rejects an fp32 bias; one extra pass over dk per
+// chunk). Reported by semcomp_ext.build_info()["infonce_dk_accumulate"].
+std::atomic<int>& infonce_dk_accumulate_mode();
+
 inline void check_infonce_pair(const char* op, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& logit_scale, bool symmetric, int64_t offset) {
   const char* qn = symmetric ? "a" : "q";

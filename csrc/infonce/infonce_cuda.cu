@@ -312,7 +312,7 @@ void dots(at::Tensor& out, const at::Tensor& qc, const at::Tensor& k) {
 // mm.dtype_out into a scratch block plus add_ (one extra pass over acc per chunk).
 void accumulate_mixed(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2,
                       at::Tensor& scratch) {
-  static std::atomic<int> mode{0};  // 0 untried, 1 addmm.dtype_out works, 2 fallback
+  std::atomic<int>& mode = infonce_dk_accumulate_mode();  // 0 untried, 1 addmm, 2 fallback
   if (mode.load() != 2) {
     try {
       at::addmm_out(acc, acc, m1, m2, at::kFloat, /*beta=*/1, /*alpha=*/1);
