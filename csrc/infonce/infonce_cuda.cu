@@ -329,6 +329,24 @@ void accumulate_mixed(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m
 }
 #endif
 
+// The forward's last step, shared by both implementations: the column LSEs from the merged
+// column states and, for the symmetric form, loss_i = (r_i + c_i)/2 - S_ii.
+template <typename A, bool SYM>
+std::vector<at::Tensor> finish_fwd(const at::Tensor& cm, const at::Tensor& cs, const at::Tensor& rlse,
+                                   const at::Tensor& diag, at::Tensor& loss, const A* sp,
+                                   cudaStream_t stream) {
+  if constexpr (SYM) {
+    const int64_t nq = rlse.size(0);
+    at::Tensor clse = at::empty({cm.size(0)}, rlse.options());
+    sym_finish_kernel<A><<<grid_1d(nq), kThreads, 0, stream>>>(
+        cm.const_data_ptr<A>(), cs.const_data_ptr<A>(), rlse.const_data_ptr<A>(),
+        diag.const_data_ptr<A>(), sp, nq, clse.data_ptr<A>(), loss.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {loss, rlse, clse};
+  }
+  return {loss, rlse};
+}
+
 // The tile kernels run for bf16/fp16 when selected (infonce_cuda_impl() == 2). "auto" keeps
 // the gemm path until the tile kernels have been timed against it on a GPU.
 template <typename T>
@@ -359,20 +377,16 @@ std::vector<at::Tensor> tile_fwd_impl(const at::Tensor& q, const at::Tensor& k,
       rpm.const_data_ptr<float>(), rps.const_data_ptr<float>(), splits, nq,
       diag.const_data_ptr<float>(), sp, rlse.data_ptr<float>(), loss.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor cm, cs;
   if constexpr (SYM) {
-    at::Tensor cm = at::full({nk}, -std::numeric_limits<double>::infinity(), opts);
-    at::Tensor cs = at::zeros({nk}, opts), clse = at::empty({nk}, opts);
+    cm = at::full({nk}, -std::numeric_limits<double>::infinity(), opts);
+    cs = at::zeros({nk}, opts);
     col_merge_kernel<float><<<grid_1d(nk), kThreads, 0, stream>>>(
         cpm.const_data_ptr<float>(), cps.const_data_ptr<float>(), n_rb, nk, cm.data_ptr<float>(),
         cs.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sym_finish_kernel<float><<<grid_1d(nq), kThreads, 0, stream>>>(
-        cm.const_data_ptr<float>(), cs.const_data_ptr<float>(), rlse.const_data_ptr<float>(),
-        diag.const_data_ptr<float>(), sp, nq, clse.data_ptr<float>(), loss.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {loss, rlse, clse};
   }
-  return {loss, rlse};
+  return finish_fwd<float, SYM>(cm, cs, rlse, diag, loss, sp, stream);
 }
 
 template <typename T, bool SYM>
@@ -428,15 +442,7 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
-  if constexpr (SYM) {
-    at::Tensor clse = at::empty({nk}, opts);
-    sym_finish_kernel<A><<<grid_1d(nq), kThreads, 0, stream>>>(
-        cm.const_data_ptr<A>(), cs.const_data_ptr<A>(), rlse.const_data_ptr<A>(),
-        diag.const_data_ptr<A>(), sp, nq, clse.data_ptr<A>(), loss.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {loss, rlse, clse};
-  }
-  return {loss, rlse};
+  return finish_fwd<A, SYM>(cm, cs, rlse, diag, loss, sp, stream);
 }
 
 template <typename T, bool SYM>

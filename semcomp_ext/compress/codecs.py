@@ -40,6 +40,7 @@ byte-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import abc
 import base64
 import hashlib
 
@@ -79,8 +80,9 @@ def _faiss(spec: str):
     return faiss
 
 
-class Codec:
-    """Base class. `name` is the spec string that parse_codec accepts."""
+class Codec(abc.ABC):
+    """Base class. `name` is the spec string that parse_codec accepts; every codec implements
+    encode, decode and code_width."""
 
     name: str = ""
     needs_fit: bool = False
@@ -89,19 +91,20 @@ class Codec:
     def __init__(self):
         self.dim: int | None = None  # K, known once fitted (or from the first encode)
 
-    # -- to implement --------------------------------------------------------------------
     def fit(self, sample: np.ndarray) -> None:
         self.dim = _as_f32(sample, "fit sample").shape[1]
 
+    @abc.abstractmethod
     def encode(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """float32 (n, K) -> codes (n, code_width(K))."""
 
+    @abc.abstractmethod
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """codes -> float32 (n, K)."""
 
+    @abc.abstractmethod
     def code_width(self, K: int) -> int:
         """Columns of the code array of one vector of K values."""
-        raise NotImplementedError
 
     def _params(self) -> dict:
         """The fitted parameters, JSON-ready (inverse: _load)."""

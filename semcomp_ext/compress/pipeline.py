@@ -205,24 +205,31 @@ def plan_codec(plan: Plan):
 def codec_sample(plan: Plan, rows: int) -> np.ndarray:
     """The first `rows` output rows of pairs mode (centroid + RFS of the first input shards,
     float32, non-finite rows dropped): the deterministic sample a codec is fitted on."""
-    p = plan.params
-    index = torch.tensor(plan.index, dtype=torch.int64)
-    keep_all = len(plan.index) == plan.dim
     got, n = [], 0
     for i in range(len(plan.mods[0]["shards"])):
         shards = [_shard_obj(m["shards"][i]) for m in plan.mods]
-        start = 0
-        for chunk in zip(*(iter_chunks(s, p["batch_size"]) for s in shards)):
-            zs = [_as_tensor(c) for c in chunk]
-            mask = _check_finite(zs, [s.path for s in shards], start, p["skip_invalid"])
-            out = _pair_block(zs, index, keep_all, p["normalize"])
+        for _, mask, out in _pair_blocks(plan, shards):
             out = out if mask is None else out[mask]
             got.append(out[: rows - n].numpy().copy())
             n += got[-1].shape[0]
-            start += zs[0].shape[0]
             if n >= rows:
                 return np.concatenate(got)
     return np.concatenate(got) if got else np.zeros((0, len(plan.index)), np.float32)
+
+
+def _pair_blocks(plan: Plan, shards):
+    """(first row, finite-row mask or None, centroid + RFS block) for each block of rows of
+    one input shard per modality."""
+    p = plan.params
+    index = torch.tensor(plan.index, dtype=torch.int64)
+    keep_all = len(plan.index) == plan.dim
+    paths = [s.path for s in shards]
+    start = 0
+    for chunk in zip(*(iter_chunks(s, p["batch_size"]) for s in shards)):
+        zs = [_as_tensor(c) for c in chunk]
+        mask = _check_finite(zs, paths, start, p["skip_invalid"])
+        yield start, mask, _pair_block(zs, index, keep_all, p["normalize"])
+        start += zs[0].shape[0]
 
 
 def pair_task(plan: Plan, i: int) -> dict:
@@ -230,26 +237,19 @@ def pair_task(plan: Plan, i: int) -> dict:
     shards = [_shard_obj(m["shards"][i]) for m in plan.mods]
     paths = [s.path for s in shards]
     p = plan.params
-    index = torch.tensor(plan.index, dtype=torch.int64)
-    keep_all = len(plan.index) == plan.dim
     codec = plan_codec(plan)
     kept_rows = []
     invalid = 0
 
     def blocks():
         nonlocal invalid
-        start = 0
-        for chunk in zip(*(iter_chunks(s, p["batch_size"]) for s in shards)):
-            zs = [_as_tensor(c) for c in chunk]
-            mask = _check_finite(zs, paths, start, p["skip_invalid"])
-            out = _pair_block(zs, index, keep_all, p["normalize"])
+        for start, mask, out in _pair_blocks(plan, shards):
             if mask is not None:
                 out = out[mask]
                 invalid += int((~mask).sum())
                 kept_rows.append(np.nonzero(mask.numpy())[0] + start)
             else:
                 kept_rows.append(None)
-            start += zs[0].shape[0]
             yield codec.encode(out.numpy())
 
     name = f"centroids_{i:05d}.npy"
