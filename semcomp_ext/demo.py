@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import time
 
-import torch
-
 DROP_RATES = (0.5, 0.75, 0.9, 0.95)
 
 
 def run_demo(gaps=(0.1, 1.0), drop_rates=DROP_RATES, seed: int = 0, seeds_rfs: int = 3, out=print) -> dict:
+    import torch
+
     from . import RandomFeatureSelector, modality_gap, pair_centroids, true_pair_cosine
     from .eval import linear_probe_accuracy
     from .synthetic import make_multimodal
@@ -68,6 +68,8 @@ def run_demo(gaps=(0.1, 1.0), drop_rates=DROP_RATES, seed: int = 0, seeds_rfs: i
 
 
 def _cmd(args) -> int:
+    import torch
+
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     res = run_demo(gaps=tuple(args.gap or (0.1, 1.0)), seed=args.seed)
