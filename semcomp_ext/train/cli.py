@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import re
 import time
 
-from .models import TINY
+# = models.TINY (models imports torch; this module must not: fast `semcomp --help`)
+TINY = "semcomp-tiny"
 
 
 def _floats(s: str) -> tuple:
@@ -36,17 +40,92 @@ def _add_common(p, out_required: bool = True) -> None:
     p.add_argument("--data-root", default=None, help="folder of a local COCO or Flickr30k copy (nothing is downloaded)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many training pairs")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (peak, after warmup)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and splits")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for the tiny model, else torch's default)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _torch_has_cuda() -> bool | None:
+    """Whether the installed torch was built with CUDA (or ROCm), read from torch/version.py
+    without importing torch (seconds); None when that file cannot be read."""
+    try:
+        spec = importlib.util.find_spec("torch")
+        path = os.path.join(list(spec.submodule_search_locations)[0], "version.py")
+        with open(path) as f:
+            text = f.read()
+    except (AttributeError, ImportError, IndexError, OSError, TypeError):
+        return None
+    vals = dict(re.findall(r"^(cuda|hip)\s*(?::[^=\n]*)?=\s*(.+?)\s*$", text, re.M))
+    if not vals:
+        return None
+    return any(v not in ("None", "") for v in vals.values())
+
+
+def check_device(device: str) -> None:
+    """--device: cpu, cuda or cuda:N; cuda refused at once on a torch built without CUDA."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device or ""):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and _torch_has_cuda() is False:
+        raise ValueError(f"--device {device}: this torch is a CPU-only build; use --device cpu "
+                         "or install a CUDA build of torch")
+
+
+def _check_common(args) -> None:
+    for name in ("batch_size", "threads", "limit"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.dataset in ("coco", "flickr30k"):
+        if not args.data_root:
+            raise ValueError(f"--dataset {args.dataset} needs --data-root (a local copy; nothing is downloaded)")
+    if args.data_root and not os.path.isdir(args.data_root):
+        raise FileNotFoundError(f"--data-root: no such folder: {args.data_root}")
+
+
+def _validate_train(args) -> None:
+    """Every argument check that needs neither torch nor a model: run before anything is built."""
+    _check_common(args)
+    check_device(args.device)
+    if args.pretrained and not os.path.isfile(args.pretrained):
+        raise FileNotFoundError(f"--pretrained: no such file: {args.pretrained}")
+    if args.learnable_temperature and args.temperature is not None:
+        raise ValueError("give --temperature or --learnable-temperature, not both")
+    if args.temperature is not None and not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    for name in ("steps", "nproc", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup", "workers"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ValueError(f"--stop-at must be >= 1, got {args.stop_at}")
+
+
+def _validate_reproduce(args) -> None:
+    _check_common(args)
+    for name in ("steps", "probe_iter", "knn_k"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.temperatures is not None and (not args.temperatures or min(args.temperatures) <= 0):
+        raise ValueError(f"--temperatures must be numbers > 0, got {args.temperatures}")
+    if not args.drop_rates or not all(0 <= r < 1 for r in args.drop_rates):
+        raise ValueError(f"--drop-rates must be in [0, 1), got {args.drop_rates}")
 
 
 def _train(args) -> int:
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device is available here (torch.cuda.is_available() "
+                             "is False); use --device cpu")
     from .loop import TrainConfig, launch, train
 
-    if args.learnable_temperature and args.temperature is not None:
-        raise ValueError("give --temperature or --learnable-temperature, not both")
     tau = None if args.learnable_temperature else (0.07 if args.temperature is None else args.temperature)
     cfg = TrainConfig(out_dir=args.out, model=args.model, text_tower=args.text_tower, pretrained=args.pretrained, dataset=args.dataset, data_root=args.data_root,
                       limit=args.limit, temperature=tau, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -90,24 +169,25 @@ def register(subparsers) -> None:
     p.add_argument("--pretrained", default=None, help="local checkpoint file to start from (never downloads)")
     p.add_argument("--temperature", type=float, default=None, help="fixed InfoNCE temperature (default 0.07)")
     p.add_argument("--learnable-temperature", action="store_true", help="learn the logit scale (clamped at 100 like open_clip)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--warmup", type=int, default=20, help="linear learning-rate warmup steps")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="save a resumable checkpoint every N steps")
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step (resume later by rerunning)")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (checked before anything is built)")
     p.add_argument("--nproc", type=int, default=1, help="processes via torch.distributed.run (gloo on CPU, NCCL on GPU)")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train, validate=_validate_train)
 
     r = subparsers.add_parser("reproduce", help="train at several temperatures and test the paper's claims end to end")
     _add_common(r, out_required=False)
-    r.add_argument("--quick", action="store_true", help="small settings (~5 min on 2 CPU cores), every artefact")
+    r.add_argument("--quick", action="store_true", help="small settings (2000 pairs, 120 steps per temperature; about 1.5-3 min on 2 CPU cores), every artefact")
     r.add_argument("--temperatures", type=_floats, default=None, help="comma list (default 0.01,0.07,0.1,0.2,0.4)")
     r.add_argument("--steps", type=int, default=None, help="training steps per temperature (default 600; --quick 120)")
-    r.add_argument("--warmup", type=int, default=None)
+    r.add_argument("--warmup", type=int, default=None, help="learning-rate warmup steps (default 30; --quick 10)")
     r.add_argument("--probe-iter", type=int, default=None, help="L-BFGS iterations of the linear probe (default 200; --quick 30)")
-    r.add_argument("--drop-rates", type=_floats, default=(0.0, 0.5, 0.75, 0.9, 0.95))
-    r.add_argument("--rfs-seeds", type=_ints, default=(0, 1, 2))
-    r.add_argument("--knn-k", type=int, default=10)
-    r.set_defaults(func=_reproduce)
+    r.add_argument("--drop-rates", type=_floats, default=(0.0, 0.5, 0.75, 0.9, 0.95),
+                   help="comma list of RFS drop rates evaluated")
+    r.add_argument("--rfs-seeds", type=_ints, default=(0, 1, 2), help="comma list of RFS seeds (mean and spread reported)")
+    r.add_argument("--knn-k", type=int, default=10, help="neighbours of the kNN classifier")
+    r.set_defaults(func=_reproduce, validate=_validate_reproduce)
