@@ -40,6 +40,15 @@ TORCH_LIBRARY(semcomp, m) {
   m.def("gather_columns(Tensor x, Tensor index) -> Tensor");
   // Its backward: scatter-add of grad (N, K) into zeros (N, dim).
   m.def("gather_columns_bwd(Tensor grad, Tensor index, SymInt dim) -> Tensor");
+  // Sigmoid (SigLIP) loss, z = logit_scale * a b^T + logit_bias, positives on the diagonal
+  // unless negative_only (csrc/siglip/siglip.h): per-row loss (Na,) in the accumulation dtype.
+  m.def("sigmoid_fwd(Tensor a, Tensor b, Tensor logit_scale, Tensor logit_bias, bool negative_only=False, int chunk_size=0) -> Tensor");
+  // Its backward for per-row upstream gradients, logits recomputed chunk by chunk:
+  // (grad_a, grad_b, grad_logit_scale, grad_logit_bias).
+  m.def("sigmoid_bwd(Tensor a, Tensor b, Tensor logit_scale, Tensor logit_bias, Tensor grad_rows, bool negative_only=False, int chunk_size=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Both in one pass: the summed loss (0-d) and its gradients (grad_a, grad_b in the
+  // accumulation dtype, grad_logit_scale, grad_logit_bias); nothing is recomputed.
+  m.def("sigmoid_fwd_bwd(Tensor a, Tensor b, Tensor logit_scale, Tensor logit_bias, bool negative_only=False, int chunk_size=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {
