@@ -14,11 +14,10 @@ from .functional import (
     centroids,
     infonce_loss,
     infonce_rect_loss,
-    multimodal_infonce_loss,
     pair_centroids,
     select_features,
 )
-from .losses import ClipLoss, InfoNCELoss
+from .losses import ClipLoss, InfoNCELoss, multimodal_infonce_loss  # with its distributed form
 from .metrics import (
     ExplainedVariance,
     compression_ratio,
@@ -38,6 +37,7 @@ __all__ = [
     "RandomFeatureSelector",
     "build_info",
     "centroids",
+    "compress_arrays",
     "compression_ratio",
     "explained_variance",
     "fisher_ratio",
@@ -76,4 +76,8 @@ def __getattr__(name: str):
         from .compress.open import open_compressed
 
         return open_compressed
+    if name == "compress_arrays":
+        from .compress.api import compress_arrays
+
+        return compress_arrays
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -103,7 +103,7 @@ def test_missing_files(tmp_path, capsys):
     rc, err = _run(capsys, tmp_path / "in", "-o", tmp_path / "out")
     assert rc == 2 and "shard counts differ" in err
     rc, err = _run(capsys, tmp_path / "in" / "img_emb", "-o", tmp_path / "out")
-    assert rc == 2 and "at least 2 modality" in err
+    assert rc == 2 and "at least 2 modalities" in err and "expected one of these input layouts" in err
 
 
 def test_disk_full_leaves_no_complete_output(tmp_path, monkeypatch, capsys):

@@ -9,10 +9,13 @@ import sys
 import numpy as np
 import torch
 
-from .readers import DEFAULT_BATCH_ROWS, discover, iter_chunks, list_shards, open_shard, validate
+from .readers import DEFAULT_BATCH_ROWS, discover, iter_chunks, list_shards, validate
+
+EVAL_MAX_ROWS = 20000  # rows sampled by `semcomp eval` unless --max-rows says otherwise
 
 
-def gap_report(inputs: list, *, batch_size: int = DEFAULT_BATCH_ROWS, column: str = "embedding", quiet: bool = False) -> dict:
+def gap_report(inputs: list, *, batch_size: int = DEFAULT_BATCH_ROWS, column: str = "embedding", quiet: bool = False,
+               modalities: list | None = None) -> dict:
     """One pass over the shards with O(M*D + D^2) state: per-modality sums of unit vectors
     (modality gap, as metrics.modality_gaps), per-pair cosine sums (metrics.true_pair_cosine),
     and the pooled second-moment matrix (metrics.explained_variance's PCA spectrum)."""
@@ -20,8 +23,8 @@ def gap_report(inputs: list, *, batch_size: int = DEFAULT_BATCH_ROWS, column: st
 
     from ..metrics import ExplainedVariance
 
-    mods, _ = discover(inputs, None, column)
-    dim, _, _ = validate(mods, None, column)
+    mods, _ = discover(inputs, None, column, modalities)
+    dim, in_dtype, _ = validate(mods, None, column)
     m = len(mods)
     unit_sum = torch.zeros(m, dim, dtype=torch.float64)
     pair_cos = torch.zeros(m, m, dtype=torch.float64)
@@ -29,7 +32,7 @@ def gap_report(inputs: list, *, batch_size: int = DEFAULT_BATCH_ROWS, column: st
     s2 = torch.zeros(dim, dim, dtype=torch.float64)
     n = 0
     total = sum(s.rows for s in mods[0].shards)
-    with tqdm(total=total, unit="row", unit_scale=True, desc="gap", disable=quiet or not sys.stderr.isatty()) as bar:
+    with tqdm(total=total, unit="row", unit_scale=True, desc="gap", disable=quiet, file=sys.stderr) as bar:
         for i in range(len(mods[0].shards)):
             for chunk in zip(*(iter_chunks(mm.shards[i], batch_size) for mm in mods)):
                 zs = [torch.from_numpy(np.array(c, dtype=np.float64)) for c in chunk]
@@ -55,7 +58,7 @@ def gap_report(inputs: list, *, batch_size: int = DEFAULT_BATCH_ROWS, column: st
     ev = ExplainedVariance(ratio, ratio.cumsum(0), {})
     names = [mm.name for mm in mods]
     return {
-        "modalities": names, "rows": n, "dim": dim,
+        "modalities": names, "rows": n, "dim": dim, "in_dtype": in_dtype,
         "modality_gap": {f"{names[a]}-{names[b]}": float(gaps[a, b]) for a, b in zip(iu[0].tolist(), iu[1].tolist())},
         "mean_modality_gap": float(gaps[iu[0], iu[1]].mean()),
         "true_pair_cosine": {f"{names[a]}-{names[b]}": float(pair_cos[a, b] / n) for a, b in zip(iu[0].tolist(), iu[1].tolist())},
@@ -64,78 +67,267 @@ def gap_report(inputs: list, *, batch_size: int = DEFAULT_BATCH_ROWS, column: st
     }
 
 
-def _read_rows(shards, max_rows: int, batch: int) -> np.ndarray:
-    out, have = [], 0
+def _sample_rows(total: int, max_rows: int | None, seed: int) -> np.ndarray | None:
+    """Sorted row numbers of a seeded uniform sample of max_rows rows (None: every row)."""
+    if not max_rows or total <= max_rows:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, size=max_rows, replace=False))
+
+
+def _take(shards, sel: np.ndarray | None, batch: int) -> np.ndarray:
+    """Rows `sel` (sorted global row numbers; None: all) of a modality's shards, as float32
+    (float64 inputs are cast). .npy shards are memory-mapped; parquet shards streamed."""
+    out, base = [], 0
     for s in shards:
+        lo, hi = base, base + s.rows
+        base = hi
+        local = None if sel is None else sel[(sel >= lo) & (sel < hi)] - lo
+        if local is not None and local.size == 0:
+            continue
+        if s.kind == "npy":
+            arr = np.load(s.path, mmap_mode="r")
+            out.append(np.asarray(arr if local is None else arr[local], dtype=np.float32))
+            continue
+        got, start = [], 0
         for c in iter_chunks(s, batch):
-            out.append(np.array(c[: max_rows - have]))
-            have += out[-1].shape[0]
-            if have >= max_rows:
-                return np.concatenate(out)
-    return np.concatenate(out) if out else np.zeros(0)
+            n = c.shape[0]
+            if local is None:
+                got.append(np.array(c, dtype=np.float32))
+            else:
+                k = local[(local >= start) & (local < start + n)] - start
+                if k.size:
+                    got.append(np.asarray(c[k], dtype=np.float32))
+            start += n
+        out.extend(got)
+    return np.concatenate(out) if out else np.zeros((0, shards[0].dim if shards else 0), np.float32)
 
 
-def _read_decoded(folder: str, man: dict, codec, max_rows: int) -> np.ndarray:
-    """The first max_rows rows of a compressed folder, decoded to float32 by its codec."""
-    out, have = [], 0
+def load_labels(path: str, column: str = "label") -> np.ndarray:
+    """Integer class labels from a .npy file, a parquet file (`column`) or a folder of such
+    shards (numeric file order), concatenated. Non-integer labels are refused (a float label
+    in [0, 1) would silently become class 0)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--labels: no such file or folder: {path}")
+    files = list_shards(path) if os.path.isdir(path) else [path]
+    parts = []
+    for f in files:
+        if f.endswith(".npy"):
+            try:
+                a = np.load(f, mmap_mode="r", allow_pickle=False)
+            except Exception as exc:  # noqa: BLE001 - numpy raises several kinds on garbage
+                raise ValueError(f"--labels: cannot read {f} as a .npy array: {exc}") from exc
+        elif f.endswith(".parquet"):
+            from .readers import require_pyarrow
+
+            pq = require_pyarrow("parquet labels")
+            try:
+                table = pq.read_table(f, columns=[column])
+            except Exception as exc:  # noqa: BLE001
+                raise ValueError(f"--labels: {f}: cannot read column {column!r}: {exc}") from exc
+            col = table.column(0)
+            if col.null_count:
+                raise ValueError(f"--labels: {f}: column {column!r} has null labels")
+            a = col.to_numpy()
+        else:
+            raise ValueError(f"--labels: {f}: expected a .npy or .parquet file")
+        if a.ndim == 2 and a.shape[1] == 1:
+            a = a[:, 0]
+        if a.ndim != 1:
+            raise ValueError(f"--labels: {f}: labels must be 1-D (one per row), got shape {a.shape}")
+        if a.dtype.kind not in "iu":
+            hint = " (floats: map them to integer class ids; a value in [0, 1) would all become class 0)" \
+                if a.dtype.kind == "f" else " (map them to integer class ids)"
+            raise ValueError(f"--labels: {f}: labels must be integers, got dtype {a.dtype}{hint}")
+        parts.append(np.asarray(a))
+    y = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return np.unique(y, return_inverse=True)[1].reshape(-1).astype(np.int64)  # class ids 0..C-1 (uint64 safe)
+
+
+def _read_decoded(folder: str, man: dict, codec, sel: np.ndarray | None) -> np.ndarray:
+    """Rows `sel` (None: all) of a compressed folder, decoded to float32 by its codec."""
+    out, base = [], 0
     for sh in man["shards"]:
-        if have >= max_rows:
-            break
-        codes = np.load(os.path.join(folder, sh["centroids"]["file"]), mmap_mode="r")[: max_rows - have]
-        out.append(codec.decode(np.asarray(codes)))
-        have += out[-1].shape[0]
+        lo, hi = base, base + sh["rows"]
+        base = hi
+        codes = np.load(os.path.join(folder, sh["centroids"]["file"]), mmap_mode="r")
+        local = None if sel is None else sel[(sel >= lo) & (sel < hi)] - lo
+        if local is not None and local.size == 0:
+            continue
+        out.append(codec.decode(np.asarray(codes if local is None else codes[local])))
     return np.concatenate(out) if out else np.zeros((0, man["rfs"]["keep"]), np.float32)
 
 
-def eval_report(inputs, compressed: str, labels: str, *, label_column: str = "label", test_fraction: float = 0.2,
-                max_rows: int = 200000, k: int = 10, seed: int = 0, column: str = "embedding") -> dict:
-    """Linear-probe and kNN accuracy of the compressed centroids vs the original embeddings
-    (each modality alone, and all modalities concatenated — the paper's baseline), plus
-    retrieval recall@k: original modality 0 -> 1, and each modality's RFS-reduced embedding
-    -> its compressed centroid. Uses the first max_rows rows (held in memory)."""
-    from .. import compression_ratio, select_features
-    from ..eval import knn_accuracy, linear_probe_accuracy, retrieval_recall
+def _pct(x: float) -> float:
+    return round(100.0 * x, 2)
+
+
+def eval_report(inputs, compressed: str | None = None, labels: str | None = None, *, label_column: str = "label",
+                test_fraction: float = 0.2, max_rows: int | None = EVAL_MAX_ROWS, k: int = 10, seed: int = 0,
+                column: str = "embedding", drop_rates=None, normalize: str | None = None, codec: str | None = None,
+                rfs_seed: int | None = None, modalities: list | None = None, quiet: bool = True) -> dict:
+    """What compression costs on the user's own data, on a seeded sample of `max_rows` rows
+    (None/0: every row; held in memory as float32).
+
+    Representations scored: each original modality, their concatenation (the baseline: every
+    embedding kept), the folder `compressed` (a pairs-mode output of `semcomp compress`), and
+    for each of `drop_rates` the centroid + RFS of the sampled rows computed in memory
+    (`compress_arrays`, with the folder's normalisation, codec and RFS seed when given, else
+    `normalize` / `codec` / `rfs_seed`). Per representation: bytes per item and compression ratio
+    from the real dtypes (input dtype x M x D -> stored code); with `labels` (integers, one per
+    input row) the ridge linear-probe and kNN accuracy on a seeded train/test split; always
+    retrieval recall@{1,5,10} of the last modality (e.g. text) as query against the
+    representation (the original first modality for the baselines; the RFS-reduced query for
+    compressed ones). `delta_pt`: the change against the original concatenation (accuracy) or
+    the original first modality (recall), in percentage points; negative = lost."""
+    from ..eval import knn_accuracy, retrieval_recall, ridge_probe_accuracy
     from . import manifest
+    from .api import compress_arrays, compression_ratio_bytes
     from .codecs import codec_from_manifest
 
-    man = manifest.load(compressed)
-    if man["parameters"]["mode"] != "pairs":
-        raise ValueError("eval: needs a pairs-mode output (one centroid per input row)")
-    if man.get("invalid_rows_skipped"):
-        raise ValueError("eval: the compressed folder skipped invalid rows; rows no longer align with the labels")
     if not 0 < test_fraction < 1:
         raise ValueError(f"eval: --test-fraction must be in (0, 1), got {test_fraction}")
-    mods, _ = discover(inputs, None, column)
-    dim, _, _ = validate(mods, None, column)
-    files = list_shards(labels) if os.path.isdir(labels) else [labels]
-    label_shards = [open_shard(p, label_column, want_2d=False) for p in files]
-    batch = DEFAULT_BATCH_ROWS
-    y = torch.from_numpy(_read_rows(label_shards, max_rows, batch).astype(np.int64))
-    xs = [torch.from_numpy(_read_rows(mm.shards, max_rows, batch)).float() for mm in mods]
-    codec = codec_from_manifest(man)
-    c = torch.from_numpy(_read_decoded(compressed, man, codec, max_rows))
-    n = min(len(y), c.shape[0], xs[0].shape[0])
+    if max_rows is not None and max_rows < 0:
+        raise ValueError(f"eval: --max-rows must be >= 0 (0 = every row), got {max_rows}")
+    if k < 1:
+        raise ValueError(f"eval: --k must be >= 1, got {k}")
+    drop_rates = list(drop_rates or [])
+    for r in drop_rates:
+        if not 0 <= r < 1:
+            raise ValueError(f"eval: drop rates must be in [0, 1), got {r}")
+    man = None
+    if compressed is not None:
+        man = manifest.load(compressed)
+        if man["parameters"]["mode"] != "pairs":
+            raise ValueError("eval: --compressed needs a pairs-mode output (one centroid per input row)")
+        if man.get("invalid_rows_skipped"):
+            raise ValueError("eval: the compressed folder skipped invalid rows; its rows no longer align with the inputs")
+        pm = man["parameters"]
+        normalize = normalize or pm["normalize"]
+        codec = codec or pm.get("codec") or pm.get("out_dtype")
+        rfs_seed = pm["seed"] if rfs_seed is None else rfs_seed
+    elif not drop_rates:
+        raise ValueError("eval: give --compressed FOLDER and/or --drop-rates R1,R2,... (what to evaluate)")
+    normalize = normalize or "none"
+    rfs_seed = 0 if rfs_seed is None else rfs_seed
+
+    mods, _ = discover(inputs, None, column, modalities)
+    dim, in_dtype, _ = validate(mods, None, column)
+    total = sum(s.rows for s in mods[0].shards)
+    if man is not None:
+        if man["rows_out"] != total:
+            raise ValueError(f"eval: the compressed folder has {man['rows_out']} rows, the inputs {total}; "
+                             "give the inputs it was compressed from")
+        if man["parameters"]["dim"] != dim:
+            raise ValueError(f"eval: the compressed folder was made from dim {man['parameters']['dim']} inputs, these have {dim}")
+    y_all = None
+    if labels is not None:
+        y_all = load_labels(labels, label_column)
+        if len(y_all) != total:
+            raise ValueError(f"eval: --labels has {len(y_all)} labels for {total} input rows; give one label per row")
+    sel = _sample_rows(total, max_rows, seed)
+    n = total if sel is None else len(sel)
     if n < 4:
-        raise ValueError(f"eval: need at least 4 labelled rows, got {n}")
-    y, xs, c = y[:n], [x[:n] for x in xs], c[:n]
+        raise ValueError(f"eval: need at least 4 rows, got {n}")
+
+    from tqdm import tqdm
+
+    steps = len(mods) + (man is not None) + len(drop_rates) + 1
+    bar = tqdm(total=steps, desc="eval", unit="step", disable=quiet, file=sys.stderr)
+    xs_np = []
+    for mm in mods:
+        bar.set_postfix_str(f"reading {mm.name}")
+        xs_np.append(_take(mm.shards, sel, DEFAULT_BATCH_ROWS))
+        bar.update()
+    xs = [torch.from_numpy(x) for x in xs_np]
+    y = None if y_all is None else torch.from_numpy(y_all if sel is None else y_all[sel])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = max(1, int(round(n * test_fraction)))
     te, tr = perm[:n_test], perm[n_test:]
-    reps = {f"original_{mm.name}": x for mm, x in zip(mods, xs)}
-    reps["original_concat"] = torch.cat(xs, dim=1)
-    reps["compressed"] = c
-    res = {"rows": n, "train": len(tr), "test": n_test, "keep": man["rfs"]["keep"], "dim": dim,
-           "compression_ratio": compression_ratio(len(mods), dim, man["rfs"]["keep"]), "codec": codec.name,
-           # bytes of M fp32 embeddings / bytes of the stored code
-           "stored_compression_ratio": len(mods) * dim * 4 / codec.bytes_per_vector(man["rfs"]["keep"]),
-           "accuracy": {}}
-    for name, x in reps.items():
-        res["accuracy"][name] = {
-            "linear_probe": linear_probe_accuracy(x[tr], y[tr], x[te], y[te], seed=seed),
-            f"knn@{k}": knn_accuracy(x[tr], y[tr], x[te], y[te], k=k),
-        }
-    index = torch.tensor(man["rfs"]["index"])
-    res["retrieval_recall"] = {f"original_{mods[0].name}->{mods[1].name}": retrieval_recall(xs[0], xs[1])}
-    for mm, x in zip(mods, xs):
-        res["retrieval_recall"][f"{mm.name}[rfs]->compressed"] = retrieval_recall(select_features(x, index), c)
+    m = len(mods)
+    in_item = np.dtype(in_dtype).itemsize
+    q_name = mods[-1].name
+
+    def score(rep: torch.Tensor, query: torch.Tensor | None) -> dict:
+        r = {}
+        if y is not None:
+            r["linear_probe"] = ridge_probe_accuracy(rep[tr], y[tr], rep[te], y[te], seed=seed)
+            r[f"knn@{k}"] = knn_accuracy(rep[tr], y[tr], rep[te], y[te], k=k)
+        r["recall"] = None if query is None else {str(kk): v for kk, v in retrieval_recall(query, rep).items()}
+        return r
+
+    rows = []
+    bar.set_postfix_str("originals")
+    for i, (mm, x) in enumerate(zip(mods, xs)):
+        # recall baseline: the query modality searching the original first modality
+        rows.append({"representation": f"original {mm.name}", "bytes_per_item": dim * in_item,
+                     **score(x, xs[-1] if i == 0 else None)})
+    rows.append({"representation": "original concat", "bytes_per_item": m * dim * in_item,
+                 **score(torch.cat(xs, 1), None)})
+    bar.update()
+
+    def sweep_row(name, vec, cdc, keep, index):
+        # the query as `semcomp search` prepares it: (L2 over all D dims,) then the RFS columns
+        query = xs[-1].index_select(1, torch.as_tensor(index, dtype=torch.int64))
+        if normalize in ("input", "both"):
+            query = query / xs[-1].norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return {"representation": name, "keep": keep, "codec": cdc.name,
+                "bytes_per_item": cdc.bytes_per_vector(keep), **score(torch.from_numpy(vec), query)}
+
+    compressed_row = None
+    if man is not None:
+        bar.set_postfix_str("compressed folder")
+        cdc = codec_from_manifest(man)
+        vec = _read_decoded(compressed, man, cdc, sel)
+        compressed_row = sweep_row(f"compressed {os.path.basename(os.path.normpath(compressed))}", vec, cdc,
+                                   man["rfs"]["keep"], man["rfs"]["index"])
+        compressed_row["drop_rate"] = man["parameters"]["drop_rate"]
+        rows.append(compressed_row)
+        bar.update()
+    for r in drop_rates:
+        bar.set_postfix_str(f"drop {r}")
+        ca = compress_arrays(xs_np, drop_rate=r, seed=rfs_seed, normalize=normalize, codec=codec or None,
+                             out_dtype=None if codec else ("float16" if in_dtype == "float16" else "float32"))
+        row = sweep_row(f"centroid + RFS drop {r:g}", ca.vectors(), ca.codec, len(ca.index), ca.index)
+        row["drop_rate"] = r
+        rows.append(row)
+        bar.update()
+    bar.close()
+
+    base_acc = rows[m]  # original concat
+    base_rec = rows[0]  # original first modality, queried by the last
+    for row in rows:
+        row["compression_ratio"] = m * dim * in_item / row["bytes_per_item"]
+        d = {}
+        if y is not None:
+            d["linear_probe"] = _pct(row["linear_probe"]) - _pct(base_acc["linear_probe"])
+            d[f"knn@{k}"] = _pct(row[f"knn@{k}"]) - _pct(base_acc[f"knn@{k}"])
+        if row["recall"] is not None:
+            d["recall@1"] = _pct(row["recall"]["1"]) - _pct(base_rec["recall"]["1"])
+        row["delta_pt"] = {kk: round(v, 2) for kk, v in d.items()}
+    res = {
+        "rows_total": total, "rows": n, "train": len(tr), "test": n_test, "dim": dim, "in_dtype": in_dtype,
+        "modalities": [mm.name for mm in mods], "labels": labels is not None, "seed": seed,
+        "sample": (f"all {n} rows" if sel is None else f"a random sample of {n} of {total} rows (seed {seed}; "
+                   "--max-rows 0 for every row)"),
+        "probe": "ridge linear probe (closed form, L2 by 5-fold CV on the train split)",
+        "recall_query": q_name,
+        "delta_convention": "percentage points, representation minus baseline (original concat for accuracy, "
+                            f"original {mods[0].name} for {q_name}->item recall); negative = lost",
+        "table": rows,
+    }
+    if man is not None:  # flat keys of the folder's row (compatibility with earlier reports)
+        cdc = codec_from_manifest(man)
+        res["keep"], res["codec"] = man["rfs"]["keep"], cdc.name
+        res["compression_ratio"] = res["stored_compression_ratio"] = compression_ratio_bytes(
+            m, dim, in_dtype, cdc, man["rfs"]["keep"])
+    res["accuracy"] = {}
+    res["retrieval_recall"] = {}
+    for row in rows:
+        key = row["representation"].replace("original ", "original_").replace(" ", "_")
+        if row is compressed_row:
+            key = "compressed"
+        if y is not None:
+            res["accuracy"][key] = {"linear_probe": row["linear_probe"], f"knn@{k}": row[f"knn@{k}"]}
+        if row["recall"] is not None:
+            res["retrieval_recall"][key] = row["recall"]
     return res

@@ -32,7 +32,7 @@ class CompressOptions:
     keep: int | None = None
     seed: int = 0
     normalize: str = "none"
-    out_dtype: str = "float32"
+    out_dtype: str | None = None  # float32 | float16; None: the input dtype (float64 input -> float32)
     codec: str | None = None  # storage codec (codecs.parse_codec); None = out_dtype
     codec_sample_rows: int = 65536
     batch_size: int = DEFAULT_BATCH_ROWS
@@ -44,6 +44,7 @@ class CompressOptions:
     overwrite: bool = False
     quiet: bool = False
     workers: int | None = None    # local engine: shards in parallel (None: the usable cores)
+    modalities: list | None = None  # ["NAME=PATH", ...] instead of `inputs` (a file or folder each)
 
 
 def _prepare_out(opts: CompressOptions) -> dict | None:
@@ -129,23 +130,30 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def default_out_dtype(in_dtype: str) -> str:
+    """The output dtype when none is given: the input's (float64, which no codec stores, -> float32)."""
+    return in_dtype if in_dtype in ("float32", "float16") else "float32"
+
+
 def build_plan(opts: CompressOptions) -> Plan:
     from .. import RandomFeatureSelector, __version__
     from .pipeline import Plan
 
-    if opts.out_dtype not in ("float32", "float16"):
+    if opts.out_dtype not in (None, "float32", "float16"):
         raise ValueError(f"--out-dtype must be float32 or float16, got {opts.out_dtype!r}")
-    if opts.codec is not None and opts.out_dtype != "float32" and opts.codec != opts.out_dtype:
+    if opts.codec is not None and opts.out_dtype is not None and opts.codec != opts.out_dtype:
         raise ValueError(f"give --codec or --out-dtype, not both (got --codec {opts.codec!r}, --out-dtype {opts.out_dtype!r})")
-    codec = parse_codec(opts.codec or opts.out_dtype, seed=opts.seed)
-    if codec.needs_fit and opts.codec_sample_rows < 1:
-        raise ValueError(f"--codec-sample-rows must be >= 1, got {opts.codec_sample_rows}")
+    if opts.codec is not None:
+        parse_codec(opts.codec, seed=opts.seed)  # a bad spec is reported before any input is opened
     if opts.normalize not in ("none", "input", "output", "both"):
         raise ValueError(f"--normalize must be none, input, output or both, got {opts.normalize!r}")
     if opts.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {opts.batch_size}")
-    mods, meta_dir = discover(opts.inputs, opts.metadata, opts.embedding_column)
+    mods, meta_dir = discover(opts.inputs, opts.metadata, opts.embedding_column, getattr(opts, "modalities", None))
     dim, in_dtype, meta = validate(mods, meta_dir, opts.embedding_column)
+    codec = parse_codec(opts.codec or opts.out_dtype or default_out_dtype(in_dtype), seed=opts.seed)
+    if codec.needs_fit and opts.codec_sample_rows < 1:
+        raise ValueError(f"--codec-sample-rows must be >= 1, got {opts.codec_sample_rows}")
     if opts.drop_rate is not None and opts.keep is not None:
         raise ValueError("give --drop-rate or --keep, not both")
     sel = RandomFeatureSelector(dim, keep=opts.keep, seed=opts.seed) if opts.keep is not None else \
@@ -234,6 +242,9 @@ def _files_present(out: str, rec: dict) -> bool:
 def compress(opts: CompressOptions) -> dict:
     """Run (or resume) a compression job; returns the final manifest."""
     plan = build_plan(opts)  # validates every input before touching the output folder
+    if plan.in_dtype == "float64" and not opts.quiet:
+        print(f"semcomp compress: note: the inputs are float64; they are cast to float32 block by block "
+              f"(accumulation is float32) and stored as {plan.params['codec']}", file=sys.stderr)
     old = _prepare_out(opts)
     n_in = len(plan.mods[0]["shards"])
     m = {
@@ -244,6 +255,17 @@ def compress(opts: CompressOptions) -> dict:
     if old is not None:
         diff = sorted(k for k in set(m["parameters"]) | set(old.get("parameters", {}))
                       if m["parameters"].get(k) != old.get("parameters", {}).get(k))
+        po = old.get("parameters", {})
+        if "batch_size" in diff and m["parameters"]["mode"] == "pairs":
+            # pairs mode: each output row depends on its input row only, never on the blocking,
+            # so the files are the same whatever --batch-size; the first run's value is kept
+            m["parameters"] = dict(plan.params, batch_size=po.get("batch_size"))  # the job itself uses the new one
+            diff.remove("batch_size")
+        if "skip_invalid" in diff and plan.params["skip_invalid"] and not po.get("skip_invalid"):
+            # a run without --skip-invalid stops at the first NaN/Inf, so every shard it committed
+            # has no invalid row and is exactly what --skip-invalid writes: resume with it
+            m["parameters"]["skip_invalid"] = True
+            diff.remove("skip_invalid")
         if diff:
             raise ValueError(f"--resume: parameters differ from the interrupted run: {diff}")
         if old.get("sources") != m["sources"]:
@@ -313,3 +335,116 @@ def compress(opts: CompressOptions) -> dict:
     manifest.save(opts.out, m)
     manifest.remove_journal(opts.out)  # folded in: the complete manifest is durable
     return m
+
+
+# ---- in-memory arrays ------------------------------------------------------------------
+
+
+@dataclass
+class CompressedArrays:
+    """What `compress_arrays` returns: the stored form of every kept row and how to read it."""
+
+    codes: object         # np.ndarray (N', codec.code_width(K)) of codec.code_dtype: what `compress` writes
+    index: object         # np.ndarray (K,) int64: the RFS columns kept (rfs_index(dim, K, seed))
+    codec: object         # the (fitted) codecs.Codec: codec.decode(codes) -> float32 (N', K)
+    rows: object          # np.ndarray (N',) int64: input row of each output row (all rows unless skip_invalid)
+    dim: int
+    in_dtype: str
+    num_modalities: int
+
+    def vectors(self):
+        """The decoded centroids, float32 (N', K)."""
+        return self.codec.decode(self.codes)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Bytes of the M input embeddings (their dtype) / bytes of one stored code."""
+        return compression_ratio_bytes(self.num_modalities, self.dim, self.in_dtype, self.codec, len(self.index))
+
+
+def compression_ratio_bytes(num_modalities: int, dim: int, in_dtype: str, codec, keep: int) -> float:
+    """Input bytes per item (M embeddings of D values in their real dtype) / stored bytes per
+    item (the codec's code of the K kept features): 2 x 768 fp16 -> 384 fp16 is 4.0."""
+    import numpy as np
+
+    return num_modalities * dim * np.dtype(in_dtype).itemsize / codec.bytes_per_vector(keep)
+
+
+def compress_arrays(arrays, *, drop_rate: float | None = None, keep: int | None = None, seed: int = 0,
+                    normalize: str = "none", out_dtype: str | None = None, codec: str | None = None,
+                    codec_sample_rows: int = 65536, batch_size: int = DEFAULT_BATCH_ROWS,
+                    skip_invalid: bool = False) -> CompressedArrays:
+    """Pair centroids + RFS (+ storage codec) of in-memory arrays, exactly as `compress` does
+    for files (same blocks, same arithmetic, same codec fit: the codes are the bytes
+    `semcomp compress` would write for the same rows saved as .npy).
+
+    arrays: M >= 2 row-aligned (N, D) arrays (a list, or a dict name -> array; numpy or CPU
+    tensors), float16 / float32 / float64 (float64 is cast to float32). Other arguments as the
+    CLI options of the same names; out_dtype defaults to the input dtype (float32 for float64).
+    """
+    import numpy as np
+
+    from .. import RandomFeatureSelector
+    from .pipeline import _as_tensor, _check_finite, _pair_block
+
+    if isinstance(arrays, dict):
+        names, arrays = list(arrays), list(arrays.values())
+    else:
+        arrays = list(arrays)
+        names = [f"arrays[{i}]" for i in range(len(arrays))]
+    if len(arrays) < 2:
+        raise ValueError(f"compress_arrays: need at least 2 modalities, got {len(arrays)}")
+    xs = []
+    for name, a in zip(names, arrays):
+        if hasattr(a, "detach"):  # a torch tensor
+            a = a.detach().cpu().numpy()
+        a = np.asarray(a)
+        if a.dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"compress_arrays: {name} must be float16, float32 or float64, got {a.dtype}")
+        if a.ndim != 2:
+            raise ValueError(f"compress_arrays: {name} must be 2-D (rows, dim), got shape {a.shape}")
+        if a.shape != np.shape(xs[0] if xs else a):
+            raise ValueError(f"compress_arrays: {name} has shape {a.shape}, {names[0]} has {xs[0].shape}")
+        xs.append(a)
+    dtypes = {a.dtype.name for a in xs}
+    in_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
+    if len(xs) and len({a.dtype for a in xs}) > 1:
+        xs = [a.astype(np.float32) for a in xs]
+    n, dim = xs[0].shape
+    if normalize not in ("none", "input", "output", "both"):
+        raise ValueError(f"compress_arrays: normalize must be none, input, output or both, got {normalize!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"compress_arrays: batch_size must be an int >= 1, got {batch_size!r}")
+    if codec is not None and out_dtype is not None and codec != out_dtype:
+        raise ValueError(f"compress_arrays: give codec or out_dtype, not both (got {codec!r}, {out_dtype!r})")
+    if out_dtype not in (None, "float32", "float16"):
+        raise ValueError(f"compress_arrays: out_dtype must be float32 or float16, got {out_dtype!r}")
+    cdc = parse_codec(codec or out_dtype or default_out_dtype(in_dtype), seed=seed)
+    if keep is not None and drop_rate is not None:
+        raise ValueError("compress_arrays: give drop_rate or keep, not both")
+    sel = RandomFeatureSelector(dim, keep=keep, seed=seed) if keep is not None else \
+        RandomFeatureSelector(dim, drop_rate=drop_rate or 0.0, seed=seed)
+    import torch
+
+    index = torch.as_tensor(sel.index, dtype=torch.int64)
+    keep_all = sel.keep == dim
+    blocks, rows = [], []
+    for start in range(0, n, batch_size):
+        zs = [_as_tensor(np.ascontiguousarray(a[start:start + batch_size])) for a in xs]
+        mask = _check_finite(zs, names, start, skip_invalid)
+        out = _pair_block(zs, index, keep_all, normalize)
+        r = np.arange(start, start + zs[0].shape[0])
+        if mask is not None:
+            out, r = out[mask], r[mask.numpy()]
+        blocks.append(out.numpy().copy())
+        rows.append(r)
+    cent = np.concatenate(blocks) if blocks else np.zeros((0, sel.keep), np.float32)
+    if cdc.needs_fit:
+        if codec_sample_rows < 1:
+            raise ValueError(f"compress_arrays: codec_sample_rows must be >= 1, got {codec_sample_rows}")
+        cdc.fit(cent[:codec_sample_rows])
+    else:
+        cdc.dim = sel.keep
+    codes = cdc.encode(cent)  # every codec encodes row by row: the same codes as block by block
+    return CompressedArrays(codes, np.asarray(sel.index, dtype=np.int64), cdc,
+                            np.concatenate(rows) if rows else np.zeros(0, np.int64), dim, in_dtype, len(xs))

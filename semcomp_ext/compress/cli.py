@@ -9,8 +9,46 @@ import sys
 from .readers import DEFAULT_BATCH_ROWS
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def compress_summary(m: dict, out: str, seconds: float | None = None) -> str:
+    """A few lines for people: where, rows, bytes and the compression ratio (real dtypes)."""
+    from .api import compression_ratio_bytes
+    from .codecs import codec_from_manifest
+
+    p = m["parameters"]
+    codec = codec_from_manifest(m)
+    mods = p["modalities"]
+    src = sum(s["bytes"] for s in m["sources"] if s["modality"] in mods)
+    dst = sum(sh[k]["bytes"] for sh in m["shards"] for k in ("centroids", "concepts") if sh.get(k))
+    ratio = compression_ratio_bytes(len(mods), p["dim"], p["in_dtype"], codec, p["keep"])
+    item_in = f"{len(mods)} x {p['dim']} {p['in_dtype']}"
+    item_out = f"{p['keep']} {codec.name}" + (f" ({codec.bytes_per_vector(p['keep']):g} B)" if codec.name not in
+                                              ("float32", "float16") else "")
+    what = "concepts" if p["mode"] == "concepts" else "rows"
+    lines = [
+        f"semcomp compress: {out}: {m['rows_in']:,} rows of {', '.join(mods)} -> {m['rows_out']:,} {what}, "
+        f"{m['num_shards']} shard(s); manifest {m['status']}",
+        f"  per item: {item_in} -> {item_out}: {ratio:.2f}x smaller"
+        + (f" (drop rate {p['drop_rate']:g})" if p.get("drop_rate") else ""),
+        f"  files: {_size(src)} in -> {_size(dst)} out"
+        + (f"; {m['invalid_rows_skipped']:,} rows with NaN/Inf skipped" if m.get("invalid_rows_skipped") else "")
+        + (f"; {seconds:.1f} s" if seconds is not None else ""),
+    ]
+    return "\n".join(lines)
+
+
 def _compress(args) -> int:
-    from .api import CompressOptions, compress
+    import time
+
+    from .api import CompressOptions, compress, compression_ratio_bytes
+    from .codecs import codec_from_manifest
 
     opts = CompressOptions(
         inputs=args.inputs, out=args.out, metadata=args.metadata, concepts=args.concepts,
@@ -20,7 +58,9 @@ def _compress(args) -> int:
         batch_size=args.batch_size, partitions=args.partitions,
         skip_invalid=args.skip_invalid, engine=args.engine, ray_address=args.ray_address,
         resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, workers=args.workers,
+        modalities=args.modality,
     )
+    t0 = time.perf_counter()
     try:
         m = compress(opts)
     except (ImportError, OSError) as exc:
@@ -28,8 +68,15 @@ def _compress(args) -> int:
             raise
         print(f"semcomp compress: error: {exc}", file=sys.stderr)
         return 2
-    if not args.quiet:
-        print(json.dumps({k: m[k] for k in ("status", "num_shards", "rows_in", "rows_out", "invalid_rows_skipped")}))
+    if args.json:
+        p = m["parameters"]
+        status = {k: m[k] for k in ("status", "num_shards", "rows_in", "rows_out", "invalid_rows_skipped")}
+        status.update(out=args.out, modalities=p["modalities"], dim=p["dim"], in_dtype=p["in_dtype"], keep=p["keep"],
+                      codec=p["codec"], compression_ratio=compression_ratio_bytes(
+                          len(p["modalities"]), p["dim"], p["in_dtype"], codec_from_manifest(m), p["keep"]))
+        print(json.dumps(status))
+    elif not args.quiet:
+        print(compress_summary(m, args.out, time.perf_counter() - t0))
     return 0
 
 
@@ -47,17 +94,70 @@ def _verify(args) -> int:
 def _gap(args) -> int:
     from .analysis import gap_report
 
-    print(json.dumps(gap_report(args.inputs, batch_size=args.batch_size, column=args.embedding_column,
-                                quiet=args.quiet), indent=1))
+    rep = gap_report(args.inputs, batch_size=args.batch_size, column=args.embedding_column, quiet=args.quiet,
+                     modalities=args.modality)
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    print(f"semcomp gap: {rep['rows']:,} rows of {', '.join(rep['modalities'])} (D {rep['dim']}, {rep['in_dtype']})")
+    for pair, g in rep["modality_gap"].items():
+        print(f"  {pair}: modality gap {g:.3f}, true-pair cosine {rep['true_pair_cosine'][pair]:.3f}")
+    if len(rep["modality_gap"]) > 1:
+        print(f"  mean modality gap {rep['mean_modality_gap']:.3f}")
+    ev = rep["explained_variance_components"]
+    print(f"  principal components for 90/95/99% of the variance: {ev['0.9']} / {ev['0.95']} / {ev['0.99']} "
+          f"of {rep['dim']}")
     return 0
+
+
+def format_eval(rep: dict) -> str:
+    """The eval report as a table: bytes, accuracy / recall and the change in points."""
+    rows = rep["table"]
+    lab = rep["labels"]
+    k = next((key for key in rows[0] if key.startswith("knn@")), None)
+    head = ["representation", "bytes/item", "ratio"]
+    if lab:
+        head += ["probe acc", "Δ pt", f"{k} acc", "Δ pt"]
+    head += [f"R@1 {rep['recall_query']}->", "R@10", "Δ R@1 pt"]
+    table = []
+    for r in rows:
+        c = [r["representation"], f"{r['bytes_per_item']:g}", f"{r['compression_ratio']:.2f}x"]
+        if lab:
+            c += [f"{100 * r['linear_probe']:.1f}%", f"{r['delta_pt']['linear_probe']:+.1f}",
+                  f"{100 * r[k]:.1f}%", f"{r['delta_pt'][k]:+.1f}"]
+        rec = r["recall"]
+        c += ["-", "-", "-"] if rec is None else [f"{100 * rec['1']:.1f}%", f"{100 * rec['10']:.1f}%",
+                                                  f"{r['delta_pt']['recall@1']:+.1f}"]
+        table.append(c)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
+    fmt = lambda cells: "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)  # noqa: E731
+                                  for i, (x, w) in enumerate(zip(cells, widths)))
+    lines = [f"semcomp eval: {rep['sample']}, {', '.join(rep['modalities'])} (D {rep['dim']}, {rep['in_dtype']}); "
+             + (f"train {rep['train']:,} / test {rep['test']:,}" if lab else "no labels: retrieval only"),
+             fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in table]
+    base = "original concat"
+    lines.append(f"ratio: input bytes per item ({len(rep['modalities'])} x {rep['dim']} {rep['in_dtype']}) / stored bytes. "
+                 + (f"Δ: points vs {base} (accuracy) and " if lab else "Δ: points ")
+                 + f"vs {rep['recall_query']}->original {rep['modalities'][0]} (R@1); negative = lost.")
+    lines.append(f"R@k: the {rep['recall_query']} embedding (its RFS columns for compressed rows) finds its own item "
+                 "among all evaluated rows" + (f"; probe: {rep['probe']}." if lab else "."))
+    if lab:
+        comp = [r for r in rows if r["representation"].startswith(("compressed", "centroid"))]
+        for r in comp:
+            lines.append(f"  {r['representation']}: accuracy {100 * rep['table'][len(rep['modalities'])]['linear_probe']:.1f}% "
+                         f"-> {100 * r['linear_probe']:.1f}% ({r['delta_pt']['linear_probe']:+.1f} pt) at "
+                         f"{r['compression_ratio']:.2f}x fewer bytes")
+    return "\n".join(lines)
 
 
 def _eval(args) -> int:
     from .analysis import eval_report
 
-    print(json.dumps(eval_report(args.inputs, args.compressed, args.labels, label_column=args.label_column,
-                                 test_fraction=args.test_fraction, max_rows=args.max_rows, k=args.k,
-                                 seed=args.seed, column=args.embedding_column), indent=1))
+    rep = eval_report(args.inputs, args.compressed, args.labels, label_column=args.label_column,
+                      test_fraction=args.test_fraction, max_rows=args.max_rows, k=args.k, seed=args.seed,
+                      column=args.embedding_column, drop_rates=args.drop_rates, normalize=args.normalize,
+                      codec=args.codec, rfs_seed=args.rfs_seed, modalities=args.modality, quiet=args.quiet)
+    print(json.dumps(rep, indent=1) if args.json else format_eval(rep))
     return 0
 
 
@@ -102,21 +202,79 @@ def _positive_int(s: str) -> int:
     return n
 
 
+def _drop_rates(s: str) -> list:
+    try:
+        rates = [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1), got {s!r}") from None
+    if not rates or not all(0 <= r < 1 for r in rates):
+        raise argparse.ArgumentTypeError(f"drop rates must be in [0, 1), got {s!r}")
+    return rates
+
+
+_INPUTS_HELP = ("embeddings: one file per modality (img_emb.npy text_emb.npy), a folder holding NAME_emb.npy "
+                "files, a clip-retrieval root (*_emb folders) or >= 2 modality folders; or use --modality")
+_MODALITY_HELP = "NAME=PATH: a modality and its file or folder of shards (repeat; instead of positional inputs)"
+
+
+def _add_inputs(p) -> None:
+    p.add_argument("inputs", nargs="*", help=_INPUTS_HELP)
+    p.add_argument("--modality", action="append", metavar="NAME=PATH", help=_MODALITY_HELP)
+
+
+def _check_inputs(args) -> None:
+    """Cheap checks before anything is imported or opened: one way of naming the inputs."""
+    from .readers import LayoutError
+
+    if not args.inputs and not args.modality:
+        raise LayoutError("no inputs given")
+    if args.inputs and args.modality:
+        raise ValueError("give the inputs as positional paths or as --modality NAME=PATH, not both")
+    for spec in args.modality or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--modality must be NAME=PATH, got {spec!r}")
+
+
+def _check_compress(args) -> None:
+    _check_inputs(args)
+    if args.resume and args.overwrite:
+        raise ValueError("give --resume or --overwrite, not both")
+    if args.drop_rate is not None and not 0 <= args.drop_rate < 1:
+        raise ValueError(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
+    if args.keep is not None and args.keep < 1:
+        raise ValueError(f"--keep must be >= 1, got {args.keep}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def _check_eval(args) -> None:
+    _check_inputs(args)
+    if args.compressed is None and not args.drop_rates:
+        raise ValueError("give --compressed FOLDER and/or --drop-rates R1,R2,... (what to evaluate)")
+
+
 def register(sub) -> None:
-    c = sub.add_parser("compress", help="pair/concept centroids + random feature selection over embedding shards")
-    c.add_argument("inputs", nargs="+", help="a clip-retrieval root (with *_emb folders) or >= 2 modality folders")
+    c = sub.add_parser("compress", help="pair/concept centroids + random feature selection over embedding shards",
+                       description="Centroid of each item over its modalities, then random feature selection, "
+                                   "streamed to OUT. Example: semcomp compress img_emb.npy text_emb.npy -o out "
+                                   "--drop-rate 0.5")
+    _add_inputs(c)
     c.add_argument("-o", "--out", required=True, help="output folder (must be empty unless --resume/--overwrite)")
-    c.add_argument("--metadata", help="folder of metadata_*.parquet aligned with the shards (default: ROOT/metadata)")
+    c.add_argument("--metadata", help="metadata_*.parquet folder (or one .parquet file) aligned with the rows "
+                                      "(default: ROOT/metadata of a clip-retrieval root)")
     c.add_argument("--concepts", help="concept ids: folder of .npy/.parquet shards aligned with the embedding shards")
     c.add_argument("--concept-column", default="concept", help="integer column when --concepts is parquet")
     c.add_argument("--embedding-column", default="embedding", help="list column of parquet embedding shards")
     g = c.add_mutually_exclusive_group()
-    g.add_argument("--drop-rate", type=float, help="fraction of features dropped by RFS (default 0)")
-    g.add_argument("--keep", type=int, help="number of features kept by RFS")
+    g.add_argument("--drop-rate", type=float, help="fraction of features dropped by RFS (default 0: keep all)")
+    g.add_argument("--keep", type=int, help="number of features kept by RFS (instead of --drop-rate)")
     c.add_argument("--seed", type=int, default=0, help="RFS seed")
-    c.add_argument("--normalize", nargs="?", const="input", default="none",
-                   choices=["none", "input", "output", "both"], help="L2-normalise inputs (bare flag), outputs or both")
-    c.add_argument("--out-dtype", default="float32", choices=["float32", "float16"])
+    c.add_argument("--normalize", default="none", choices=["none", "input", "output", "both"],
+                   help="L2-normalise each input embedding (input), each centroid over its kept columns (output), "
+                        "or both; a value is required (--normalize input)")
+    c.add_argument("--out-dtype", default=None, choices=["float32", "float16"],
+                   help="output precision (default: the input dtype; float64 input is stored as float32)")
     c.add_argument("--codec", help="stored form of the centroids: float32, float16, int8, binary, pq:M "
                                    "(M 8-bit sub-quantisers) or faiss:<index_factory> (default: --out-dtype)")
     c.add_argument("--codec-sample-rows", type=int, default=65536,
@@ -125,38 +283,53 @@ def register(sub) -> None:
     c.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_ROWS, help=f"rows per block (bounds memory; default {DEFAULT_BATCH_ROWS})")
     c.add_argument("--partitions", type=int, default=0, help="concept mode: hash partitions (0 = auto)")
     c.add_argument("--skip-invalid", action="store_true", help="drop NaN/Inf rows (counted in the manifest)")
-    c.add_argument("--engine", default="local", choices=["local", "ray"])
+    c.add_argument("--engine", default="local", choices=["local", "ray"], help="local threads, or Ray Data tasks")
     c.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     c.add_argument("--workers", type=_positive_int, default=None,
                    help="local engine: shards processed in parallel (default: the usable cores)")
-    c.add_argument("--resume", action="store_true", help="continue an interrupted job from its manifest")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted (or failed) job from its manifest")
     c.add_argument("--overwrite", action="store_true", help="replace a previous semcomp output in --out")
-    c.add_argument("-q", "--quiet", action="store_true")
-    c.set_defaults(func=_compress)
+    c.add_argument("--json", action="store_true", help="print one JSON status line instead of the summary")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+    c.set_defaults(func=_compress, validate=_check_compress)
 
     v = sub.add_parser("verify", help="check a compressed folder against its manifest.json")
-    v.add_argument("dir")
-    v.add_argument("-q", "--quiet", action="store_true")
+    v.add_argument("dir", help="output folder of `semcomp compress`")
+    v.add_argument("-q", "--quiet", action="store_true", help="print problems only")
     v.set_defaults(func=_verify)
 
     gp = sub.add_parser("gap", help="modality gap, true-pair cosine and explained variance of a folder (streamed)")
-    gp.add_argument("inputs", nargs="+", help="a clip-retrieval root or >= 2 modality folders")
-    gp.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_ROWS)
-    gp.add_argument("--embedding-column", default="embedding")
-    gp.add_argument("-q", "--quiet", action="store_true")
-    gp.set_defaults(func=_gap)
+    _add_inputs(gp)
+    gp.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_ROWS, help="rows per block")
+    gp.add_argument("--embedding-column", default="embedding", help="list column of parquet embedding shards")
+    gp.add_argument("--json", action="store_true", help="JSON output")
+    gp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    gp.set_defaults(func=_gap, validate=_check_inputs)
 
-    e = sub.add_parser("eval", help="linear probe / kNN / retrieval recall: compressed vs original embeddings")
-    e.add_argument("inputs", nargs="+", help="original embeddings: a clip-retrieval root or >= 2 modality folders")
-    e.add_argument("--compressed", required=True, help="output folder of `semcomp compress` (pairs mode)")
-    e.add_argument("--labels", required=True, help="labels: folder/file of .npy shards or parquet (see --label-column)")
-    e.add_argument("--label-column", default="label")
-    e.add_argument("--embedding-column", default="embedding")
-    e.add_argument("--test-fraction", type=float, default=0.2)
-    e.add_argument("--max-rows", type=int, default=200000, help="rows loaded for evaluation (in memory)")
+    e = sub.add_parser("eval", help="what compression costs: accuracy / retrieval of compressed vs original embeddings",
+                       description="Scores the original embeddings, a compressed folder and/or a sweep of drop "
+                                   "rates on a seeded sample of the rows. Example: semcomp eval img_emb.npy "
+                                   "text_emb.npy --labels labels.npy --drop-rates 0.5,0.75,0.9,0.95")
+    _add_inputs(e)
+    e.add_argument("--compressed", help="output folder of `semcomp compress` (pairs mode) made from these inputs")
+    e.add_argument("--labels", help="integer class labels, one per input row: .npy, parquet (--label-column) or a "
+                                    "folder of shards; without labels only retrieval is reported")
+    e.add_argument("--drop-rates", type=_drop_rates, help="comma list: also evaluate centroid + RFS at these drop "
+                                                          "rates, computed in memory (e.g. 0.5,0.75,0.9,0.95)")
+    e.add_argument("--normalize", choices=["none", "input", "output", "both"],
+                   help="--drop-rates: normalisation (default: the compressed folder's, else none)")
+    e.add_argument("--codec", help="--drop-rates: stored form (default: the compressed folder's, else the input dtype)")
+    e.add_argument("--rfs-seed", type=int, help="--drop-rates: RFS seed (default: the compressed folder's, else 0)")
+    e.add_argument("--label-column", default="label", help="label column of parquet labels")
+    e.add_argument("--embedding-column", default="embedding", help="list column of parquet embedding shards")
+    e.add_argument("--test-fraction", type=float, default=0.2, help="held-out fraction of the evaluated rows")
+    e.add_argument("--max-rows", type=int, default=20000,
+                   help="rows evaluated: a seeded random sample of this many (0 = every row; held in memory)")
     e.add_argument("--k", type=int, default=10, help="kNN neighbours")
-    e.add_argument("--seed", type=int, default=0)
-    e.set_defaults(func=_eval)
+    e.add_argument("--seed", type=int, default=0, help="seed of the row sample and the train/test split")
+    e.add_argument("--json", action="store_true", help="JSON output")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_eval, validate=_check_eval)
 
     ix = sub.add_parser("index", help="build a faiss index of a compressed folder (saved in DIR/index/)")
     ix.add_argument("dir", help="output folder of `semcomp compress`")
@@ -164,7 +337,7 @@ def register(sub) -> None:
                                             "RR,IVF,PQ sized as autofaiss does; see docs/compress.md)")
     ix.add_argument("--nprobe", type=_positive_int, help="IVF lists searched per query (default: nlist // 16)")
     ix.add_argument("--seed", type=int, default=0, help="seed of the training sample")
-    ix.add_argument("-q", "--quiet", action="store_true")
+    ix.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
     ix.set_defaults(func=_index)
 
     se = sub.add_parser("search", help="k nearest compressed rows of full-dimensional query embeddings")

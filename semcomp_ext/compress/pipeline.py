@@ -65,7 +65,8 @@ def _check_finite(zs, paths, start: int, skip: bool) -> torch.Tensor | None:
             continue
         if not skip:
             raise ValueError(f"non-finite values (NaN/Inf) in {path} at row {start + int(rows[0])} "
-                             f"({rows.numel()} such rows in this block); pass --skip-invalid to drop them")
+                             f"({rows.numel()} such rows in this block); rerun with --skip-invalid --resume to drop "
+                             "them (keeping the shards already written)")
         if bad is None:
             bad = torch.zeros(z.shape[0], dtype=torch.bool)
         bad[rows] = True
@@ -73,6 +74,8 @@ def _check_finite(zs, paths, start: int, skip: bool) -> torch.Tensor | None:
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    if a.dtype == np.float64:  # float64 inputs are computed in float32 (fp32 accumulation, as for fp16/fp32)
+        return torch.from_numpy(a.astype(np.float32))
     return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 

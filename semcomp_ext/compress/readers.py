@@ -57,14 +57,40 @@ class Shard:
 @dataclass
 class Modality:
     name: str
-    folder: str
+    folder: str                       # the modality's folder, or its file
     shards: list = field(default_factory=list)
+    files: list | None = None         # explicit shard files (None: every shard in `folder`)
+
+
+# What `compress` / `gap` / `eval` accept, printed when the inputs match none of it.
+LAYOUTS = """expected one of these input layouts:
+  IMG.npy TEXT.npy [AUDIO.npy ...]     one file per modality (.npy or .parquet), at least 2
+  --modality img=PATH --modality text=PATH
+                                       named modalities, each a file or a folder of shards
+  DIR                                  a folder of files NAME_emb.npy (or NAME_emb_0.npy, NAME_emb_1.npy, ...
+                                       shards): img_emb.npy + text_emb.npy are modalities img and text
+  ROOT                                 clip-retrieval: ROOT/img_emb/*.npy, ROOT/text_emb/*.npy
+                                       [, ROOT/metadata/*.parquet]
+  DIR1 DIR2 [...]                      one folder of .npy/.parquet shards per modality"""
+
+
+class LayoutError(ValueError):
+    """Inputs that match no known layout; the message lists the layouts."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}\n{LAYOUTS}")
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers in file names numerically (img_emb_2 < img_emb_10)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
 
 
 def list_shards(folder: str, exts=EMB_EXTS) -> list[str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"missing input folder: {folder}")
-    files = sorted(f for f in os.listdir(folder) if f.endswith(exts) and not f.startswith("."))
+    # numeric order of the shard numbers: img_emb_10.npy is shard 10, not shard 2
+    files = sorted((f for f in os.listdir(folder) if f.endswith(exts) and not f.startswith(".")), key=natural_key)
     if not files:
         raise FileNotFoundError(f"no {'/'.join(exts)} shards in {folder}")
     # absolute paths: the manifest's source list must compare equal on --resume from any cwd
@@ -110,8 +136,8 @@ def open_npy(path: str, want_2d: bool = True) -> Shard:
     if not want_2d and not np.issubdtype(dtype, np.integer):
         raise ValueError(f"{path}: concept ids must be integers, got dtype {dtype}"
                          + (" (strings: map them to integer ids first)" if dtype.kind in "US" else ""))
-    if dtype not in (np.float32, np.float16) and want_2d:
-        raise ValueError(f"{path}: embeddings must be float32 or float16, got {dtype}")
+    if dtype not in (np.float32, np.float16, np.float64) and want_2d:
+        raise ValueError(f"{path}: embeddings must be float32, float16 or float64, got {dtype}")
     if want_2d and len(shape) != 2:
         raise ValueError(f"{path}: embeddings must be 2-D (rows, dim), got shape {shape}")
     if not want_2d and len(shape) != 1:
@@ -145,9 +171,9 @@ def open_parquet(path: str, column: str, want_2d: bool = True) -> Shard:
         if not (pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)):
             raise ValueError(f"{path}: column {column!r} must be a list of floats, got {typ}")
         vt = typ.value_type
-        dtype = {pa.float32(): "float32", pa.float16(): "float16"}.get(vt)
+        dtype = {pa.float32(): "float32", pa.float16(): "float16", pa.float64(): "float64"}.get(vt)
         if dtype is None:
-            raise ValueError(f"{path}: column {column!r} must hold float32 or float16, got {vt}")
+            raise ValueError(f"{path}: column {column!r} must hold float32, float16 or float64, got {vt}")
         if pa.types.is_fixed_size_list(typ):
             dim = typ.list_size
         elif rows:
@@ -268,32 +294,104 @@ def iter_chunks(shard: Shard, batch: int):
         yield np.concatenate(pending) if len(pending) > 1 else pending[0]
 
 
-def discover(inputs: list[str], metadata: str | None = None, column: str = "embedding"):
-    """Resolve CLI inputs to modalities (+ metadata folder). One path that contains `*_emb`
-    folders is a clip-retrieval root; otherwise each path is one modality folder."""
+_EMB_FILE = re.compile(r"^(?P<name>.+?)_emb(?:[_-]?\d+)?$")
+
+
+def _file_groups(paths: list, sort: bool = False) -> list:
+    """Modalities from files: NAME_emb.npy / NAME_emb_N.npy are shards of modality NAME (in
+    numeric order); any other file is a modality of its own, named by its stem."""
+    groups: dict = {}
+    for p in paths:
+        stem = os.path.splitext(os.path.basename(p))[0]
+        m = _EMB_FILE.match(stem)
+        groups.setdefault(m.group("name") if m else stem, []).append(os.path.abspath(p))
+    mods = []
+    for name, files in sorted(groups.items(), key=lambda kv: natural_key(kv[0])) if sort else groups.items():
+        files = sorted(files, key=lambda f: natural_key(os.path.basename(f)))
+        mods.append(Modality(name, files[0] if len(files) == 1 else os.path.dirname(files[0]), files=files))
+    return mods
+
+
+def _named(specs: list) -> list:
+    """--modality NAME=PATH (PATH: a file or a folder of shards)."""
+    mods = []
+    for spec in specs:
+        name, sep, path = spec.partition("=") if isinstance(spec, str) else (spec[0], "=", spec[1])
+        if not sep or not name or not path:
+            raise ValueError(f"--modality must be NAME=PATH, got {spec!r}")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--modality {name}: no such file or folder: {path}")
+        if any(m.name == name for m in mods):
+            raise ValueError(f"--modality {name} given twice")
+        mods.append(Modality(name, path, files=None if os.path.isdir(path) else [os.path.abspath(path)]))
+    return mods
+
+
+def _dedupe(mods: list) -> list:
+    seen: dict = {}
+    for m in mods:
+        n = seen[m.name] = seen.get(m.name, 0) + 1
+        if n > 1:
+            m.name = f"{m.name}_{n}"
+    return mods
+
+
+def discover(inputs: list, metadata: str | None = None, column: str = "embedding", modalities: list | None = None):
+    """Resolve CLI inputs to modalities (+ metadata folder), for the layouts in LAYOUTS:
+    files (one per modality, or NAME_emb_N shards), --modality NAME=PATH, a folder of
+    NAME_emb files, a clip-retrieval root (`*_emb` folders), or one folder per modality."""
+    inputs = list(inputs or [])
+    if modalities:
+        if inputs:
+            raise ValueError("give the inputs as positional paths or as --modality NAME=PATH, not both")
+        return _named(modalities), metadata
+    if not inputs:
+        raise LayoutError("no inputs given")
     for p in inputs:
-        if not os.path.isdir(p):
-            what = "clip-retrieval root" if len(inputs) == 1 else "modality folder"
-            raise FileNotFoundError(f"input {what} does not exist or is not a folder: {p}")
+        if not os.path.exists(p):
+            what = "clip-retrieval root" if len(inputs) == 1 else "input"
+            raise FileNotFoundError(f"{what} does not exist: {p}")
+    files = [p for p in inputs if not os.path.isdir(p)]
+    if files:
+        for p in files:
+            if not p.endswith(EMB_EXTS):
+                raise LayoutError(f"not a .npy or .parquet file: {p}")
+        if len(files) == len(inputs):
+            mods = _file_groups(files)
+            if len(mods) < 2:
+                raise LayoutError(f"need at least 2 modalities, got 1 ({mods[0].name}: {len(files)} file(s))")
+            return mods, metadata
+        # files and folders mixed: each path is one modality
+        return _dedupe([Modality(os.path.basename(os.path.normpath(p)), p,
+                                 files=None if os.path.isdir(p) else [os.path.abspath(p)]) for p in inputs]), metadata
     if len(inputs) == 1:
         root = inputs[0]
-        subs = sorted(d for d in os.listdir(root) if d.endswith("_emb") and os.path.isdir(os.path.join(root, d)))
+        names = os.listdir(root)
+        subs = sorted(d for d in names if d.endswith("_emb") and os.path.isdir(os.path.join(root, d)))
         if subs:
             mods = [Modality(d[: -len("_emb")], os.path.join(root, d)) for d in subs]
             meta = metadata or (os.path.join(root, "metadata") if os.path.isdir(os.path.join(root, "metadata")) else None)
             return mods, meta
+        emb_files = [os.path.join(root, f) for f in names if f.endswith(EMB_EXTS) and not f.startswith(".")
+                     and _EMB_FILE.match(os.path.splitext(f)[0]) and os.path.isfile(os.path.join(root, f))]
+        if emb_files:
+            mods = _file_groups(emb_files, sort=True)  # a folder: modalities by name, as clip-retrieval
+            if len(mods) < 2:
+                raise LayoutError(f"{root} holds files of one modality only ({mods[0].name}_emb...); need at least 2 modalities")
+            return mods, metadata
+        raise LayoutError(f"{root} holds no *_emb folders (clip-retrieval) and no NAME_emb.npy files; "
+                          "for one folder per modality give at least 2 folders")
     mods = [Modality(os.path.basename(os.path.normpath(p)), p) for p in inputs]
-    return mods, metadata
+    return _dedupe(mods), metadata
 
 
 def validate(mods: list, metadata: str | None, column: str = "embedding"):
     """Open every shard; check M >= 2, equal shard counts, equal rows per shard across
     modalities, one dimension. Returns (dim, dtype, metadata shard paths or None)."""
     if len(mods) < 2:
-        hint = " (and it holds no *_emb folders, so it is not a clip-retrieval root)" if len(mods) == 1 else ""
-        raise ValueError(f"need at least 2 modality folders, got {len(mods)}: {[m.folder for m in mods]}{hint}")
+        raise LayoutError(f"need at least 2 modalities, got {len(mods)}: {[m.folder for m in mods]}")
     for m in mods:
-        m.shards = [open_shard(p, column) for p in list_shards(m.folder)]
+        m.shards = [open_shard(p, column) for p in (m.files if m.files is not None else list_shards(m.folder))]
     ref = mods[0]
     for m in mods[1:]:
         if len(m.shards) != len(ref.shards):
@@ -312,7 +410,7 @@ def validate(mods: list, metadata: str | None, column: str = "embedding"):
     meta = None
     if metadata:
         pq = require_pyarrow("metadata pass-through")
-        meta = list_shards(metadata, (".parquet",))
+        meta = [os.path.abspath(metadata)] if os.path.isfile(metadata) else list_shards(metadata, (".parquet",))
         if len(meta) != len(ref.shards):
             raise ValueError(f"metadata shard count {len(meta)} in {metadata} != embedding shard count {len(ref.shards)}")
         for p, s in zip(meta, ref.shards):
