@@ -18,6 +18,7 @@ from .functional import (
     select_features,
 )
 from .losses import ClipLoss, InfoNCELoss, multimodal_infonce_loss  # with its distributed form
+from .siglip import SigLipLoss, sigmoid_loss
 from .metrics import (
     ExplainedVariance,
     compression_ratio,
@@ -35,6 +36,7 @@ __all__ = [
     "ExplainedVariance",
     "InfoNCELoss",
     "RandomFeatureSelector",
+    "SigLipLoss",
     "build_info",
     "centroids",
     "compress_arrays",
@@ -52,6 +54,7 @@ __all__ = [
     "rfs_index",
     "select_features",
     "set_infonce_cuda_impl",
+    "sigmoid_loss",
     "true_pair_cosine",
 ]
 
