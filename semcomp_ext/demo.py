@@ -84,6 +84,6 @@ def _cmd(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="compress a built-in synthetic multimodal set and show what it costs in accuracy")
     p.add_argument("--gap", type=float, action="append", help="modality gap setting (repeatable; default 0.1 and 1.0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the splits")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd)

@@ -36,3 +36,89 @@ def test_demo_results_are_sane():
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "semcomp_ext.cli", "info"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["version"]
+
+
+# ---- the `semcomp` launcher (semcomp_cli): help and argument errors without torch --------
+
+import os  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# run `semcomp_cli` as the console script does, then report whether torch got imported
+_PROBE = ("import sys, semcomp_cli\n"
+          "try:\n    rc = semcomp_cli.main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+          "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH', file=sys.stderr)\n"
+          "sys.exit(rc)\n")
+
+
+def _launch(*argv):
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return r, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["compress", "--help"], ["train", "--help"], ["eval", "--help"]])
+def test_help_does_not_import_torch(argv):
+    r, wall = _launch(*argv)
+    assert r.returncode == 0, r.stderr
+    assert "usage: semcomp" in r.stdout
+    assert "NO_TORCH" in r.stderr  # the parsers were built without torch
+    assert wall < 5  # ~0.3 s on an idle machine (torch alone takes ~2 s); generous for a loaded one
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["train", "--out", "o", "--device", "gpu"], "--device must be cpu, cuda or cuda:N, got 'gpu'"),
+    (["train", "--out", "o", "--pretrained", "/missing.pt"], "--pretrained: no such file: /missing.pt"),
+    (["train", "--out", "o", "--steps", "0"], "--steps must be >= 1"),
+    (["reproduce", "--drop-rates", "0.5,1.5"], "--drop-rates must be in [0, 1)"),
+])
+def test_train_arguments_fail_at_once_in_one_line(argv, expect):
+    r, _ = _launch(*argv)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln not in ("NO_TORCH",)]
+    assert lines == [f"semcomp {argv[0]}: error: {expect}"] or (len(lines) == 1 and expect in lines[0]), r.stderr
+    assert "Traceback" not in r.stderr and "NO_TORCH" in r.stderr  # checked before torch or a model
+
+
+def test_device_cuda_on_a_cpu_build_is_refused_at_once():
+    from semcomp_ext.train import cli as tcli
+
+    import torch
+
+    if torch.version.cuda is not None or getattr(torch.version, "hip", None):
+        pytest.skip("this torch is a CUDA build")
+    assert tcli._torch_has_cuda() is False
+    r, _ = _launch("train", "--out", "o", "--device", "cuda")
+    assert r.returncode == 2 and "CPU-only build" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tiny_constant_matches_models():
+    from semcomp_ext.train import cli as tcli
+    from semcomp_ext.train.models import TINY
+
+    assert tcli.TINY == TINY
+
+
+def _all_actions(parser):
+    import argparse
+
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                yield from ((name, x) for x in sp._actions)
+
+
+def test_every_option_has_help_and_defaults_are_shown():
+    from semcomp_ext.cli import build_parser
+
+    parser = build_parser()
+    mine = {"info", "demo", "compress", "verify", "gap", "eval", "index", "search", "train", "reproduce"}
+    missing = [(cmd, a.option_strings or a.dest) for cmd, a in _all_actions(parser)
+               if cmd in mine and not a.help]
+    assert not missing
+    sub = next(a for a in parser._actions if a.choices and "compress" in a.choices).choices
+    text = sub["compress"].format_help()
+    assert "(default: 8192)" in text.replace("\n", " ").replace("  ", " ") or "default 8192" in text
+    assert "(default: 0.001)" in " ".join(sub["train"].format_help().split())
