@@ -1,5 +1,8 @@
-"""Downstream evaluation of (compressed) embeddings: linear probe, kNN, retrieval recall."""
+"""Downstream evaluation of (compressed) embeddings: linear probes, kNN, retrieval recall,
+and intervals (bootstrap over training seeds, RFS seeds and test items)."""
 
-from .probe import knn_accuracy, linear_probe_accuracy, retrieval_recall
+from .probe import (knn_accuracy, knn_predict, linear_probe_accuracy, retrieval_ranks, retrieval_recall, ridge_probe,
+                    ridge_probe_accuracy)
 
-__all__ = ["knn_accuracy", "linear_probe_accuracy", "retrieval_recall"]
+__all__ = ["knn_accuracy", "knn_predict", "linear_probe_accuracy", "retrieval_ranks", "retrieval_recall", "ridge_probe",
+           "ridge_probe_accuracy"]

@@ -107,7 +107,7 @@ def _validate_train(args) -> None:
 
 def _validate_reproduce(args) -> None:
     _check_common(args)
-    for name in ("steps", "probe_iter", "knn_k"):
+    for name in ("steps", "knn_k", "reps"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -143,19 +143,25 @@ def _train(args) -> int:
 
 
 def _reproduce(args) -> int:
-    from .reproduce import PAPER_TEMPERATURES, QUICK, ReproduceConfig, reproduce
+    if args.render_docs:
+        from .docs import render_docs
 
-    given = {"steps": args.steps, "limit": args.limit, "probe_iter": args.probe_iter, "warmup": args.warmup}
-    defaults = {"steps": 600, "limit": None, "probe_iter": 200, "warmup": 30}
-    if args.quick:
-        defaults.update(QUICK)
-    chosen = {k: (v if v is not None else defaults[k]) for k, v in given.items()}
+        for path in render_docs(args.render_docs):
+            print(f"updated {path}")
+        return 0
+    from .reproduce import FULL, PAPER_TEMPERATURES, QUICK, ReproduceConfig, reproduce
+
+    chosen = dict(QUICK if args.quick else FULL)
+    given = {"steps": args.steps, "limit": args.limit, "warmup": args.warmup, "seeds": args.seeds,
+             "rfs_seeds": args.rfs_seeds, "datasets": args.datasets, "reps": args.reps}
+    if args.datasets is None and args.dataset != "mnist":
+        given["datasets"] = (args.dataset,)
+    chosen.update({k: v for k, v in given.items() if v is not None})
     out = args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce")
     cfg = ReproduceConfig(out_dir=out, temperatures=args.temperatures or PAPER_TEMPERATURES, model=args.model,
-                          text_tower=args.text_tower,
-                          dataset=args.dataset, data_root=args.data_root, batch_size=args.batch_size, lr=args.lr,
-                          seed=args.seed, drop_rates=args.drop_rates, rfs_seeds=args.rfs_seeds, knn_k=args.knn_k,
-                          threads=args.threads, quiet=args.quiet, **chosen)
+                          text_tower=args.text_tower, image_tower=args.image_tower, data_root=args.data_root,
+                          batch_size=args.batch_size, lr=args.lr, drop_rates=args.drop_rates, knn_k=args.knn_k,
+                          threads=args.threads, quiet=args.quiet, extra={"quick": bool(args.quick)}, **chosen)
     t0 = time.perf_counter()
     results = reproduce(cfg)
     verdicts = {k: v["verdict"] for k, v in results["claims"].items()}
@@ -181,13 +187,22 @@ def register(subparsers) -> None:
 
     r = subparsers.add_parser("reproduce", help="train at several temperatures and test the paper's claims end to end")
     _add_common(r, out_required=False)
-    r.add_argument("--quick", action="store_true", help="small settings (2000 pairs, 120 steps per temperature; about 1.5-3 min on 2 CPU cores), every artefact")
+    r.add_argument("--quick", action="store_true",
+                   help="small settings: MNIST only (2000 / 500 pairs, stratified), 2 training seeds, 150 steps per temperature, "
+                        "5 RFS seeds; about 5 min on 2 CPU cores; verdicts the interval cannot decide read 'inconclusive'")
     r.add_argument("--temperatures", type=_floats, default=None, help="comma list (default 0.01,0.07,0.1,0.2,0.4)")
-    r.add_argument("--steps", type=int, default=None, help="training steps per temperature (default 600; --quick 120)")
+    r.add_argument("--datasets", type=lambda s: tuple(v.strip() for v in s.split(",") if v.strip()), default=None,
+                   help="comma list of datasets (default mnist,digits; --quick mnist)")
+    r.add_argument("--seeds", type=_ints, default=None, help="training seeds, shared across τ (default 0,1,2,3,4; --quick 0,1)")
+    r.add_argument("--steps", type=int, default=None, help="training steps per temperature and seed (default 400; --quick 150)")
     r.add_argument("--warmup", type=int, default=None, help="learning-rate warmup steps (default 30; --quick 10)")
-    r.add_argument("--probe-iter", type=int, default=None, help="L-BFGS iterations of the linear probe (default 200; --quick 30)")
     r.add_argument("--drop-rates", type=_floats, default=(0.0, 0.5, 0.75, 0.9, 0.95),
-                   help="comma list of RFS drop rates evaluated")
-    r.add_argument("--rfs-seeds", type=_ints, default=(0, 1, 2), help="comma list of RFS seeds (mean and spread reported)")
+                   help="comma list of RFS drop rates evaluated (0 required)")
+    r.add_argument("--rfs-seeds", type=_ints, default=None, help="comma list of RFS seeds (default 0..9; --quick 0..4)")
+    r.add_argument("--reps", type=int, default=None, help="bootstrap replicates of every interval (default 2000; --quick 1000)")
     r.add_argument("--knn-k", type=int, default=10, help="neighbours of the kNN classifier")
+    r.add_argument("--image-tower", default="open_clip", choices=("open_clip", "pixels"),
+                   help="open_clip: the config's ViT, trained; pixels: a fixed pixel-PCA descriptor with a trained projection")
+    r.add_argument("--render-docs", metavar="RUN_DIR", default=None,
+                   help="only regenerate the README's reproduction table and docs/reproduce.md's results from RUN_DIR/results.json")
     r.set_defaults(func=_reproduce, validate=_validate_reproduce)

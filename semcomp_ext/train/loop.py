@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from .data import PairDataset, load_pairs
-from .models import MAX_LOG_LOGIT_SCALE, TINY, create_model, image_size, with_text_tower
+from .models import MAX_LOG_LOGIT_SCALE, TINY, create_model, embedding_width_check, image_size, tower_widths, with_image_tower, with_text_tower
 
 __all__ = ["TrainConfig", "train", "launch", "load_checkpoint", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
 # Settings that must agree for a checkpoint to be resumed (the rest may change, e.g. --quiet).
-_RESUME_KEYS = ("model", "text_tower", "dataset", "limit", "temperature", "steps", "batch_size", "lr", "weight_decay", "warmup", "seed")
+_RESUME_KEYS = ("model", "text_tower", "image_tower", "dataset", "limit", "temperature", "steps", "batch_size", "lr", "weight_decay", "warmup", "seed")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class TrainConfig:
     data_root: str | None = None
     limit: int | None = None          # cap on training pairs (quick runs, tests)
     text_tower: str = "open_clip"     # or "minilm": frozen pretrained MiniLM + trained projection
+    image_tower: str = "open_clip"    # or "pixels": fixed pixel-PCA descriptor + trained projection
     temperature: float | None = 0.07  # None: learnable logit scale, clamped at 100 like open_clip
     steps: int = 300
     batch_size: int = 128             # global batch (split evenly over processes)
@@ -135,10 +136,17 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} must be divisible by the number of processes {world}")
     local_bs = cfg.batch_size // world
-    model, preprocess, tokenizer = create_model(cfg.model, cfg.pretrained, temperature=cfg.temperature, seed=cfg.seed)
-    model, tokenizer = with_text_tower(model, tokenizer, cfg.text_tower)
-    model.to(device)
+    if cfg.image_tower != "open_clip" and cfg.text_tower != "open_clip":
+        raise ValueError("--image-tower pixels needs --text-tower open_clip (one fixed tower at a time)")
     train_data, _ = load_pairs(cfg.dataset, cfg.data_root, cfg.limit)
+    model, preprocess, tokenizer = create_model(cfg.model, cfg.pretrained, temperature=cfg.temperature, seed=cfg.seed)
+    widths = tower_widths(cfg.model)
+    if widths["embed_dim"] and rank == 0:
+        embedding_width_check(widths["embed_dim"], None if cfg.image_tower != "open_clip" else widths["image"],
+                              None if cfg.text_tower != "open_clip" else widths["text"])
+    model, tokenizer = with_text_tower(model, tokenizer, cfg.text_tower)
+    model = with_image_tower(model, cfg.image_tower, train_data.images)
+    model.to(device)
     ds = PairDataset(train_data, tokenizer, preprocess, image_size(model))
     # DistributedSampler also for one process: the data order is a function of (seed, epoch)
     # only, so a resumed run replays exactly the batches an uninterrupted run would see.

@@ -1,6 +1,12 @@
 """open_clip encoders for training: any open_clip config name, plus the bundled tiny config
-(`semcomp-tiny`: 2-layer width-64 ViT on 28x28 images, 2-layer text transformer, 256-d
-embeddings) that trains on a CPU in minutes. Weights are never downloaded: pretrained weights
+(`semcomp-tiny`: 2-layer width-64 ViT on 28x28 images, 2-layer width-64 text transformer,
+64-d embeddings) that trains on a CPU in minutes.
+
+The embedding is no wider than the towers: a D-wide embedding projected from W < D wide towers
+puts each modality in a W-dim subspace, so the centroid of two such embeddings is an invertible
+code of both (a linear map recovers each modality from it exactly) and "the centroid is as good
+as the concatenation" holds by construction. `embedding_width_check` warns about such configs
+and `semcomp reproduce` refuses them. Weights are never downloaded: pretrained weights
 come only from a local checkpoint path."""
 
 from __future__ import annotations
@@ -75,7 +81,34 @@ def create_model(name: str = TINY, pretrained: str | None = None, *, temperature
     return model, preprocess, tokenizer
 
 
+def tower_widths(name: str) -> dict:
+    """{"embed_dim", "image", "text"}: the embedding width and the final widths of the two
+    towers of an open_clip config (None where the config does not say)."""
+    cfg = open_clip().get_model_config(name) or {}
+    vis, txt = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    return {"embed_dim": cfg.get("embed_dim"), "image": vis.get("width"), "text": txt.get("width")}
+
+
+def embedding_width_check(embed_dim: int, image_width: int | None, text_width: int | None, *, refuse: bool = False) -> str | None:
+    """A message when the embedding is wider than a tower (each modality then lies in a
+    subspace and the centroid is an invertible code of both: claim (b) holds by
+    construction); raises ValueError with it when `refuse`, else warns. None when fine."""
+    import warnings
+
+    narrow = {k: w for k, w in (("image", image_width), ("text", text_width)) if w and w < embed_dim}
+    if not narrow:
+        return None
+    msg = (f"embedding width {embed_dim} is wider than the {' and '.join(f'{k} tower ({w})' for k, w in narrow.items())}: "
+           f"each modality spans at most that many dimensions, so the centroid is an invertible code of both embeddings and "
+           f"centroid-vs-concatenation comparisons are biased toward the centroid; use embed_dim <= the tower widths")
+    if refuse:
+        raise ValueError(msg)
+    warnings.warn(msg, stacklevel=2)
+    return msg
+
+
 TEXT_TOWERS = ("open_clip", "minilm")
+IMAGE_TOWERS = ("open_clip", "pixels")
 
 
 class MiniLMFeatures:
@@ -144,6 +177,65 @@ def with_text_tower(model, tokenizer, text_tower: str):
         feats = MiniLMFeatures()
         return FrozenTextCLIP(model, feats.dim), feats
     raise ValueError(f"unknown text tower {text_tower!r}; choose from {', '.join(TEXT_TOWERS)}")
+
+
+class PixelPCA(torch.nn.Module):
+    """Fixed image descriptor: the top-k principal components of the (first channel's) pixels,
+    fitted once on the training images and frozen (buffers, not parameters). A baseline image
+    tower with no from-scratch encoder: only a linear projection on top is trained."""
+
+    def __init__(self, images: torch.Tensor, k: int = 64):
+        super().__init__()
+        x = images[:, 0].flatten(1).double()
+        mu = x.mean(0)
+        _, _, vh = torch.linalg.svd(x - mu, full_matrices=False)
+        v = vh[:k].T
+        v = v * torch.sign(v.gather(0, v.abs().argmax(0, keepdim=True)))  # fixed sign: same basis every run
+        self.register_buffer("mean", mu.float())
+        self.register_buffer("components", v.float().contiguous())
+        self.register_buffer("scale", ((x - mu) @ v).std(0).mean().float().clamp(min=1e-6))
+        self.image_size = images.shape[-1]
+        self.dim = k
+
+    def forward(self, images):
+        return (images[:, 0].flatten(1) - self.mean) @ self.components / self.scale
+
+
+class FixedImageCLIP(torch.nn.Module):
+    """A CLIP model whose image tower is a fixed descriptor (PixelPCA) + a trained linear
+    projection; the text tower is the model's own (trained)."""
+
+    def __init__(self, clip, descriptor: PixelPCA):
+        super().__init__()
+        self.clip = clip
+        self.descriptor = descriptor
+        embed_dim = clip.text_projection.shape[1]
+        self.image_projection = torch.nn.Linear(descriptor.dim, embed_dim, bias=False)
+        self.logit_scale = clip.logit_scale
+        del clip.visual  # unused: keep it out of the optimizer and the checkpoint
+        self.visual = descriptor
+
+    def encode_image(self, images, normalize: bool = False):
+        x = self.image_projection(self.descriptor(images))
+        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens, normalize: bool = False):
+        return self.clip.encode_text(tokens, normalize=normalize)
+
+    def forward(self, images, tokens):
+        return self.encode_image(images, True), self.encode_text(tokens, True), self.logit_scale.exp()
+
+
+def with_image_tower(model, image_tower: str, train_images=None):
+    """The model with the chosen image tower: open_clip's own (trained), or "pixels" (fixed
+    pixel-PCA descriptor fitted on `train_images` + a trained projection)."""
+    if image_tower == "open_clip":
+        return model
+    if image_tower == "pixels":
+        if not torch.is_tensor(train_images):
+            raise ValueError("--image-tower pixels needs in-memory training images (the bundled digit datasets)")
+        return FixedImageCLIP(model, PixelPCA(train_images, k=min(64, train_images[:, 0].flatten(1).shape[1])))
+    raise ValueError(f"unknown image tower {image_tower!r}; choose from {', '.join(IMAGE_TOWERS)}")
 
 
 def image_size(model) -> int:

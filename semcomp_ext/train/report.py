@@ -1,94 +1,235 @@
-"""Verdicts on the paper's claims (a)-(d), CSV tables and report.md, from results.json data.
+"""CSV tables and report.md of a reproduction, from results.json data (see `analysis` for the
+statistics and the verdict rules).
 
-Thresholds (stated in the report too): "comparable" = within 1 accuracy point; "keeps its
-accuracy" = loses at most 2 points; "large compression" = at least 10x the bytes of storing
-both fp32 embeddings. The linear probe is the primary metric, kNN is reported beside it.
-`codec_compression` answers the storage question beside the claims: the largest compression
-of centroid + RFS in each stored form (fp32 and every codec) within 1 point of the
-concatenation, against the project's goal of 16x."""
+Number formats, everywhere in the report: accuracies and recalls as percentages with one
+decimal ("95.2%"), intervals in brackets in the same unit ("[94.1, 96.0]"), differences in
+accuracy points with an explicit sign ("−1.8 pt": negative = the compressed form is worse),
+gaps and cosines with three decimals, compression as "20×".
+
+`codec_compression` / `codec_text` (the largest compression within 1 point, per storage codec)
+are kept for results written by earlier versions; the current report compares storage forms at
+equal bytes instead of taking a maximum."""
 
 from __future__ import annotations
 
 import os
 
 COMPARABLE = 0.01
-KEEPS = 0.02
-LARGE = 10.0
 GOAL = 16.0  # the project's target compression at <= COMPARABLE accuracy loss
+MINUS = "−"
 
 
 def _taus(results) -> list:
     return sorted(results["temperatures"], key=float)
 
 
-def _spearman(xs, ys) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for k, i in enumerate(order):
-            r[i] = float(k)
-        return r
-
-    rx, ry = ranks(xs), ranks(ys)
-    n = len(xs)
-    if n < 2:
-        return 0.0
-    mx, my = sum(rx) / n, sum(ry) / n
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    vx = sum((a - mx) ** 2 for a in rx) ** 0.5
-    vy = sum((b - my) ** 2 for b in ry) ** 0.5
-    return cov / (vx * vy) if vx and vy else 0.0
+def pct(x) -> str:
+    return f"{100 * x:.1f}%"
 
 
-def _verdict(n_ok: int, n: int) -> str:
-    return "held" if n_ok == n else "did not hold" if n_ok == 0 else "partly held"
+def pts(x) -> str:
+    v = 100 * x
+    return f"{'+' if v >= 0.05 else MINUS if v <= -0.05 else '±'}{abs(v):.1f} pt"
 
 
-def claims(results) -> dict:
-    taus = _taus(results)
-    R = results["temperatures"]
-    gaps = [R[t]["geometry"]["modality_gap"] for t in taus]
-    rho = _spearman([float(t) for t in taus], gaps)
-    decreasing = all(b < a for a, b in zip(gaps, gaps[1:]))
-    a = {"gaps": dict(zip(taus, gaps)), "spearman_tau_gap": rho, "strictly_decreasing": decreasing,
-         "verdict": "held" if decreasing else "partly held" if (rho < 0 and gaps[-1] < gaps[0]) else "did not hold"}
-    out = {"a": a}
-    if not all("classification" in R[t] for t in taus):
-        for k in "bcd":
-            out[k] = {"verdict": "not measured (the dataset has no class labels)"}
-        return out
-    # (b) centroid vs concatenation at half the bytes
-    b = {"per_tau": {}}
-    for t in taus:
-        f = R[t]["classification"]["forms"]
-        b["per_tau"][t] = {"centroid_probe": f["centroid"]["probe"], "concat_probe": f["concat"]["probe"],
-                           "centroid_knn": f["centroid"]["knn"], "concat_knn": f["concat"]["knn"],
-                           "ok": f["centroid"]["probe"] >= f["concat"]["probe"] - COMPARABLE}
-    b["verdict"] = _verdict(sum(v["ok"] for v in b["per_tau"].values()), len(taus))
-    out["b"] = b
-    # (c) RFS robustness at the highest temperature, and faster decay at the lowest
-    def loss_at_max_drop(t):
-        rows = R[t]["classification"]["rfs"]
-        return rows[0]["probe"]["mean"] - rows[-1]["probe"]["mean"], rows[-1]["drop_rate"]
+def ci(s: dict, unit: str = "%") -> str:
+    """'95.2% [94.1, 96.0]' for an accuracy stat, '−1.8 pt [−3.0, −0.6]' for a difference."""
+    if unit == "%":
+        return f"{100 * s['mean']:.1f}% [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}]"
+    f = lambda v: f"{100 * v:+.1f}".replace("-", MINUS)  # noqa: E731
+    return f"{pts(s['mean'])} [{f(s['lo'])}, {f(s['hi'])}]"
 
-    hi, lo = taus[-1], taus[0]
-    loss_hi, drop = loss_at_max_drop(hi)
-    loss_lo, _ = loss_at_max_drop(lo)
-    keeps, sooner = loss_hi <= KEEPS, loss_lo > loss_hi
-    out["c"] = {"tau_high": hi, "tau_low": lo, "max_drop_rate": drop, "loss_high": loss_hi, "loss_low": loss_lo,
-                "loss_per_tau": {t: loss_at_max_drop(t)[0] for t in taus},
-                "high_keeps_accuracy": keeps, "low_degrades_sooner": sooner, "verdict": _verdict(keeps + sooner, 2)}
-    # (d) largest compression (vs both fp32 embeddings) with accuracy within 1 point of concat
-    d = {"per_tau": {}}
-    for t in taus:
-        cls = R[t]["classification"]
-        best = _largest_within(cls["rfs"], cls["forms"]["concat"]["probe"])
-        d["per_tau"][t] = best["compression"] if best else None
-    best = max((v for v in d["per_tau"].values() if v), default=None)
-    d["best_compression"] = best
-    d["verdict"] = "held" if best and best >= LARGE else "partly held" if best else "did not hold"
-    out["d"] = d
-    return out
+
+def sizes(s: dict) -> str:
+    parts = [f"{s['n_seeds']} training seed{'s' if s['n_seeds'] != 1 else ''}"]
+    if s.get("n_rfs", 1) > 1:
+        parts.append(f"{s['n_rfs']} RFS seeds")
+    parts.append(f"{s['n_test']} test items")
+    return ", ".join(parts)
+
+
+# ---- tables ---------------------------------------------------------------------------------------------
+
+
+def table_rows(results) -> dict:
+    """name -> (header, rows): the CSV tables (raw fractions, 6 decimals in results.json)."""
+    geo = (["dataset", "tau", "final_loss", "modality_gap", "gap_lo", "gap_hi", "true_pair_cosine", "fisher_ratio",
+            "n95_pooled", "n95_centroid", "r2_image_from_centroid", "r2_text_from_centroid"], [])
+    cls = (["dataset", "tau", "form", "bytes", "probe", "probe_lo", "probe_hi", "knn", "knn_lo", "knn_hi"], [])
+    rfs = (["dataset", "tau", "keep", "drop_rate", "bytes", "compression", "probe", "probe_lo", "probe_hi", "knn", "knn_lo",
+            "knn_hi", "n_seeds", "n_rfs", "n_test"], [])
+    base = (["dataset", "tau", "budget", "method", "bytes", "probe", "probe_lo", "probe_hi", "winner"], [])
+    ret = (["dataset", "tau", "direction", "k", "recall", "lo", "hi"], [])
+    for ds, D in results["datasets"].items():
+        for t in sorted(D["temperatures"], key=float):
+            r = D["temperatures"][t]
+            g = r["geometry"]
+            geo[1].append([ds, t, r["train"]["final_loss"]["mean"], g["modality_gap"]["mean"], g["modality_gap"]["lo"],
+                           g["modality_gap"]["hi"], g["true_pair_cosine"]["mean"], g.get("fisher_ratio", {}).get("mean", ""),
+                           g["n95_pooled"]["mean"], g["n95_centroid"]["mean"], r["recovery_r2"]["image"]["mean"],
+                           r["recovery_r2"]["text"]["mean"]])
+            for name, f in r.get("forms", {}).items():
+                cls[1].append([ds, t, name, f["bytes"], f["probe"]["mean"], f["probe"]["lo"], f["probe"]["hi"],
+                               f["knn"]["mean"], f["knn"]["lo"], f["knn"]["hi"]])
+            for x in r.get("rfs", []):
+                p, k = x["probe"], x["knn"]
+                rfs[1].append([ds, t, x["keep"], x["drop_rate"], x["bytes"], x["compression"], p["mean"], p["lo"], p["hi"],
+                               k["mean"], k["lo"], k["hi"], p["n_seeds"], p["n_rfs"], p["n_test"]])
+            for row in r.get("budgets", []):
+                for m, s in row["methods"].items():
+                    base[1].append([ds, t, row["budget"], m, s["bytes"], s["mean"], s["lo"], s["hi"], int(m == row["winner"])])
+            for direction, rec in r["retrieval"].items():
+                for k, s in rec.items():
+                    ret[1].append([ds, t, direction, k, s["mean"], s["lo"], s["hi"]])
+    return {"geometry": geo, "classification": cls, "rfs": rfs, "baselines": base, "retrieval": ret}
+
+
+def write_tables(results, out_dir: str, csv) -> None:
+    for name, (header, rows) in table_rows(results).items():
+        with open(os.path.join(out_dir, f"{name}.csv"), "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(header)
+            w.writerows(rows)
+
+
+def _md(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---- claims -----------------------------------------------------------------------------------------------
+
+CLAIM_TITLES = {
+    "a": "Higher τ → smaller modality gap",
+    "b": "Centroid ≈ or better than concatenation at half the bytes",
+    "c": "High τ keeps its accuracy with most features dropped; low τ degrades sooner",
+    "d": "Large compression (≥ 10×) with no downstream loss",
+}
+
+
+def claim_lines(ds: str, D: dict) -> list:
+    """One paragraph per claim for one dataset: the verdict, the rule, the numbers with their
+    intervals and sample sizes."""
+    c = D["claims"]
+    a = c["a"]
+    gaps = "; ".join(f"τ={t}: {g['mean']:.3f} [{g['lo']:.3f}, {g['hi']:.3f}]" for t, g in a["gap"].items())
+    g0 = next(iter(a["gap"].values()))
+    lines = [f"**(a) {CLAIM_TITLES['a']}: {a['verdict']}** ({ds}). Spearman(τ, gap) = −1 in {a['n_perfect']} of "
+             f"{a['n_seeds']} training seeds (rule: {a['rule']}; per seed "
+             f"{', '.join(f'{r:.2f}' for r in a['spearman_per_seed'])}). Gap, mean and 95% interval: {gaps} "
+             f"({sizes(g0)})."]
+    if "per_tau" not in c["b"]:
+        return lines + [f"**({k}) {CLAIM_TITLES[k]}: {c[k]['verdict']}.**" for k in "bcd"]
+    b = c["b"]
+    per = "; ".join(f"τ={t}: {ci(v['diff'], 'pt')} → {v['verdict']}{' (equivalent)' if v['equivalent'] else ''}"
+                    for t, v in b["per_tau"].items())
+    s0 = next(iter(b["per_tau"].values()))["diff"]
+    lines.append(f"**(b) {CLAIM_TITLES['b']}: {b['verdict']}** ({ds}). Centroid − concatenation, linear probe, "
+                 f"seed-mean paired difference with 90% interval (negative = centroid worse; rule: {b['rule']}): {per} "
+                 f"({sizes(s0)}).")
+    cc = c["c"]
+    per = "; ".join(f"τ={t}: {ci(v['loss'], 'pt')} → {'keeps' if v['keeps'] == 'held' else 'does not keep' if v['keeps'] == 'not held' else 'inconclusive'}"
+                    for t, v in cc["per_tau"].items())
+    tr = cc["trend"]
+    s0 = next(iter(cc["per_tau"].values()))["loss"]
+    lines.append(f"**(c) {CLAIM_TITLES['c']}: {cc['verdict']}** ({ds}). Accuracy lost (positive = worse) from drop 0 to "
+                 f"drop {cc['drop_rate']:.2f} ({cc['keep']} features kept), 95% interval: {per}. At τ={cc['tau']}: "
+                 f"{cc['per_tau'][cc['tau']]['keeps']} (keeps = upper bound < {100 * cc['threshold']:.0f} pt). Trend: "
+                 f"slope of the loss vs log10 τ = {100 * tr['mean']:+.1f} pt per decade "
+                 f"[{100 * tr['lo']:+.1f}, {100 * tr['hi']:+.1f}] → {tr['verdict']} (negative = low τ loses more) "
+                 f"({sizes(s0)}).".replace("-", MINUS).replace(f"{MINUS}>", "->"))
+    d = c["d"]
+    per = "; ".join(f"{tgt}× (keep {v['keep']}, {v['compression']:.1f}×): {ci(v['diff'], 'pt')} → {v['verdict']}"
+                    for tgt, v in d["per_target"].items())
+    s0 = next(iter(d["per_target"].values()))["diff"]
+    lines.append(f"**(d) {CLAIM_TITLES['d']}: {d['verdict']}** ({ds}, verdict of the {d['headline_target']:g}× target). "
+                 f"Centroid + RFS − concatenation at τ={d['tau']}, 95% interval (negative = compressed worse; held if the "
+                 f"lower bound > −{100 * d['margin']:.0f} pt): {per} ({sizes(s0)}).")
+    return lines
+
+
+def budget_table(D: dict, tau: str) -> str:
+    rows = []
+    for row in D["temperatures"][tau].get("budgets", []):
+        cells = []
+        for m, s in row["methods"].items():
+            star = "**" if m == row["winner"] else ""
+            cells.append(f"{star}{m}{star} {ci(s)} ({s['bytes']:g} B)")
+        tie = ""
+        if "margin" in row:
+            tie = (f"tied with {row['runner_up']} ({ci(row['margin'], 'pt')})" if row["tied"]
+                   else f"wins by {ci(row['margin'], 'pt')} over {row['runner_up']}")
+        rows.append([f"{row['budget']:g} B ({2 * D['dim'] * 4 / row['budget']:.1f}×)", row["winner"], tie, "; ".join(cells)])
+    return _md(["budget (compression)", "best", "vs runner-up", "all methods: probe accuracy [95% interval] (stored bytes)"], rows)
+
+
+def verdict_table(results) -> str:
+    """Markdown table: claim × dataset verdicts and the combined verdict (README, docs)."""
+    names = list(results["datasets"])
+    rows = []
+    for k in "abcd":
+        c = results["claims"][k]
+        rows.append([f"({k}) {CLAIM_TITLES[k]}"] + [c["per_dataset"].get(n, "—") for n in names] + [f"**{c['verdict']}**"])
+    return _md(["claim"] + names + ["overall"], rows)
+
+
+def write_report(results, timings: dict, out_dir: str) -> None:
+    conf = results["config"]
+    parts = [
+        "# Semantic compression: reproduction report",
+        "",
+        f"Model `{conf['model']}` (image tower: {conf['image_tower']}, text tower: {conf['text_tower']}), {conf['steps']} "
+        f"steps at batch {conf['batch_size']}, training seeds {list(conf['seeds'])} shared across τ ∈ "
+        f"{{{', '.join(f'{t:g}' for t in sorted(conf['temperatures']))}}}, RFS seeds {list(conf['rfs_seeds'])}, "
+        f"{results['protocol']['bootstrap_replicates']} bootstrap replicates. Linear probe: "
+        f"{results['protocol']['probe']}. Retrieval ties: {results['protocol']['retrieval_ties']}. "
+        f"Total time {timings['total_s']:.0f} s (training {sum(timings['train_s'].values()):.0f} s, evaluation "
+        f"{sum(timings['eval_s'].values()):.0f} s).",
+        "",
+        "Every interval combines training seeds, RFS seeds and test items (crossed bootstrap); verdicts are held / "
+        "not held / inconclusive by the rules fixed in advance (docs/reproduce.md).",
+        "",
+        "## Verdicts",
+        "",
+        verdict_table(results),
+        "",
+    ]
+    for ds, D in results["datasets"].items():
+        parts += [f"## {ds}: {D['num_train']} train / {D['num_test']} test pairs, D = {D['dim']}", ""]
+        parts += [line + "\n" for line in claim_lines(ds, D)]
+        taus = sorted(D["temperatures"], key=float)
+        geo = [[t, f"{r['train']['final_loss']['mean']:.3f}", f"{r['geometry']['modality_gap']['mean']:.3f} "
+                f"[{r['geometry']['modality_gap']['lo']:.3f}, {r['geometry']['modality_gap']['hi']:.3f}]",
+                f"{r['geometry']['true_pair_cosine']['mean']:.3f}", f"{r['recovery_r2']['image']['mean']:.3f}",
+                f"{r['recovery_r2']['text']['mean']:.3f}"] for t, r in ((t, D["temperatures"][t]) for t in taus)]
+        parts += [f"### Geometry ({ds})", "", _md(["τ", "final loss", "modality gap [95%]", "true-pair cosine",
+                                                   "R² image ← centroid", "R² text ← centroid"], geo), "",
+                  "R²: held-out linear recovery of each modality from the centroid (1.000 = the centroid is an "
+                  "invertible code of both embeddings).", ""]
+        if "forms" in D["temperatures"][taus[0]]:
+            rows = [[t] + [ci(D["temperatures"][t]["forms"][f]["probe"]) for f in ("image", "text", "concat", "centroid")]
+                    for t in taus]
+            parts += [f"### Storage forms, linear probe ({ds})", "", _md(["τ", "image", "text", "concat", "centroid"], rows), ""]
+            rows = [[t] + [ci(x["probe"]) for x in D["temperatures"][t]["rfs"]] for t in taus]
+            head = [f"keep {x['keep']} ({x['compression']:.1f}×)" for x in D["temperatures"][taus[0]]["rfs"]]
+            parts += [f"### Centroid + RFS, linear probe ({ds})", "", _md(["τ"] + head, rows), ""]
+            ct = D["claims"]["d"]["tau"]
+            parts += [f"### Equal bytes at τ={ct} ({ds}): which storage wins", "", budget_table(D, ct), ""]
+        rows = [[t] + [ci(D["temperatures"][t]["retrieval"][d][k]) for d in ("image_to_text", "text_to_image") for k in ("1", "10")]
+                for t in taus]
+        parts += [f"### Retrieval, ties counted against the query ({ds})", "",
+                  _md(["τ", "image→text R@1", "image→text R@10", "text→image R@1", "text→image R@10"], rows), ""]
+    parts += ["## Plots", "", "![gap vs tau](gap_vs_tau.png)", "", "![accuracy vs features kept](acc_vs_kept.png)", ""]
+    for ds in results["datasets"]:
+        if os.path.exists(os.path.join(out_dir, f"acc_vs_bytes_{ds}.png")):
+            parts += [f"![accuracy vs bytes, {ds}](acc_vs_bytes_{ds}.png)", ""]
+    parts += ["Full tables: geometry.csv, classification.csv, rfs.csv, baselines.csv (every τ and budget), retrieval.csv.", ""]
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+
+
+# ---- earlier results layout: largest compression within 1 point, per storage codec ---------------------
 
 
 def _largest_within(rows, ref: float):
@@ -131,91 +272,6 @@ def codec_compression(results) -> dict:
             "goal_reached": reached, "verdict": verdict}
 
 
-# ---- tables ---------------------------------------------------------------------------------------------
-
-
-def table_rows(results) -> dict:
-    """name -> (header, rows): the CSV tables (also rendered into report.md)."""
-    R = results["temperatures"]
-    geo = (["tau", "final_loss", "modality_gap", "true_pair_cosine", "fisher_ratio", "n95_pooled", "n95_centroid"], [])
-    cls = (["tau", "form", "bytes", "probe", "knn"], [])
-    rfs = (["tau", "drop_rate", "keep", "bytes", "compression", "probe_mean", "probe_std", "knn_mean", "knn_std"], [])
-    base = (["tau", "method", "budget", "bytes", "probe", "knn"], [])
-    ret = (["tau", "direction", "R@1", "R@5", "R@10"], [])
-    cod = (["tau", "codec", "spec", "drop_rate", "keep", "bytes", "compression", "probe_mean", "probe_std", "knn_mean",
-            "knn_std"], [])
-    for t in _taus(results):
-        r = R[t]
-        g = r["geometry"]
-        geo[1].append([t, r["train"]["final_loss_avg10"], g["modality_gap"], g["true_pair_cosine"], g.get("fisher_ratio", ""),
-                       g["n95_pooled"], g["n95_centroid"]])
-        if "classification" in r:
-            for name, f in r["classification"]["forms"].items():
-                cls[1].append([t, name, f["bytes"], f["probe"], f["knn"]])
-            for x in r["classification"]["rfs"]:
-                rfs[1].append([t, x["drop_rate"], x["keep"], x["bytes"], x["compression"], x["probe"]["mean"], x["probe"]["std"],
-                               x["knn"]["mean"], x["knn"]["std"]])
-            for x in r["baselines"]:
-                base[1].append([t, x["method"], x["budget"], x["bytes"], x["probe"], x["knn"]])
-            for x in r.get("codecs", []):
-                cod[1].append([t, x["codec"], x["spec"], x["drop_rate"], x["keep"], x["bytes"], x["compression"],
-                               x["probe"]["mean"], x["probe"]["std"], x["knn"]["mean"], x["knn"]["std"]])
-        for direction, rec in r["retrieval"].items():
-            ret[1].append([t, direction, rec["1"], rec["5"], rec["10"]])
-    return {"geometry": geo, "classification": cls, "rfs": rfs, "baselines": base, "codecs": cod, "retrieval": ret}
-
-
-def write_tables(results, out_dir: str, csv) -> None:
-    for name, (header, rows) in table_rows(results).items():
-        with open(os.path.join(out_dir, f"{name}.csv"), "w", encoding="utf-8", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(header)
-            w.writerows(rows)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
-    return str(v)
-
-
-def _md(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _pct(x) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def claim_text(c: dict) -> list:
-    a = c["a"]
-    gaps = ", ".join(f"τ={t}: {g:.3f}" for t, g in a["gaps"].items())
-    lines = [f"**(a) Higher τ → smaller modality gap: {a['verdict']}.** Gaps {gaps}; Spearman(τ, gap) = "
-             f"{a['spearman_tau_gap']:.2f}; strictly decreasing: {'yes' if a['strictly_decreasing'] else 'no'}."]
-    if "per_tau" not in c["b"]:
-        return lines + [f"**({k}) {c[k]['verdict']}.**" for k in "bcd"]
-    b = c["b"]
-    per = "; ".join(f"τ={t}: centroid {_pct(v['centroid_probe'])} vs concat {_pct(v['concat_probe'])} (kNN {_pct(v['centroid_knn'])} vs {_pct(v['concat_knn'])})"
-                    for t, v in b["per_tau"].items())
-    lines.append(f"**(b) Centroid ≈ or better than concatenation at half the storage: {b['verdict']}** "
-                 f"(comparable = within {100 * COMPARABLE:.0f} point, linear probe). {per}.")
-    cc = c["c"]
-    per = ", ".join(f"τ={t}: {100 * v:+.1f} pt" for t, v in cc["loss_per_tau"].items())
-    lines.append(f"**(c) τ={cc['tau_high']} keeps its accuracy at {100 * cc['max_drop_rate']:.0f}% of features dropped, "
-                 f"low τ degrades sooner: {cc['verdict']}.** Accuracy lost from drop 0 to {cc['max_drop_rate']} "
-                 f"(linear probe, mean over RFS seeds): {per}. High τ keeps (≤ {100 * KEEPS:.0f} pt): "
-                 f"{'yes' if cc['high_keeps_accuracy'] else 'no'}; τ={cc['tau_low']} loses more than τ={cc['tau_high']}: "
-                 f"{'yes' if cc['low_degrades_sooner'] else 'no'}.")
-    d = c["d"]
-    per = ", ".join(f"τ={t}: {v:.0f}×" if v else f"τ={t}: none" for t, v in d["per_tau"].items())
-    best = f"{d['best_compression']:.0f}×" if d["best_compression"] else "none"
-    lines.append(f"**(d) Large compression (≥ {LARGE:.0f}×) with no downstream loss: {d['verdict']}.** Largest "
-                 f"compression of centroid + RFS (vs both fp32 embeddings) within {100 * COMPARABLE:.0f} point of "
-                 f"concatenation: {per}; best {best}.")
-    return lines
-
 
 def codec_text(cc: dict) -> list:
     """The storage answer: one sentence and a τ x stored-form table of the largest compression
@@ -241,39 +297,3 @@ def codec_text(cc: dict) -> list:
             _md(["tau"] + forms, rows), ""]
 
 
-def write_report(results, timings: dict, out_dir: str) -> None:
-    conf = results["config"]
-    tabs = table_rows(results)
-    parts = [
-        "# Semantic compression: reproduction report",
-        "",
-        f"Data: `{conf['dataset']}` ({results['num_train']} train / {results['num_test']} test pairs), model "
-        f"`{conf['model']}` (D = {results['dim']}), {conf['steps']} steps at batch {conf['batch_size']}, seed {conf['seed']}, "
-        f"τ ∈ {{{', '.join(_taus(results))}}}. Probes are fit on train-split embeddings and scored on the test split; "
-        f"RFS over seeds {list(conf['rfs_seeds'])}. Total time {timings['total_s']:.0f} s "
-        f"(training {sum(timings['train_s'].values()):.0f} s, evaluation {sum(timings['eval_s'].values()):.0f} s).",
-        "",
-        "## Claims",
-        "",
-        *[line + "\n" for line in claim_text(results["claims"])],
-        "## Storage codecs: largest compression at ≤ 1 point loss",
-        "",
-        *codec_text(results.get("codec_compression", {"verdict": "not measured"})),
-        "## Geometry",
-        _md(*tabs["geometry"]),
-        "",
-        "![gap vs tau](gap_vs_tau.png)",
-        "",
-    ]
-    if tabs["classification"][1]:
-        parts += ["## Classification by storage form", _md(*tabs["classification"]), "",
-                  "## Centroid + RFS (mean ± std over RFS seeds)", _md(*tabs["rfs"]), "",
-                  "![accuracy vs drop rate](acc_vs_drop.png)", "",
-                  "## Equal-byte baselines on the centroid (PCA fp32, PCA + int8, product quantization)",
-                  _md(*tabs["baselines"]), "", "![accuracy vs bytes](acc_vs_bytes.png)", "",
-                  "## Centroid + RFS + storage codec (`semcomp compress --codec`; fitted on the train split, "
-                  "scored after encode → decode; mean ± std over RFS seeds, pq over the first seed)",
-                  _md(*tabs["codecs"]), ""]
-    parts += ["## Retrieval (test pairs)", _md(*tabs["retrieval"]), ""]
-    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))

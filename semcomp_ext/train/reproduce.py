@@ -1,9 +1,15 @@
-"""`semcomp reproduce`: train one encoder pair per temperature, embed, measure, and write
-results.json, CSV tables, PNG plots and report.md into one folder.
+"""`semcomp reproduce`: the paper's claims tested on the bundled labelled datasets.
 
-results.json holds only quantities that are a function of the seed (no timings, no paths), so
-two runs with the same settings write byte-identical files; timings go to timings.json.
-Training runs live in OUT/runs/tau_<t>/ and are resumed (or reused when finished)."""
+Protocol (docs/reproduce.md): for each dataset and each training seed (shared across τ: the
+same initialisation and data order at every temperature) train one encoder pair per τ, embed
+the train and test splits, and measure per test item (`evaluate.evaluate_pair`); then combine
+training seeds, RFS seeds and test items into intervals and apply the verdict rules fixed in
+`analysis` (held / not held / inconclusive). Writes results.json, CSV tables, plots (PNG and
+SVG) and report.md into one folder; timings go to timings.json.
+
+results.json holds only quantities that are a function of the settings (no timings, no
+paths): on one machine two runs with the same settings write byte-identical files. Training
+runs live in OUT/runs/<dataset>/seed_<s>/tau_<t>/ and are resumed (or reused when finished)."""
 
 from __future__ import annotations
 
@@ -16,12 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .analysis import CLAIM_TAU, TARGETS, combine_datasets, summarize_dataset
 from .data import PairDataset, load_pairs
-from .evaluate import CODECS
 from .loop import TrainConfig, train
-from .models import TINY, embed, image_size
+from .models import TINY, embed, embedding_width_check, image_size, tower_widths
 
-__all__ = ["ReproduceConfig", "reproduce", "QUICK"]
+__all__ = ["ReproduceConfig", "reproduce", "QUICK", "FULL"]
 
 PAPER_TEMPERATURES = (0.01, 0.07, 0.1, 0.2, 0.4)
 DROP_RATES = (0.0, 0.5, 0.75, 0.9, 0.95)
@@ -33,26 +39,41 @@ class ReproduceConfig:
     temperatures: tuple = PAPER_TEMPERATURES
     model: str = TINY
     text_tower: str = "open_clip"
-    dataset: str = "mnist"
+    image_tower: str = "open_clip"
+    datasets: tuple = ("mnist", "digits")
     data_root: str | None = None
     limit: int | None = None
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 30
-    seed: int = 0
+    seeds: tuple = (0, 1, 2, 3, 4)          # training seeds, shared across τ
     drop_rates: tuple = DROP_RATES
-    rfs_seeds: tuple = (0, 1, 2)
-    codecs: tuple = CODECS  # storage codecs of centroid + RFS (evaluate.rfs_codecs)
+    targets: tuple = TARGETS                # compression targets of claim (d), vs both fp32 embeddings
+    claim_tau: float = CLAIM_TAU
+    rfs_seeds: tuple = tuple(range(10))
+    codec_seeds: int = 3                    # RFS seeds used by the int8 / binary equal-byte rows
     knn_k: int = 10
-    probe_iter: int = 200
+    reps: int = 2000                        # bootstrap replicates
     threads: int | None = None
     quiet: bool = False
     extra: dict = field(default_factory=dict)
 
+    @property
+    def dataset(self) -> str:  # the first dataset (single-dataset callers)
+        return self.datasets[0]
 
-# --quick: every artefact, all five temperatures, within ~5 minutes on a shared 2-core CPU.
-QUICK = {"steps": 120, "limit": 2000, "probe_iter": 30, "warmup": 10}
+    @property
+    def seed(self) -> int:
+        return self.seeds[0]
+
+
+# --quick: every artefact and statistic, all five temperatures, 2 training seeds on a
+# stratified half of MNIST; within ~5 minutes on a quiet 2-core CPU. Verdicts whose interval
+# allows either outcome read "inconclusive".
+QUICK = {"datasets": ("mnist",), "limit": 2000, "steps": 150, "warmup": 10, "seeds": (0, 1), "rfs_seeds": tuple(range(5)),
+         "codec_seeds": 2, "reps": 1000}
+FULL = {}
 
 
 def _round(x, nd=6):
@@ -63,88 +84,104 @@ def _round(x, nd=6):
         return {str(k): _round(v, nd) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_round(v, nd) for v in x]
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+        return _round(x.item(), nd)
     return x
 
 
-def _tau_dir(out: str, tau: float) -> str:
-    return os.path.join(out, "runs", f"tau_{tau:g}")
+def _tau_dir(out: str, tau: float, dataset: str = "mnist", seed: int = 0) -> str:
+    return os.path.join(out, "runs", dataset, f"seed_{seed}", f"tau_{tau:g}")
 
 
-def evaluate_run(cfg: ReproduceConfig, model, tokenizer, preprocess, train_data, test_data) -> dict:
-    from . import evaluate as E
-
-    size = image_size(model)
-    tr = embed(model, PairDataset(train_data, tokenizer, preprocess, size))
-    te = embed(model, PairDataset(test_data, tokenizer, preprocess, size))
-    labels = test_data.labels if test_data.has_labels else None
-    out = {"geometry": E.geometry(*te, labels), "retrieval": E.retrieval(*te)}
-    if labels is not None:
-        kw = dict(k=cfg.knn_k, probe_iter=cfg.probe_iter, seed=cfg.seed)
-        cls = E.classification(tr, te, train_data.labels, labels, drop_rates=cfg.drop_rates, rfs_seeds=cfg.rfs_seeds, **kw)
-        out["classification"] = cls
-        from ..functional import pair_centroids
-
-        budgets = [r["bytes"] for r in cls["rfs"]]
-        ctr, cte = pair_centroids(list(tr)), pair_centroids(list(te))
-        with E.faiss_threads(torch.get_num_threads()):
-            out["baselines"] = E.baselines(ctr, cte, train_data.labels, labels, budgets=budgets, **kw)
-            out["codecs"] = E.rfs_codecs(ctr, cte, train_data.labels, labels, drop_rates=cfg.drop_rates,
-                                         rfs_seeds=cfg.rfs_seeds, codecs=cfg.codecs, **kw)
-    return out
+def check_config(cfg: ReproduceConfig) -> None:
+    """Refuse settings that bias or break the protocol, before any training."""
+    w = tower_widths(cfg.model)
+    if w["embed_dim"]:
+        embedding_width_check(w["embed_dim"], w["image"] if cfg.image_tower == "open_clip" else None,
+                              w["text"] if cfg.text_tower == "open_clip" else None, refuse=True)
+    if not cfg.seeds or not cfg.rfs_seeds or not cfg.temperatures or not cfg.datasets:
+        raise ValueError("reproduce: need at least one seed, RFS seed, temperature and dataset")
+    if len(set(cfg.seeds)) != len(cfg.seeds) or len(set(cfg.rfs_seeds)) != len(cfg.rfs_seeds):
+        raise ValueError("reproduce: --seeds and --rfs-seeds must not repeat a seed")
+    if 0.0 not in cfg.drop_rates:
+        raise ValueError("reproduce: --drop-rates must include 0 (the reference of claim (c))")
 
 
 def reproduce(cfg: ReproduceConfig) -> dict:
     from tqdm.auto import tqdm
 
+    from ..eval.intervals import Resampler
+    from .evaluate import evaluate_pair, faiss_threads, rfs_keeps
+
+    check_config(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     timings = {"train_s": {}, "eval_s": {}}
     t_all = time.perf_counter()
-    train_data, test_data = load_pairs(cfg.dataset, cfg.data_root, cfg.limit)
-    per_tau = {}
-    for tau in tqdm(cfg.temperatures, desc="temperatures", disable=cfg.quiet, leave=False):
-        tcfg = TrainConfig(out_dir=_tau_dir(cfg.out_dir, tau), model=cfg.model, text_tower=cfg.text_tower, dataset=cfg.dataset, data_root=cfg.data_root,
-                           limit=cfg.limit, temperature=tau, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                           warmup=cfg.warmup, seed=cfg.seed, checkpoint_every=max(50, cfg.steps // 4),
-                           threads=cfg.threads, quiet=cfg.quiet)
-        t0 = time.perf_counter()
-        summary = train(tcfg)
-        timings["train_s"][f"{tau:g}"] = time.perf_counter() - t0
-        model, preprocess, tokenizer = summary["model"], summary["preprocess"], summary["tokenizer"]
-        t0 = time.perf_counter()
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            res = evaluate_run(cfg, model, tokenizer, preprocess, train_data, test_data)
-        timings["eval_s"][f"{tau:g}"] = time.perf_counter() - t0
-        hist = summary["history"]
-        res["train"] = {"steps": summary["step"], "first_loss": hist[0], "final_loss": hist[-1],
-                        "final_loss_avg10": sum(hist[-10:]) / len(hist[-10:])}
-        per_tau[f"{tau:g}"] = res
+    taus = [f"{t:g}" for t in sorted(cfg.temperatures)]
+    per_dataset, meta = {}, {}
+    jobs = [(ds, s, t) for ds in cfg.datasets for s in cfg.seeds for t in sorted(cfg.temperatures)]
+    bar = tqdm(total=len(jobs), desc="reproduce", disable=cfg.quiet, leave=False)
+    for ds in cfg.datasets:
+        train_data, test_data = load_pairs(ds, cfg.data_root, cfg.limit)
+        labelled = train_data.has_labels and test_data.has_labels
+        rs = Resampler(len(cfg.seeds), len(cfg.rfs_seeds), len(test_data), reps=cfg.reps, seed=0)
+        runs, dim, keeps = {}, None, None
+        for seed in cfg.seeds:
+            runs[seed] = {}
+            for tau in sorted(cfg.temperatures):
+                key = f"{ds}/seed_{seed}/tau_{tau:g}"
+                tcfg = TrainConfig(out_dir=_tau_dir(cfg.out_dir, tau, ds, seed), model=cfg.model, text_tower=cfg.text_tower,
+                                   image_tower=cfg.image_tower, dataset=ds, data_root=cfg.data_root, limit=cfg.limit,
+                                   temperature=tau, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                   warmup=cfg.warmup, seed=seed, checkpoint_every=max(50, cfg.steps // 4),
+                                   threads=cfg.threads, quiet=True)
+                t0 = time.perf_counter()
+                summary = train(tcfg)
+                timings["train_s"][key] = time.perf_counter() - t0
+                model, preprocess, tokenizer = summary["model"], summary["preprocess"], summary["tokenizer"]
+                t0 = time.perf_counter()
+                with torch.random.fork_rng():
+                    torch.manual_seed(seed)
+                    size = image_size(model)
+                    tr = embed(model, PairDataset(train_data, tokenizer, preprocess, size))
+                    te = embed(model, PairDataset(test_data, tokenizer, preprocess, size))
+                    if dim is None:
+                        dim = tr[0].shape[1]
+                        keeps = rfs_keeps(dim, cfg.drop_rates, cfg.targets)
+                    with faiss_threads(torch.get_num_threads()):
+                        res = evaluate_pair(tr, te, train_data.labels if labelled else None,
+                                            test_data.labels if labelled else None, keeps=keeps,
+                                            rfs_seeds=list(cfg.rfs_seeds), codec_seeds=cfg.codec_seeds, k=cfg.knn_k,
+                                            seed=0, w_item=rs.w_item)
+                timings["eval_s"][key] = time.perf_counter() - t0
+                hist = summary["history"]
+                res["train"] = {"steps": summary["step"], "final_loss_avg10": sum(hist[-10:]) / len(hist[-10:])}
+                runs[seed][f"{tau:g}"] = res
+                bar.update(1)
+        per_dataset[ds] = summarize_dataset(runs, cfg.seeds, taus, rs, dim=dim, keeps=keeps, targets=cfg.targets,
+                                            claim_tau=cfg.claim_tau)
+        meta[ds] = {"num_train": len(train_data), "num_test": len(test_data), "dim": dim, "keeps": keeps,
+                    "classes": int(train_data.labels.max()) + 1 if labelled else None}
+        per_dataset[ds].update(meta[ds])
+    bar.close()
     conf = dataclasses.asdict(cfg)
-    conf.pop("out_dir")
-    conf.pop("quiet")
-    results = _round({"config": conf, "num_train": len(train_data), "num_test": len(test_data),
-                      "dim": _dim(per_tau), "temperatures": per_tau})
-    from .report import claims, codec_compression, write_report, write_tables
-
-    results["claims"] = _round(claims(results))
-    results["codec_compression"] = _round(codec_compression(results))
+    for k in ("out_dir", "quiet", "threads", "extra"):
+        conf.pop(k)
+    results = _round({"config": conf, "datasets": per_dataset, "claims": combine_datasets(per_dataset),
+                      "protocol": {"quick": bool(cfg.extra.get("quick")), "bootstrap_replicates": cfg.reps,
+                                   "probe": "ridge least-squares classifier, centred + one global scale, L2 by 5-fold CV "
+                                            "on train per storage form, exact solve",
+                                   "retrieval_ties": "pessimistic (tied keys rank above the match)"}})
     with open(os.path.join(cfg.out_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, sort_keys=True)
         f.write("\n")
-    write_tables(results, cfg.out_dir, csv)
     from .plots import make_plots
+    from .report import write_report, write_tables
 
+    write_tables(results, cfg.out_dir, csv)
     make_plots(results, cfg.out_dir)
     timings["total_s"] = time.perf_counter() - t_all
     with open(os.path.join(cfg.out_dir, "timings.json"), "w", encoding="utf-8") as f:
         json.dump(timings, f, indent=2)
     write_report(results, timings, cfg.out_dir)
     return results
-
-
-def _dim(per_tau: dict) -> int | None:
-    for res in per_tau.values():
-        cls = res.get("classification")
-        if cls:
-            return cls["forms"]["centroid"]["bytes"] // 4
-    return None
