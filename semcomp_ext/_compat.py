@@ -1,9 +1,13 @@
-"""Importing optional peers (open_clip) robustly.
+"""Importing optional peers (open_clip) robustly, for the project's own code.
 
-A torchvision wheel built for CUDA cannot load its native library under a CPU build of torch,
-and its Python fallback then fails with ``operator torchvision::nms does not exist``. Defining
-the two op schemas it registers fakes for lets the pure-Python parts (transforms, open_clip)
-import. Only that exact failure is handled; everything else re-raises.
+User code needs none of this: in an environment made by ``make setup`` (or with a torchvision
+that matches torch) ``import open_clip`` works as it is. This stays as a fallback for
+environments made otherwise: a torchvision wheel built for CUDA cannot load its native library
+under a CPU build of torch, and its Python fallback then fails with
+``operator torchvision::nms does not exist``. Defining the two op schemas it registers fakes
+for lets the pure-Python parts (transforms, open_clip) import. Only that exact failure is
+handled; everything else re-raises. ``make setup`` installs the same fix as an import hook
+(tools/torchvision_cpu_shim.py) when, and only when, the environment needs it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,173 @@
+"""open_clip's training script with the fused ClipLoss (semcomp_ext.integrations.open_clip and
+``python -m semcomp_ext.open_clip_train``).
+
+The end-to-end test runs ``open_clip_train.main.main`` twice in one subprocess (its logging setup
+and model registry are process-global): once as open_clip ships it, once through
+``semcomp_ext.open_clip_train.main`` (the patch applied), on the same seeded image-caption CSV
+(random-noise 28 x 28 PNGs, distinct captions: with identical samples, as in open_clip's
+``--dataset-type synthetic``, every loss is exactly log N whatever the implementation, so that
+data could not tell the two losses apart). The per-step losses are read from a forward hook on
+the loss object at full precision, not from the rounded log lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import open_clip  # noqa: E402  (a DEPS package)
+
+import semcomp_ext  # noqa: E402
+from semcomp_ext.integrations import open_clip as integration  # noqa: E402
+
+STEPS = 4
+BATCH = 16
+
+_RUNNER = textwrap.dedent(
+    """
+    import json, sys
+    import open_clip
+    import open_clip_train.main as oc_main
+    import semcomp_ext
+    import semcomp_ext.open_clip_train as entry
+    from semcomp_ext.integrations import open_clip as integration
+
+    common, out_path = json.loads(sys.argv[1]), sys.argv[2]
+    original_create_loss = oc_main.create_loss
+    record = {}
+
+    def run(label, fn, argv):
+        losses, types = [], []
+
+        def create_loss(args):  # wraps the create_loss open_clip_train.main calls
+            loss = original_create_loss(args)
+            types.append(type(loss).__module__ + "." + type(loss).__qualname__)
+            loss.register_forward_hook(lambda m, i, out: losses.append(float(out["contrastive_loss"])))
+            return loss
+
+        oc_main.create_loss = create_loss
+        try:
+            status = fn(argv + ["--name", label])
+        finally:
+            oc_main.create_loss = original_create_loss
+        record[label] = {"status": status, "losses": losses, "types": types,
+                         "patched_after": integration.is_patched()}
+
+    open_clip.add_model_config(entry._CONFIG_DIR)
+    run("plain", oc_main.main, common)
+    run("fused", entry.main, common)
+    with open(out_path, "w") as f:
+        json.dump(record, f)
+    """
+)
+
+
+def _write_csv(tmp_path, n):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    words = ["red", "green", "blue", "small", "large", "round", "square", "striped"]
+    lines = ["filepath\ttitle"]
+    for i in range(n):
+        path = tmp_path / f"img{i:03d}.png"
+        Image.fromarray((rng.random((28, 28, 3)) * 255).astype(np.uint8)).save(path)
+        caption = f"a {words[i % 8]} {words[(i // 8) % 8]} picture number {i}"
+        lines.append(f"{path}\t{caption}")
+    csv = tmp_path / "train.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+@pytest.mark.slow
+def test_open_clip_train_main_fused_loss_matches_open_clip(tmp_path):
+    csv = _write_csv(tmp_path, STEPS * BATCH)
+    common = [
+        "--dataset-type", "csv", "--train-data", str(csv), "--csv-separator", "\t",
+        "--model", "semcomp-tiny", "--precision", "fp32", "--device", "cpu",
+        "--batch-size", str(BATCH), "--epochs", "1", "--workers", "0",
+        "--lr", "1e-3", "--warmup", "1", "--seed", "0",
+        "--logs", str(tmp_path / "logs"), "--save-frequency", "0", "--log-every-n-steps", "1",
+    ]
+    out = tmp_path / "record.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, json.dumps(common), str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    plain, fused = record["plain"], record["fused"]
+
+    assert plain["status"] in (None, 0) and fused["status"] == 0
+    # Which loss each run built: open_clip's in the plain run, the fused one through the entry.
+    assert plain["types"] == ["open_clip.loss.ClipLoss"]
+    assert fused["types"] == ["semcomp_ext.losses.ClipLoss"]
+    assert not fused["patched_after"]  # the entry undoes its patch
+
+    assert len(plain["losses"]) == len(fused["losses"]) == STEPS
+    # The run trains (losses move), so equal losses after step 1 mean equal gradients.
+    assert max(plain["losses"]) - min(plain["losses"]) > 1e-3
+    np.testing.assert_allclose(fused["losses"], plain["losses"], rtol=0, atol=1e-5)
+
+
+def _args(**kw):
+    base = dict(distill=False, model="ViT-B-32", siglip=False, local_loss=False, gather_with_grad=False,
+                rank=0, world_size=1, horovod=False, coca_caption_loss_weight=2.0,
+                coca_contrastive_loss_weight=1.0, loss_dist_impl=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_patch_builds_fused_loss_for_clip_only():
+    from open_clip import loss as oc_loss
+
+    assert type(open_clip.create_loss(_args())) is oc_loss.ClipLoss
+    with integration.patch():
+        assert integration.is_patched()
+        clip = open_clip.create_loss(_args(local_loss=True, gather_with_grad=True, rank=1, world_size=2))
+        assert type(clip) is semcomp_ext.ClipLoss
+        assert (clip.local_loss, clip.gather_with_grad, clip.rank, clip.world_size) == (True, True, 1, 2)
+        # Other objectives keep open_clip's classes.
+        assert type(open_clip.create_loss(_args(siglip=True))) is oc_loss.SigLipLoss
+        assert type(open_clip.create_loss(_args(model="coca_ViT-B-32"))) is oc_loss.CoCaLoss
+        assert type(open_clip.create_loss(_args(distill=True))) is oc_loss.DistillClipLoss
+        assert open_clip.ClipLoss is oc_loss.ClipLoss  # the public class is untouched
+        with pytest.raises(ValueError, match="use_horovod"):
+            open_clip.create_loss(_args(horovod=True))
+    assert not integration.is_patched()
+    assert type(open_clip.create_loss(_args())) is oc_loss.ClipLoss
+
+
+def test_patch_nests_and_unpatch_checks():
+    from open_clip import loss as oc_loss
+
+    integration.patch()
+    try:
+        with integration.patch():
+            pass
+        assert type(open_clip.create_loss(_args())) is semcomp_ext.ClipLoss  # outer patch still on
+    finally:
+        integration.unpatch()
+    assert type(open_clip.create_loss(_args())) is oc_loss.ClipLoss
+    with pytest.raises(RuntimeError, match="not patched"):
+        integration.unpatch()
+
+
+def test_patched_loss_equals_open_clip_loss():
+    import torch
+    from open_clip import loss as oc_loss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(24, 32, generator=g, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(24, 32, generator=g, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(14.3, dtype=torch.float64)
+    with integration.patch():
+        fused = open_clip.create_loss(_args())
+    ref = oc_loss.ClipLoss()(img, txt, scale, output_dict=True)["contrastive_loss"]
+    got = fused(img, txt, scale, output_dict=True)["contrastive_loss"]
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
