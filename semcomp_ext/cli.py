@@ -15,6 +15,7 @@ _COMMAND_MODULES = (
     "semcomp_ext.demo",            # demo
     "semcomp_ext.compress.cli",    # compress, verify, gap, eval
     "semcomp_ext.train.cli",       # train, reproduce
+    "semcomp_ext.bench.cli",       # bench
 )
 
 
