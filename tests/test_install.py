@@ -22,16 +22,9 @@ def _python(code: str, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.parametrize("order", ["open_clip, semcomp_ext", "semcomp_ext, open_clip"])
-def test_open_clip_and_semcomp_ext_import_together(order):
-    proc = _python(f"import {order}\nprint(open_clip.__version__, semcomp_ext.__version__)")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["3.3.0", "0.1.0"]
-
-
-def test_user_code_needs_no_project_fallback():
-    # Plain `import open_clip` first, then the parts that run through torchvision: the image
-    # transforms (torchvision.transforms) and the tokenizer.
+def test_open_clip_and_semcomp_ext_import_together():
+    # Plain `import open_clip` first (nothing of the project loaded), then the parts that run
+    # through torchvision (image transforms, tokenizer), then semcomp_ext beside it.
     proc = _python(
         "import open_clip, sys\n"
         "assert 'semcomp_ext' not in sys.modules\n"
@@ -39,13 +32,16 @@ def test_user_code_needs_no_project_fallback():
         "x = open_clip.image_transform(64, is_train=True)(Image.new('RGB', (40, 30)))\n"
         "assert tuple(x.shape) == (3, 64, 64), x.shape\n"
         "assert open_clip.get_tokenizer('ViT-B-32')(['a cat']).shape == (1, 77)\n"
+        "import semcomp_ext, torchvision\n"
+        "print(open_clip.__version__, semcomp_ext.__version__, torchvision.__version__)\n"
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    oc_version, sc_version, tv_version = proc.stdout.split()
+    assert (oc_version, sc_version) == ("3.3.0", "0.1.0")
+    assert tv_version.split("+")[0] == _pins()["torchvision"]
 
 
-def test_torch_and_torchvision_pins_agree():
-    import torch
-
+def _pins() -> dict:
     pins = {}
     with open(os.path.join(ROOT, "constraints.txt")) as f:
         for line in f:
@@ -53,11 +49,16 @@ def test_torch_and_torchvision_pins_agree():
             if "==" in line:
                 name, version = line.split("==")
                 pins[name.strip()] = version.strip()
+    return pins
+
+
+def test_torch_and_torchvision_pins_agree():
+    import torch
+
+    pins = _pins()
+    # torchvision 0.28 is the release made for torch 2.13.
     assert pins["torch"] == "2.13.0+cpu" and pins["torchvision"] == "0.28.0"
     assert torch.__version__ == pins["torch"]
-    proc = _python("import torchvision; print(torchvision.__version__)")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().split("+")[0] == pins["torchvision"]
 
 
 def _load_shim_tool():
@@ -67,24 +68,28 @@ def _load_shim_tool():
     return module
 
 
-def test_torchvision_shim_hook_makes_cuda_torchvision_importable():
+@pytest.fixture(scope="module")
+def bare_import():
     # Under -S no .pth file runs (neither the installed hook nor the editable install), so this
-    # sees the bare environment: `import torchvision` either works (a CPU torchvision) or fails
-    # with the mismatch the hook exists for; with the hook's source run first it must work.
-    tool = _load_shim_tool()
+    # sees the bare environment.
     site = sysconfig.get_paths()["purelib"]
-    prefix = f"import sys; sys.path.append({site!r})\n"
-    bare = _python(prefix + "import torchvision", "-S")
+    return site, _python(f"import sys; sys.path.append({site!r})\nimport torchvision", "-S")
+
+
+def test_torchvision_shim_hook_makes_cuda_torchvision_importable(bare_import):
+    # `import torchvision` either works (a CPU torchvision) or fails with the mismatch the hook
+    # exists for; with the hook's source run first it must work.
+    tool = _load_shim_tool()
+    site, bare = bare_import
     assert bare.returncode == 0 or tool.ERROR_TEXT in bare.stderr, bare.stderr[-2000:]
-    hooked = _python(prefix + f"exec({tool.HOOK_SOURCE!r})\nimport torchvision, open_clip\n"
+    hooked = _python(f"import sys; sys.path.append({site!r})\nexec({tool.HOOK_SOURCE!r})\n"
                      "import torchvision.transforms as T\nprint(T.Resize(8))", "-S")
     assert hooked.returncode == 0, hooked.stderr[-2000:]
 
 
-def test_torchvision_shim_installed_only_when_needed():
+def test_torchvision_shim_installed_only_when_needed(bare_import):
     # `make setup` ran the tool: the hook is in site-packages exactly when the bare import fails.
     tool = _load_shim_tool()
-    site = sysconfig.get_paths()["purelib"]
-    bare = _python(f"import sys; sys.path.append({site!r})\nimport torchvision", "-S")
+    site, bare = bare_import
     installed = os.path.exists(os.path.join(site, tool.PTH_NAME))
     assert installed == (bare.returncode != 0), (installed, bare.stderr[-500:])
