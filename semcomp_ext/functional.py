@@ -2,12 +2,25 @@
 
 Shapes: N rows (pairs / items), D features, M modalities, G groups, K kept features.
 Every function raises ``ValueError`` (or ``TypeError``) naming the argument and the value for
-bad input. Non-finite inputs (NaN/Inf) are not an error: they propagate to NaN outputs.
+bad input, and so do the native ops behind them (``torch.ops.semcomp.*``: wrong shapes, dtypes,
+devices, out-of-range ids or indices, a non-positive logit scale). ``TypeError`` means an
+argument of the wrong kind (a string where a number or tensor belongs); ``ValueError`` a tensor
+or number with a bad shape, dtype, device or value. Non-finite embeddings (NaN/Inf) are not an
+error: they propagate to NaN outputs.
+
+Embeddings of different floating dtypes are promoted to one dtype before the kernels run:
+under ``torch.autocast`` for their device to the autocast dtype (as autocast does for a matmul;
+fp64 stays fp64), otherwise to ``torch.promote_types`` of the two (bf16 with fp32 -> fp32).
+Gradients return to each input in its own dtype.
+
+This module does not import :mod:`semcomp_ext.distributed` (which builds on it); the
+distributed forms are chosen by the loss modules (:mod:`semcomp_ext.losses`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -47,8 +60,6 @@ def _check_pair(fn: str, a, b, names=("a", "b"), same_rows: bool = True) -> None
     _check_matrix(fn, names[1], b)
     if a.device != b.device:
         raise ValueError(f"{fn}: {names[0]} and {names[1]} must be on the same device, got {a.device} and {b.device}")
-    if a.dtype != b.dtype:
-        raise ValueError(f"{fn}: {names[0]} and {names[1]} must have the same dtype, got {a.dtype} and {b.dtype}")
     if a.shape[1] != b.shape[1]:
         raise ValueError(
             f"{fn}: {names[0]} and {names[1]} must have the same feature dimension D, got {a.shape[1]} and {b.shape[1]}"
@@ -66,29 +77,75 @@ def _is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _promote(fn: str, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Embeddings cast to one floating dtype (see the module docstring); unchanged when they
+    already share one. The casts are differentiable."""
+    xs = list(xs)
+    if len({x.dtype for x in xs}) <= 1:
+        return xs
+    dev = xs[0].device.type
+    if torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        xs = [x if x.dtype == torch.float64 else x.to(low) for x in xs]  # autocast's rule
+    target = xs[0].dtype
+    for x in xs[1:]:
+        target = torch.promote_types(target, x.dtype)
+    return [x.to(target) for x in xs]
+
+
+def _number(fn: str, name: str, value) -> float:
+    """A Python/NumPy real number as a float; TypeError for anything else (a string, a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{fn}: {name} must be a number or a one-element tensor, got {type(value).__name__} {value!r}"
+        )
+    return float(value)
+
+
+def _check_scale_tensor(fn: str, name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    """A temperature or logit-scale tensor: one element, floating, on like's device, and (where
+    reading it costs no device sync: on the CPU, outside tracing) finite and > 0. On CUDA a bad
+    value is not checked here; the kernels turn the loss and gradients into NaN instead."""
+    if t.numel() != 1 or t.dim() > 1:
+        raise ValueError(f"{fn}: {name} must be a one-element tensor of shape [] or [1], got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{fn}: {name} must be a floating tensor, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{fn}: {name} must be on {like.device} (where the embeddings are), got {t.device}")
+    if t.device.type == "cpu" and not _is_tracing():
+        v = float(t.detach().reshape(()))
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{fn}: {name} must be finite and > 0, got {v}")
+
+
 def _resolve_scale(fn: str, temperature, logit_scale, like: torch.Tensor) -> torch.Tensor:
-    """The logit scale as a one-element tensor on like's device (temperature -> 1/temperature)."""
+    """The logit scale s = 1/temperature as a one-element tensor on like's device.
+
+    A tensor temperature gives s = 1/temperature computed by autograd, so a learnable
+    temperature receives its gradient (dL/dt = -dL/ds / t^2); a tensor logit_scale is used as
+    it is. Numbers become constant tensors."""
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
     if logit_scale is None:
         if temperature is None:
             raise ValueError(f"{fn}: give temperature or logit_scale")
-        t = float(temperature)
+        if torch.is_tensor(temperature):
+            _check_scale_tensor(fn, "temperature", temperature, like)
+            t = temperature if temperature.dtype in (torch.float32, torch.float64) else temperature.float()
+            return 1.0 / t
+        t = _number(fn, "temperature", temperature)
         if not (math.isfinite(t) and t > 0):
             raise ValueError(f"{fn}: temperature must be finite and > 0, got {temperature}")
         return torch.full((), 1.0 / t, dtype=acc, device=like.device)  # no pageable copy
-    if temperature is not None and temperature != _DEFAULT_TEMPERATURE:
+    if temperature is not None and not torch.is_tensor(temperature):
+        _number(fn, "temperature", temperature)
+    if temperature is not None and (torch.is_tensor(temperature) or temperature != _DEFAULT_TEMPERATURE):
         raise ValueError(f"{fn}: give temperature or logit_scale, not both (got temperature={temperature})")
     if not torch.is_tensor(logit_scale):
-        s = float(logit_scale)
+        s = _number(fn, "logit_scale", logit_scale)
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"{fn}: logit_scale must be finite and > 0, got {logit_scale}")
         return torch.full((), s, dtype=acc, device=like.device)
-    if logit_scale.numel() != 1 or logit_scale.dim() > 1:
-        raise ValueError(f"{fn}: logit_scale must be a one-element tensor of shape [] or [1], got {tuple(logit_scale.shape)}")
-    if not logit_scale.is_floating_point():
-        raise ValueError(f"{fn}: logit_scale must be floating, got {logit_scale.dtype}")
-    if logit_scale.device != like.device:
-        raise ValueError(f"{fn}: logit_scale must be on {like.device}, got {logit_scale.device}")
+    _check_scale_tensor(fn, "logit_scale", logit_scale, like)
     return logit_scale
 
 
@@ -124,7 +181,7 @@ def _attach_bias(loss: torch.Tensor, fn: str, logit_bias) -> torch.Tensor:
     if logit_bias is None:
         return loss
     if not torch.is_tensor(logit_bias):
-        float(logit_bias)  # must be a number
+        _number(fn, "logit_bias", logit_bias)
         return loss
     if logit_bias.numel() != 1:
         raise ValueError(f"{fn}: logit_bias must be a scalar, got shape {tuple(logit_bias.shape)}")
@@ -139,7 +196,7 @@ def _attach_bias(loss: torch.Tensor, fn: str, logit_bias) -> torch.Tensor:
 def infonce_loss(
     a: torch.Tensor,
     b: torch.Tensor,
-    temperature: float | None = _DEFAULT_TEMPERATURE,
+    temperature: float | torch.Tensor | None = _DEFAULT_TEMPERATURE,
     *,
     logit_scale=None,
     logit_bias=None,
@@ -151,11 +208,14 @@ def infonce_loss(
     """Temperature-scaled InfoNCE (CLIP loss) of paired rows a[i] <-> b[i], never building N x N.
 
     Args:
-        a, b: (N, D) embeddings, same dtype and device (fp32/fp64/bf16/fp16). Not normalised
-            here: pass L2-normalised features as CLIP does.
-        temperature: tau > 0; the logits are <a_i, b_j> / tau. Ignored when logit_scale is given.
+        a, b: (N, D) embeddings on one device (fp32/fp64/bf16/fp16). Different dtypes are
+            promoted to one (autocast's dtype under torch.autocast, else torch.promote_types).
+            Not normalised here: pass L2-normalised features as CLIP does.
+        temperature: tau > 0, a number or a one-element tensor (learnable: a tensor that
+            requires grad receives dL/dtau); the logits are <a_i, b_j> / tau. A string or any
+            other non-number is a TypeError.
         logit_scale: s = 1/tau as a tensor of shape [] or [1] (learnable; receives a gradient),
-            or a float. Give temperature or logit_scale.
+            or a float. Give temperature or logit_scale, not both.
         logit_bias: accepted for open_clip compatibility; a constant shift of every logit changes
             neither the loss nor any gradient.
         reduction: "mean" (scalar), "sum" (scalar) or "none" (per-pair loss, shape (N,)).
@@ -168,6 +228,7 @@ def infonce_loss(
     fn = "infonce_loss"
     _check_pair(fn, a, b)
     _check_reduction(fn, reduction)
+    a, b = _promote(fn, (a, b))
     s = _resolve_scale(fn, temperature, logit_scale, a)
     op = "infonce_fwd" if symmetric else "infonce_rect_fwd"
     if _use_fused(fn, op, impl, a.device):
@@ -184,7 +245,8 @@ def infonce_loss(
 def infonce_rect_loss(q, k, logit_scale, *, offset: int = 0, reduction: str = "none", chunk_size: int = 0):
     """One-directional InfoNCE of q (Nq, D) against k (Nk, D) with positives at k[i + offset]:
     loss_i = logsumexp_j(s <q_i, k_j>) - s <q_i, k_{i+offset}>. The building block of the
-    distributed local loss. logit_scale: tensor of shape [] or [1] (or a float)."""
+    distributed local loss. logit_scale: tensor of shape [] or [1] (or a float). Mixed dtypes
+    are promoted as in :func:`infonce_loss`."""
     fn = "infonce_rect_loss"
     _check_pair(fn, q, k, ("q", "k"), same_rows=False)
     _check_reduction(fn, reduction)
@@ -192,6 +254,7 @@ def infonce_rect_loss(q, k, logit_scale, *, offset: int = 0, reduction: str = "n
         raise ValueError(
             f"{fn}: offset must satisfy 0 <= offset and offset + Nq <= Nk, got offset={offset}, Nq={q.shape[0]}, Nk={k.shape[0]}"
         )
+    q, k = _promote(fn, (q, k))
     s = _resolve_scale(fn, None, logit_scale, q)
     return _reduce(ops.infonce_rect_fwd(q, k, s, offset, chunk_size)[0], reduction)
 
@@ -208,48 +271,38 @@ def _modality_pairs(fn: str, m: int, pairs: str, anchor: int) -> list[tuple[int,
 
 def multimodal_infonce_loss(
     zs: Sequence[torch.Tensor],
-    temperature: float | None = _DEFAULT_TEMPERATURE,
+    temperature: float | torch.Tensor | None = _DEFAULT_TEMPERATURE,
     *,
     pairs: str = "all",
     anchor: int = 0,
     logit_scale=None,
     reduction: str = "mean",
-    distributed: bool = False,
-    local_loss: bool = False,
-    gather_with_grad: bool = False,
-    impl: str = "gather",
-    group=None,
 ) -> torch.Tensor:
     """Mean of the symmetric InfoNCE over modality pairs of M >= 2 row-aligned (N, D) tensors:
     all M(M-1)/2 pairs (pairs="all") or the M-1 pairs (anchor, m) (pairs="anchor"). Each pair
-    runs on the fused kernels.
+    runs on the fused kernels. temperature / logit_scale as in :func:`infonce_loss` (a tensor
+    temperature receives its gradient); mixed dtypes are promoted to one.
 
-    distributed=True: zs are this rank's local (n, D) features of a torch.distributed group
-    (default: the world); the loss is over the global batch W*n with ClipLoss's semantics per
-    pair: local_loss, gather_with_grad, impl="gather" | "ring" (see semcomp_ext.ClipLoss).
-    local_loss=False returns the global loss on every rank. reduction must be "mean" then.
+    This is the single-process form; ``semcomp_ext.multimodal_infonce_loss`` (from
+    :mod:`semcomp_ext.losses`) adds ``distributed=True`` over a torch.distributed group.
     """
     fn = "multimodal_infonce_loss"
-    if isinstance(zs, torch.Tensor) or len(zs) < 2:
-        raise ValueError(f"{fn}: zs must be a sequence of at least 2 tensors (one per modality)")
+    zs = _check_modalities(fn, zs)
     idx = _modality_pairs(fn, len(zs), pairs, anchor)
-    if distributed:
-        from .distributed import distributed_infonce
-
-        if reduction != "mean":
-            raise ValueError(f"{fn}: distributed=True supports reduction='mean' only, got {reduction!r}")
-        for i, z in enumerate(zs):
-            _check_matrix(fn, f"zs[{i}]", z)
-        s = _resolve_scale(fn, temperature, logit_scale, zs[0])
-        return distributed_infonce(
-            zs, s, idx, local_loss=local_loss, gather_with_grad=gather_with_grad, impl=impl, group=group, fn=fn
-        )
     for i, z in enumerate(zs):
         _check_pair(fn, zs[0], z, ("zs[0]", f"zs[{i}]"))
+    _resolve_scale(fn, temperature, logit_scale, zs[0])  # validate once, before any pair runs
+    zs = _promote(fn, zs)
     losses = [
         infonce_loss(zs[i], zs[j], temperature, logit_scale=logit_scale, reduction=reduction) for i, j in idx
     ]
     return torch.stack(losses).mean(0)
+
+
+def _check_modalities(fn: str, zs) -> list:
+    if isinstance(zs, torch.Tensor) or not isinstance(zs, Sequence) or len(zs) < 2:
+        raise ValueError(f"{fn}: zs must be a sequence of at least 2 tensors (one per modality)")
+    return list(zs)
 
 
 # ---- centroids and feature selection -----------------------------------------------------

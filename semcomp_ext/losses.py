@@ -1,13 +1,72 @@
-"""Loss modules: an open_clip-compatible ClipLoss on the fused kernels."""
+"""Loss modules: an open_clip-compatible ClipLoss on the fused kernels, InfoNCELoss, and the
+multimodal loss with its distributed form.
+
+Layering runs one way: :mod:`.functional` (single process) <- :mod:`.distributed` (builds on
+functional) <- this module, which chooses the distributed path when asked for it. The
+distributed package is imported on first distributed use, so ``import semcomp_ext`` does not
+load it (nor torch.distributed's collectives machinery).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .functional import infonce_loss
+from . import functional as F
+from .functional import _attach_bias, _check_matrix, _promote, _resolve_scale, infonce_loss
 
-__all__ = ["ClipLoss", "InfoNCELoss"]
+__all__ = ["ClipLoss", "InfoNCELoss", "multimodal_infonce_loss"]
+
+_IMPLS = ("gather", "ring")  # semcomp_ext.distributed.IMPLS (checked equal in the tests)
+
+
+def multimodal_infonce_loss(
+    zs: Sequence[torch.Tensor],
+    temperature: float | torch.Tensor | None = F._DEFAULT_TEMPERATURE,
+    *,
+    pairs: str = "all",
+    anchor: int = 0,
+    logit_scale=None,
+    reduction: str = "mean",
+    distributed: bool = False,
+    local_loss: bool = False,
+    gather_with_grad: bool = False,
+    impl: str = "gather",
+    group=None,
+) -> torch.Tensor:
+    """Mean of the symmetric InfoNCE over modality pairs of M >= 2 row-aligned (N, D) tensors:
+    all M(M-1)/2 pairs (pairs="all") or the M-1 pairs (anchor, m) (pairs="anchor"). Each pair
+    runs on the fused kernels. temperature: a number or a one-element tensor (a tensor that
+    requires grad receives its gradient); or give logit_scale. Mixed dtypes are promoted.
+
+    distributed=True: zs are this rank's local (n, D) features of a torch.distributed group
+    (default: the world); the loss is over the global batch W*n with ClipLoss's semantics per
+    pair: local_loss, gather_with_grad, impl="gather" | "ring" (see semcomp_ext.ClipLoss).
+    local_loss=False returns the global loss on every rank. reduction must be "mean" then.
+    distributed=False is :func:`semcomp_ext.functional.multimodal_infonce_loss`.
+    """
+    fn = "multimodal_infonce_loss"
+    if not distributed:
+        return F.multimodal_infonce_loss(
+            zs, temperature, pairs=pairs, anchor=anchor, logit_scale=logit_scale, reduction=reduction
+        )
+    zs = F._check_modalities(fn, zs)
+    idx = F._modality_pairs(fn, len(zs), pairs, anchor)
+    if reduction != "mean":
+        raise ValueError(f"{fn}: distributed=True supports reduction='mean' only, got {reduction!r}")
+    if impl not in _IMPLS:
+        raise ValueError(f"{fn}: impl must be one of {_IMPLS}, got {impl!r}")
+    for i, z in enumerate(zs):
+        _check_matrix(fn, f"zs[{i}]", z)
+    zs = _promote(fn, zs)
+    s = _resolve_scale(fn, temperature, logit_scale, zs[0])
+    from .distributed import distributed_infonce
+
+    return distributed_infonce(
+        zs, s, idx, local_loss=local_loss, gather_with_grad=gather_with_grad, impl=impl, group=group, fn=fn
+    )
 
 
 class ClipLoss(nn.Module):
@@ -35,14 +94,12 @@ class ClipLoss(nn.Module):
     def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
                  use_horovod=False, *, impl="gather", check_shapes=True, group=None):
         super().__init__()
-        from .distributed import IMPLS
-
         if use_horovod:
             raise ValueError("ClipLoss: use_horovod=True is not supported; use torch.distributed (world_size, rank)")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"ClipLoss: need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if impl not in IMPLS:
-            raise ValueError(f"ClipLoss: impl must be one of {IMPLS}, got {impl!r}")
+        if impl not in _IMPLS:
+            raise ValueError(f"ClipLoss: impl must be one of {_IMPLS}, got {impl!r}")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels  # accepted for compatibility: no label tensor is built
@@ -58,10 +115,11 @@ class ClipLoss(nn.Module):
             import torch.distributed as dist
 
             from .distributed import distributed_infonce
-            from .functional import _attach_bias, _resolve_scale
 
             if dist.is_available() and dist.is_initialized() and dist.get_rank(self.group) != self.rank:
                 raise ValueError(f"ClipLoss: rank={self.rank} but this process is rank {dist.get_rank(self.group)} of the group")
+            if torch.is_tensor(image_features) and torch.is_tensor(text_features):
+                image_features, text_features = _promote("ClipLoss", (image_features, text_features))
             scale = _resolve_scale("ClipLoss", None, logit_scale, image_features)
             loss = distributed_infonce(
                 [image_features, text_features], scale, [(0, 1)],
@@ -76,17 +134,36 @@ class ClipLoss(nn.Module):
 
 
 class InfoNCELoss(nn.Module):
-    """Module form of :func:`semcomp_ext.infonce_loss` with a fixed temperature or a learnable
-    logit scale (``learnable=True``: parameter log(1/temperature), clamped to max_logit_scale
-    like open_clip's training loop does)."""
+    """Module form of :func:`semcomp_ext.infonce_loss`.
 
-    def __init__(self, temperature: float = 0.07, *, learnable: bool = False, max_logit_scale: float = 100.0, reduction: str = "mean"):
+    temperature: a number (fixed; or with ``learnable=True`` the start of a learnable logit
+    scale, held as the parameter log(1/temperature) and clamped to max_logit_scale as
+    open_clip's training loop does), or a one-element tensor used as it is: an ``nn.Parameter``
+    (registered on the module) or any tensor that requires grad receives dL/dtemperature.
+    """
+
+    def __init__(self, temperature: float | torch.Tensor = 0.07, *, learnable: bool = False,
+                 max_logit_scale: float = 100.0, reduction: str = "mean"):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"InfoNCELoss: temperature must be > 0, got {temperature}")
+        fn = "InfoNCELoss"
+        F._check_reduction(fn, reduction)
         self.reduction = reduction
         self.max_logit_scale = max_logit_scale
-        init = torch.tensor(1.0 / temperature).log()
+        if torch.is_tensor(temperature):
+            if learnable:
+                raise ValueError(
+                    f"{fn}: learnable=True makes its own parameter from a number; a tensor temperature "
+                    "is used as given (pass an nn.Parameter or a tensor that requires grad to learn it)"
+                )
+            F._check_scale_tensor(fn, "temperature", temperature, temperature)
+            self.temperature = temperature  # an nn.Parameter registers itself here
+            self.log_logit_scale = None
+            return
+        t = F._number(fn, "temperature", temperature)
+        if not (t > 0 and t < float("inf")):
+            raise ValueError(f"{fn}: temperature must be finite and > 0, got {temperature}")
+        self.temperature = None
+        init = torch.tensor(1.0 / t).log()
         if learnable:
             self.log_logit_scale = nn.Parameter(init)
         else:
@@ -94,9 +171,13 @@ class InfoNCELoss(nn.Module):
 
     @property
     def logit_scale(self) -> torch.Tensor:
+        if self.temperature is not None:
+            return 1.0 / self.temperature
         return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
 
     def forward(self, a, b):
+        if self.temperature is not None:
+            return infonce_loss(a, b, self.temperature.to(a.device), reduction=self.reduction)
         scale = self.logit_scale.to(a.device)
         if a.dtype == torch.float64:
             scale = scale.double()

@@ -41,6 +41,21 @@ def test_multimodal_distributed_matches_single_process(suite):
                 assert value <= TOL["float64"], f"W={world} rank {rank} {case} {what}: {value:.3g}"
 
 
+def test_learnable_temperature_gets_its_gradient_distributed(suite):
+    """multimodal_infonce_loss(distributed=True) with a temperature tensor: gradcheck (fp64)
+    passes on every rank, for gather and ring and every (local_loss, gather_with_grad).
+    Run by the W = 2 launch only (the gradient path of the scale does not depend on W)."""
+    world, per_rank = suite
+    if world != 2:
+        assert all("temperature_gradcheck" not in res for res in per_rank)
+        return
+    for rank, res in enumerate(per_rank):
+        cases = res["temperature_gradcheck"]
+        assert len(cases) == 2 * 4
+        failed = [case for case, ok in cases.items() if not ok]
+        assert not failed, f"W={world} rank {rank}: gradcheck failed for {failed}"
+
+
 @pytest.mark.parametrize("impl", ["gather", "ring"])
 def test_mismatched_shapes_raise_on_every_rank(suite, impl):
     world, per_rank = suite

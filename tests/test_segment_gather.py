@@ -156,9 +156,9 @@ def test_selector_bad_input(kw, msg):
 def test_segment_bad_input(device):
     x = torch.randn(6, 4, device=device)
     ids = torch.tensor([0, 1, 2, 7, 1, -1], device=device)
-    with pytest.raises(RuntimeError, match=r"segment_mean: ids\[3\] = 7 is out of range \[0, 5\)"):
+    with pytest.raises(ValueError, match=r"segment_mean: ids\[3\] = 7 is out of range \[0, 5\)"):
         sc.centroids(x, ids, 5)
-    with pytest.raises(RuntimeError, match=r"ids\[5\] = -1 is out of range"):
+    with pytest.raises(ValueError, match=r"ids\[5\] = -1 is out of range"):
         sc.centroids(x, ids.clamp(max=4), 5)
     with pytest.raises(ValueError, match="num_groups must be >= 1, got 0"):
         sc.centroids(x, ids, 0)
@@ -168,9 +168,9 @@ def test_segment_bad_input(device):
         sc.centroids(x, ids.float(), 5)
     with pytest.raises(ValueError, match="x must be 2-D"):
         sc.centroids(x[0], ids, 5)
-    with pytest.raises(RuntimeError, match=r"features\[1\] = 4 is out of range \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"features\[1\] = 4 is out of range \[0, 4\)"):
         sc.centroids(x, ids.clamp(0, 4), 5, features=torch.tensor([0, 4]))
-    with pytest.raises(RuntimeError, match=r"gather_columns: index\[0\] = -1 is out of range \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"gather_columns: index\[0\] = -1 is out of range \[0, 4\)"):
         sc.select_features(x, torch.tensor([-1, 2], device=device))
     with pytest.raises(ValueError, match="index must be 1-D"):
         sc.select_features(x, torch.tensor([[1]], device=device))

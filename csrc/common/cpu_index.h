@@ -13,7 +13,7 @@ inline at::Tensor checked_index(const char* op, const char* name, const at::Tens
   const int64_t* p = out.data_ptr<int64_t>();
   const int64_t n = out.numel();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < bound, op, ": ", name, "[", i, "] = ", p[i],
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < bound, op, ": ", name, "[", i, "] = ", p[i],
                 " is out of range [0, ", bound, ")");
   }
   return out;

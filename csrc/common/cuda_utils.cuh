@@ -220,7 +220,7 @@ inline void raise_if_bad(const char* op, const char* name, const at::Tensor& hos
   const int64_t pos = host_status.const_data_ptr<int64_t>()[slot];
   if (pos == std::numeric_limits<int64_t>::max()) return;
   const int64_t v = idx[pos].item<int64_t>();  // error path only: a second sync is fine
-  TORCH_CHECK(false, op, ": ", name, "[", pos, "] = ", v, " is out of range [0, ", bound, ")");
+  TORCH_CHECK_VALUE(false, op, ": ", name, "[", pos, "] = ", v, " is out of range [0, ", bound, ")");
 }
 
 // ---- column CSR: index (K entries in [0, dim)) -> for each column d the list of c with
@@ -273,7 +273,7 @@ inline std::pair<at::Tensor, at::Tensor> stable_sort_by_key(const at::Tensor& ke
   auto opts = keys.options().dtype(at::kLong);
   at::Tensor pos = at::empty({n}, opts), sorted = at::empty({n}, opts), perm = at::empty({n}, opts);
   if (n == 0) return {sorted, perm};
-  TORCH_CHECK(n <= std::numeric_limits<int>::max(),
+  TORCH_CHECK_VALUE(n <= std::numeric_limits<int>::max(),
               "semcomp: cub radix sort supports at most 2^31-1 items, got ", n);
   iota_kernel<<<std::min<int64_t>(ceil_div(n, 256), 65536), 256, 0, stream>>>(
       pos.data_ptr<int64_t>(), n);

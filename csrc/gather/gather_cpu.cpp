@@ -48,8 +48,8 @@ _Pragma("omp simd")
 at::Tensor gather_columns_bwd_cpu(const at::Tensor& grad, const at::Tensor& index, int64_t dim) {
   constexpr const char* op = "gather_columns_bwd";
   check_gather_args(op, grad, index);
-  TORCH_CHECK(dim >= 0, op, ": dim must be >= 0, got ", dim);
-  TORCH_CHECK(grad.size(1) == index.size(0), op, ": grad must have one column per index entry (",
+  TORCH_CHECK_VALUE(dim >= 0, op, ": dim must be >= 0, got ", dim);
+  TORCH_CHECK_VALUE(grad.size(1) == index.size(0), op, ": grad must have one column per index entry (",
               index.size(0), "), got ", grad.size(1));
   const int64_t n = grad.size(0), k = grad.size(1);
   const at::Tensor idx = cpu::checked_index(op, "index", index, dim);

@@ -105,8 +105,8 @@ at::Tensor gather_columns_cuda(const at::Tensor& x, const at::Tensor& index) {
 at::Tensor gather_columns_bwd_cuda(const at::Tensor& grad, const at::Tensor& index, int64_t dim) {
   constexpr const char* op = "gather_columns_bwd";
   check_gather_args(op, grad, index);
-  TORCH_CHECK(dim >= 0, op, ": dim must be >= 0, got ", dim);
-  TORCH_CHECK(grad.size(1) == index.size(0), op, ": grad must have one column per index entry (",
+  TORCH_CHECK_VALUE(dim >= 0, op, ": dim must be >= 0, got ", dim);
+  TORCH_CHECK_VALUE(grad.size(1) == index.size(0), op, ": grad must have one column per index entry (",
               index.size(0), "), got ", grad.size(1));
   c10::cuda::CUDAGuard guard(grad.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();

@@ -37,15 +37,15 @@ inline void check_infonce_pair(const char* op, const at::Tensor& q, const at::Te
   check_matrix(op, qn, q);
   check_matrix(op, kn, k);
   check_same_device_dtype(op, qn, q, kn, k);
-  TORCH_CHECK(q.size(1) == k.size(1), op, ": ", qn, " and ", kn,
+  TORCH_CHECK_VALUE(q.size(1) == k.size(1), op, ": ", qn, " and ", kn,
               " must have the same feature dimension D, got ", q.size(1), " and ", k.size(1));
-  TORCH_CHECK(q.size(0) > 0, op, ": empty batch: ", qn, " has 0 rows");
+  TORCH_CHECK_VALUE(q.size(0) > 0, op, ": empty batch: ", qn, " has 0 rows");
   if (symmetric) {
-    TORCH_CHECK(q.size(0) == k.size(0), op,
+    TORCH_CHECK_VALUE(q.size(0) == k.size(0), op,
                 ": a and b must have the same number of rows N (row i of a pairs with row i of b), got ",
                 q.size(0), " and ", k.size(0));
   } else {
-    TORCH_CHECK(offset >= 0 && offset + q.size(0) <= k.size(0), op, ": offset must satisfy 0 <= offset and offset + Nq <= Nk (positives at k[i + offset]), got offset=",
+    TORCH_CHECK_VALUE(offset >= 0 && offset + q.size(0) <= k.size(0), op, ": offset must satisfy 0 <= offset and offset + Nq <= Nk (positives at k[i + offset]), got offset=",
                 offset, ", Nq=", q.size(0), ", Nk=", k.size(0));
   }
   check_scale(op, logit_scale, q);

@@ -1,8 +1,15 @@
 // Fused InfoNCE on the CPU: the N x N logit matrix is never built. Rows of q are processed in
-// chunks of C rows; a C x Nk workspace holds one block of raw dot products q_c k^T (a BLAS
-// GEMM through at::mm), and fused loops turn it into row log-sum-exps, online column
-// log-sum-exps (symmetric form) and, in the backward, the gradient block G in place, which
-// two more GEMMs turn into dq and dk. Extra memory: C x Nk workspace + O(N) statistics.
+// chunks of C rows; a C x Nk workspace holds one block of logits S_c = s q_c k^T (a BLAS
+// GEMM through at::addmm with alpha = s), and fused loops turn it into row log-sum-exps,
+// online column log-sum-exps (symmetric form) and, in the backward, the gradient block G in
+// place, which two more GEMMs turn into dq and dk. Extra memory: C x Nk workspace + O(N)
+// statistics.
+//
+// Forward and backward obtain S from the same call (dots_block) and the loops never multiply
+// by s again, so the backward sees the forward's logits bit for bit: the compiler cannot fuse
+// a scale multiply into a later subtraction (an FMA) in one pass and not in the other. That is
+// what makes exp(S_ii - r_i) exactly 1 when a row has a single column (N = 1: loss and every
+// gradient exactly zero).
 //
 // Thread mapping: GEMMs use ATen's BLAS threads; the row loops run one row per task under
 // at::parallel_for; the column statistics run one block of kColBlock columns per task, so no
@@ -51,26 +58,25 @@ int64_t pick_chunk(int64_t requested, int64_t rows, int64_t cols) {
 // Written as `omp simd` loops over a row with explicit reductions and a branch-free exp, so
 // GCC vectorises them in every clone (-fopenmp enables the pragma; no -ffast-math needed).
 
-// log-sum-exp over j of s * w[j]  (s > 0, so max(s w) = s max(w)). A NaN is skipped by the
-// max but reaches the sum, so the result is NaN.
+// log-sum-exp over j of the logits w[j]. A NaN is skipped by the max but reaches the sum, so
+// the result is NaN.
 template <typename T>
-inline __attribute__((always_inline)) T row_lse_body(const T* w, int64_t n, T s) {
+inline __attribute__((always_inline)) T row_lse_body(const T* w, int64_t n) {
   T m = std::numeric_limits<T>::lowest();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = w[j] > m ? w[j] : m;
-  m *= s;
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += fast_exp(s * w[j] - m);
+  for (int64_t j = 0; j < n; ++j) sum += fast_exp(w[j] - m);
   return m + std::log(sum);
 }
 
-// Online update of column statistics (running max cm, running sum cs of exp(S - cm), in
-// scaled units) over rows [0, rows) of a row-major block with leading dimension ld, for
-// columns [j0, j1). Rows outer, columns inner: each pass streams the block once.
+// Online update of column statistics (running max cm, running sum cs of exp(S - cm)) over
+// rows [0, rows) of a row-major block of logits with leading dimension ld, for columns
+// [j0, j1). Rows outer, columns inner: each pass streams the block once.
 template <typename T>
 inline __attribute__((always_inline)) void col_update_body(const T* w, int64_t rows, int64_t ld,
-                                                           int64_t j0, int64_t j1, T s, T* cm,
+                                                           int64_t j0, int64_t j1, T* cm,
                                                            T* cs) {
   const int64_t n = j1 - j0;
   T bm[kColBlock];
@@ -83,59 +89,59 @@ inline __attribute__((always_inline)) void col_update_body(const T* w, int64_t r
   }
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    nm[j] = nan_max(cm[j0 + j], s * bm[j]);
+    nm[j] = nan_max(cm[j0 + j], bm[j]);
     cs[j0 + j] *= fast_exp(cm[j0 + j] - nm[j]);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = w + r * ld + j0;
     T* sum = cs + j0;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) sum[j] += fast_exp(s * row[j] - nm[j]);
+    for (int64_t j = 0; j < n; ++j) sum[j] += fast_exp(row[j] - nm[j]);
   }
   for (int64_t j = 0; j < n; ++j) cm[j0 + j] = nm[j];
 }
 
-// Turns raw dot products w[j] = <q_i, k_j> into G_ij in place (the diagonal term is applied
-// by the caller) and returns sum_j G_ij w_j, this row's share of d(logit_scale).
+// Turns the logits w[j] = S_ij into G_ij in place (the diagonal term is applied by the
+// caller) and returns sum_j G_ij S_ij, s times this row's share of d(logit_scale).
 template <bool SYM, typename T>
-inline __attribute__((always_inline)) T grad_row_body(T* w, int64_t n, T s, T r_i, T rc_i,
+inline __attribute__((always_inline)) T grad_row_body(T* w, int64_t n, T r_i, T rc_i,
                                                       const T* c, const T* cc) {
   T ds = 0;
 #pragma omp simd reduction(+ : ds)
   for (int64_t j = 0; j < n; ++j) {
-    const T x = s * w[j];
+    const T x = w[j];
     T g = rc_i * fast_exp(x - r_i);
     if constexpr (SYM) g += cc[j] * fast_exp(x - c[j]);
-    ds += g * w[j];
+    ds += g * x;
     w[j] = g;
   }
   return ds;
 }
 
-SEMCOMP_CLONES float row_lse(const float* w, int64_t n, float s) { return row_lse_body(w, n, s); }
-double row_lse(const double* w, int64_t n, double s) { return row_lse_body(w, n, s); }
+SEMCOMP_CLONES float row_lse(const float* w, int64_t n) { return row_lse_body(w, n); }
+double row_lse(const double* w, int64_t n) { return row_lse_body(w, n); }
 SEMCOMP_CLONES void col_update(const float* w, int64_t rows, int64_t ld, int64_t j0, int64_t j1,
-                               float s, float* cm, float* cs) {
-  col_update_body(w, rows, ld, j0, j1, s, cm, cs);
+                               float* cm, float* cs) {
+  col_update_body(w, rows, ld, j0, j1, cm, cs);
 }
-void col_update(const double* w, int64_t rows, int64_t ld, int64_t j0, int64_t j1, double s,
-                double* cm, double* cs) {
-  col_update_body(w, rows, ld, j0, j1, s, cm, cs);
+void col_update(const double* w, int64_t rows, int64_t ld, int64_t j0, int64_t j1, double* cm,
+                double* cs) {
+  col_update_body(w, rows, ld, j0, j1, cm, cs);
 }
-SEMCOMP_CLONES float grad_row_sym(float* w, int64_t n, float s, float r, float rc, const float* c,
+SEMCOMP_CLONES float grad_row_sym(float* w, int64_t n, float r, float rc, const float* c,
                                   const float* cc) {
-  return grad_row_body<true>(w, n, s, r, rc, c, cc);
+  return grad_row_body<true>(w, n, r, rc, c, cc);
 }
-double grad_row_sym(double* w, int64_t n, double s, double r, double rc, const double* c,
+double grad_row_sym(double* w, int64_t n, double r, double rc, const double* c,
                     const double* cc) {
-  return grad_row_body<true>(w, n, s, r, rc, c, cc);
+  return grad_row_body<true>(w, n, r, rc, c, cc);
 }
-SEMCOMP_CLONES float grad_row_rect(float* w, int64_t n, float s, float r, float rc) {
-  return grad_row_body<false>(w, n, s, r, rc, static_cast<const float*>(nullptr),
+SEMCOMP_CLONES float grad_row_rect(float* w, int64_t n, float r, float rc) {
+  return grad_row_body<false>(w, n, r, rc, static_cast<const float*>(nullptr),
                               static_cast<const float*>(nullptr));
 }
-double grad_row_rect(double* w, int64_t n, double s, double r, double rc) {
-  return grad_row_body<false>(w, n, s, r, rc, static_cast<const double*>(nullptr),
+double grad_row_rect(double* w, int64_t n, double r, double rc) {
+  return grad_row_body<false>(w, n, r, rc, static_cast<const double*>(nullptr),
                               static_cast<const double*>(nullptr));
 }
 
@@ -151,11 +157,12 @@ double read_scale(const char* op, const at::Tensor& logit_scale) {
   return s;
 }
 
-// Raw dot products of rows [i0, i0 + c) of q with all of k into the first c rows of ws.
-at::Tensor dots_block(const at::Tensor& q, const at::Tensor& k, int64_t i0, int64_t c,
+// Logits S = s <q_i, k_j> of rows [i0, i0 + c) of q with all of k into the first c rows of
+// ws. The only place S is computed: forward and backward call it with the same arguments.
+at::Tensor dots_block(const at::Tensor& q, const at::Tensor& k, int64_t i0, int64_t c, double s,
                       at::Tensor& ws) {
   at::Tensor block = ws.narrow(0, 0, c);
-  at::addmm_out(block, block, q.narrow(0, i0, c), k.t(), /*beta=*/0, /*alpha=*/1);
+  at::addmm_out(block, block, q.narrow(0, i0, c), k.t(), /*beta=*/0, /*alpha=*/s);
   return block;
 }
 
@@ -180,11 +187,11 @@ std::vector<at::Tensor> fwd_impl(const char* op, const at::Tensor& q_in, const a
   T* d = diag.data_ptr<T>();
   for (int64_t i0 = 0; i0 < nq; i0 += C) {
     const int64_t c = std::min(C, nq - i0);
-    const T* w = dots_block(q, k, i0, c, ws).data_ptr<T>();
+    const T* w = dots_block(q, k, i0, c, static_cast<double>(s), ws).data_ptr<T>();
     at::parallel_for(0, c, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t rr = lo; rr < hi; ++rr) {
-        r[i0 + rr] = row_lse(w + rr * nk, nk, s);
-        d[i0 + rr] = s * w[rr * nk + i0 + rr + offset];
+        r[i0 + rr] = row_lse(w + rr * nk, nk);
+        d[i0 + rr] = w[rr * nk + i0 + rr + offset];
       }
     });
     if constexpr (SYM) {
@@ -193,7 +200,7 @@ std::vector<at::Tensor> fwd_impl(const char* op, const at::Tensor& q_in, const a
       const int64_t nblocks = (nk + kColBlock - 1) / kColBlock;
       at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t bi = lo; bi < hi; ++bi)
-          col_update(w, c, nk, bi * kColBlock, std::min(nk, (bi + 1) * kColBlock), s, cm, cs);
+          col_update(w, c, nk, bi * kColBlock, std::min(nk, (bi + 1) * kColBlock), cm, cs);
       });
     }
   }
@@ -238,21 +245,22 @@ std::vector<at::Tensor> bwd_impl(const char* op, const at::Tensor& q_in, const a
   const T* dc = dcoef.data_ptr<T>();
   for (int64_t i0 = 0; i0 < nq; i0 += C) {
     const int64_t c = std::min(C, nq - i0);
-    at::Tensor block = dots_block(q, k, i0, c, ws);
+    at::Tensor block = dots_block(q, k, i0, c, static_cast<double>(s), ws);
     T* w = block.data_ptr<T>();
     at::parallel_for(0, c, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t rr = lo; rr < hi; ++rr) {
         const int64_t i = i0 + rr;
         T* row = w + rr * nk;
-        const T raw_pos = row[i + offset];
+        const T pos = row[i + offset];  // S_{i, i+offset}, as the forward read it
         T ds;
         if constexpr (SYM) {
-          ds = grad_row_sym(row, nk, s, r[i], rc[i], clse.data_ptr<T>(), ccoef.data_ptr<T>());
+          ds = grad_row_sym(row, nk, r[i], rc[i], clse.data_ptr<T>(), ccoef.data_ptr<T>());
         } else {
-          ds = grad_row_rect(row, nk, s, r[i], rc[i]);
+          ds = grad_row_rect(row, nk, r[i], rc[i]);
         }
         row[i + offset] -= dc[i];
-        ds_rows[i] = ds - dc[i] * raw_pos;
+        // sum_j G_ij <q_i, k_j> = (sum_j G_ij S_ij) / s
+        ds_rows[i] = (ds - dc[i] * pos) / s;
       }
     });
     at::Tensor gq_block = gq.narrow(0, i0, c);

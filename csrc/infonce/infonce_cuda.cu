@@ -362,7 +362,7 @@ std::vector<at::Tensor> tile_fwd_impl(const at::Tensor& q, const at::Tensor& k,
   const int64_t nq = q.size(0), nk = k.size(0);
   const auto opts = q.options().dtype(at::kFloat);
   const int64_t n_rb = ceil_div(nq, tile::kBM), n_ct = ceil_div(nk, tile::kBN);
-  TORCH_CHECK(n_rb <= kMaxGridX, "infonce: too many rows (", nq, ")");
+  TORCH_CHECK_VALUE(n_rb <= kMaxGridX, "infonce: too many rows (", nq, ")");
   const int64_t splits = tile::pick_splits(n_rb, n_ct, tile::device_sms(q));
   at::Tensor rpm = at::empty({splits, nq}, opts), rps = at::empty({splits, nq}, opts);
   at::Tensor diag = at::empty({nq}, opts), cpm, cps;
@@ -403,7 +403,7 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
   const int64_t C = pick_chunk(chunk, nq, nk, sizeof(A));
   const int V = nk % VW == 0 ? VW : 1;
   const int64_t n_ct = ceil_div(nk, 32 * V), n_rt = ceil_div(C, kTileRows);
-  TORCH_CHECK(n_rt <= kMaxGridY, "infonce: chunk_size too large (", C, ")");
+  TORCH_CHECK_VALUE(n_rt <= kMaxGridY, "infonce: chunk_size too large (", C, ")");
   at::Tensor ws = at::empty({C, nk}, opts);
   at::Tensor rpm = at::empty({C, n_ct}, opts), rps = at::empty({C, n_ct}, opts);
   at::Tensor loss = at::empty({nq}, opts), rlse = at::empty({nq}, opts), diag;

@@ -11,9 +11,9 @@ inline void check_segment_args(const char* op, const at::Tensor& x, const at::Te
                                int64_t num_groups, const std::optional<at::Tensor>& features) {
   check_matrix(op, "x", x);
   check_index_vector(op, "ids", ids, x);
-  TORCH_CHECK(ids.size(0) == x.size(0), op, ": ids must have one entry per row of x (", x.size(0),
+  TORCH_CHECK_VALUE(ids.size(0) == x.size(0), op, ": ids must have one entry per row of x (", x.size(0),
               "), got ", ids.size(0));
-  TORCH_CHECK(num_groups > 0, op, ": num_groups must be >= 1, got ", num_groups);
+  TORCH_CHECK_VALUE(num_groups > 0, op, ": num_groups must be >= 1, got ", num_groups);
   if (features.has_value()) check_index_vector(op, "features", *features, x);
 }
 
@@ -22,14 +22,14 @@ inline void check_segment_bwd_args(const char* op, const at::Tensor& grad, const
                                    const std::optional<at::Tensor>& features) {
   check_matrix(op, "grad", grad);
   check_index_vector(op, "ids", ids, grad);
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == grad.size(0), op,
+  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == grad.size(0), op,
               ": counts must have shape (", grad.size(0), ",), got ", counts.sizes());
-  TORCH_CHECK(counts.scalar_type() == at::kLong, op, ": counts must be int64, got ",
+  TORCH_CHECK_VALUE(counts.scalar_type() == at::kLong, op, ": counts must be int64, got ",
               counts.scalar_type());
-  TORCH_CHECK(dim >= 0, op, ": dim must be >= 0, got ", dim);
+  TORCH_CHECK_VALUE(dim >= 0, op, ": dim must be >= 0, got ", dim);
   const int64_t k = features.has_value() ? features->size(0) : dim;
   if (features.has_value()) check_index_vector(op, "features", *features, grad);
-  TORCH_CHECK(grad.size(1) == k, op, ": grad must have ", k, " columns, got ", grad.size(1));
+  TORCH_CHECK_VALUE(grad.size(1) == k, op, ": grad must have ", k, " columns, got ", grad.size(1));
 }
 
 }  // namespace semcomp

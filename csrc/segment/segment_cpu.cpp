@@ -124,7 +124,7 @@ at::Tensor segment_mean_bwd_cpu(const at::Tensor& grad, const at::Tensor& ids,
       std::vector<A> acc(fp ? dim : 0);
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t g = idp[i];
-        TORCH_CHECK(cnt[g] > 0, op, ": counts[", g, "] = ", cnt[g], " but row ", i, " has that id");
+        TORCH_CHECK_VALUE(cnt[g] > 0, op, ": counts[", g, "] = ", cnt[g], " but row ", i, " has that id");
         const A inv = A(1) / static_cast<A>(cnt[g]);
         const scalar_t* src = gp + g * k;
         scalar_t* dst = dp + i * dim;

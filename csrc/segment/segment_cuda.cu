@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> segment_mean_cuda(const at::Tensor& x, const 
     // about the average group size so small groups do not leave lanes idle.
     const int tx = static_cast<int>(std::min<int64_t>(ceil_div(col_threads, 32) * 32, 256));
     const int64_t col_tiles = ceil_div(col_threads, tx);
-    TORCH_CHECK(col_tiles <= kMaxGridY, op, ": too many columns (", k, ")");
+    TORCH_CHECK_VALUE(col_tiles <= kMaxGridY, op, ": too many columns (", k, ")");
     // Few, long groups (10 classes over 10^6 rows) would leave most multiprocessors idle with
     // one block per group: each group is then split into `splits` row ranges (>= ~256 rows
     // each) whose fp32 partial sums are combined in a fixed order (deterministic for a given
@@ -235,7 +235,7 @@ at::Tensor segment_mean_bwd_cuda(const at::Tensor& grad, const at::Tensor& ids,
                                  const std::optional<at::Tensor>& features) {
   constexpr const char* op = "segment_mean_bwd";
   check_segment_bwd_args(op, grad, ids, counts, dim, features);
-  TORCH_CHECK(counts.device() == grad.device(), op, ": counts must be on ", grad.device(),
+  TORCH_CHECK_VALUE(counts.device() == grad.device(), op, ": counts must be on ", grad.device(),
               ", got ", counts.device());
   c10::cuda::CUDAGuard guard(grad.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();
@@ -280,7 +280,7 @@ at::Tensor segment_mean_bwd_cuda(const at::Tensor& grad, const at::Tensor& ids,
       host.defined() ? host.const_data_ptr<int64_t>()[1] : std::numeric_limits<int64_t>::max();
   if (zero_row != std::numeric_limits<int64_t>::max()) {
     const int64_t g = id[zero_row].item<int64_t>();
-    TORCH_CHECK(false, op, ": counts[", g, "] = ", cnt[g].item<int64_t>(), " but row ", zero_row,
+    TORCH_CHECK_VALUE(false, op, ": counts[", g, "] = ", cnt[g].item<int64_t>(), " but row ", zero_row,
                 " has that id");
   }
   return dx;

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..functional import infonce_loss, infonce_rect_loss
+
 __all__ = ["check_ready", "exchange_shapes", "gather_features", "gather_one", "gather_infonce"]
 
 # dtypes are exchanged as small integers
@@ -114,8 +116,6 @@ def gather_infonce(zs, scale, pairs, *, local_loss, gather_with_grad, rank, worl
 
     local_loss: for each pair, ½ (mean_i rect(z_i local, Z_j all) + mean_i rect(z_j local, Z_i all))
     with positives at n·rank + i; otherwise the global loss on the gathered (W·n, D) tensors."""
-    from ..functional import infonce_loss, infonce_rect_loss
-
     used = sorted({m for p in pairs for m in p})
     gathered = {m: gather_one(zs[m], local_loss, gather_with_grad, rank, world_size, group) for m in used}
     losses = []

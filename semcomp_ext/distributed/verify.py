@@ -142,12 +142,39 @@ def error_worker(rank, world, impl):
     return msgs
 
 
+def temperature_gradcheck_worker(rank, world, n, d, seed=2):
+    """A learnable temperature through the distributed multimodal loss: torch.autograd.gradcheck
+    (fp64) of this rank's loss as a function of the temperature tensor, for both impls and all
+    four (local_loss, gather_with_grad) combinations. Every rank runs the same gradcheck calls,
+    so the collectives inside line up. Returns {case: passed}."""
+    import semcomp_ext as sc
+
+    zs_all, _ = _data(world, n, d, torch.float64, seed, m=3)
+    local_zs = [z[rank * n:(rank + 1) * n] for z in zs_all]
+    out = {}
+    for impl in ("gather", "ring"):
+        for local, wg in COMBOS:
+            def f(t, impl=impl, local=local, wg=wg):
+                return sc.multimodal_infonce_loss(local_zs, t, distributed=True, local_loss=local,
+                                                  gather_with_grad=wg, impl=impl)
+
+            t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+            ok = torch.autograd.gradcheck(f, (t,), eps=1e-6, atol=1e-7, raise_exception=False,
+                                          check_undefined_grad=False)
+            out[f"local_loss={local},gather_with_grad={wg},{impl}"] = bool(ok)
+    return out
+
+
 def suite_worker(rank, world, n=4, d=8):
-    """Everything the tests check, in one launch (spawning W processes costs seconds)."""
-    return {
+    """Everything the tests check, in one launch (spawning W processes costs seconds). The
+    temperature gradcheck runs at W = 2 only: its gradient path does not depend on W."""
+    out = {
         "clip_float64": clip_parity_worker(rank, world, n, d, "float64"),
         "clip_float32": clip_parity_worker(rank, world, n, d, "float32"),
         "multimodal_float64": multimodal_worker(rank, world, n, d, "float64"),
         "errors_gather": error_worker(rank, world, "gather"),
         "errors_ring": error_worker(rank, world, "ring"),
     }
+    if world == 2:
+        out["temperature_gradcheck"] = temperature_gradcheck_worker(rank, world, n, d)
+    return out
