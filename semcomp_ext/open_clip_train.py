@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if os.path.isdir(_CONFIG_DIR):
             open_clip.add_model_config(_CONFIG_DIR)
+        if os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(argv):
+            print("semcomp_ext.open_clip_train: the CLIP objective uses semcomp_ext.ClipLoss (fused)", file=sys.stderr)
         status = train_main(argv)
     return 0 if status in (None, 0) else 1
 
