@@ -8,6 +8,8 @@ CUDA_CHECK ?= OFF
 # from there. Used when it answers (a probe first; pip would otherwise retry it for every
 # package); `make setup TORCH_INDEX=` skips it, any other URL (a mirror) replaces it.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# Asked for from that index (also replaces a CUDA torchvision already in the venv).
+TORCHVISION_CPU ?= torchvision==0.28.0+cpu
 # Build-time tools and runtime/test dependencies. torch/torchvision are pinned by constraints.txt.
 DEPS := torch==2.13.0 torchvision numpy tqdm scikit-build-core cmake ninja \
         pytest expecttest hypothesis scikit-learn open-clip-torch[training]==3.3.0 \
@@ -23,8 +25,8 @@ $(BIN)/python:
 # CPU torch: tools/torchvision_cpu_shim.py then makes it importable (and does nothing otherwise).
 $(STAMP): $(BIN)/python constraints.txt Makefile tools/torchvision_cpu_shim.py
 	@index=; if [ -n "$(TORCH_INDEX)" ]; then \
-	  if $(BIN)/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=20)" "$(TORCH_INDEX)" 2>/dev/null; \
-	  then index="--extra-index-url $(TORCH_INDEX)"; \
+	  if $(BIN)/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/torch/', timeout=20)" "$(TORCH_INDEX)" 2>/dev/null; \
+	  then index="--extra-index-url $(TORCH_INDEX) $(TORCHVISION_CPU)"; \
 	  else echo "note: $(TORCH_INDEX) cannot be reached; installing from the configured package indexes only"; fi; fi; \
 	echo "$(BIN)/python -m pip install -q -c constraints.txt $$index $(DEPS)"; \
 	$(BIN)/python -m pip install -q -c constraints.txt $$index $(DEPS)

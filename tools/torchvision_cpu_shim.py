@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print("torchvision shim: the import hook did not help; removed it", file=sys.stderr)
         return 1
     print(
-        "note: torchvision here is a CUDA build beside a CPU torch (PyTorch's CPU wheel index was not "
-        f"used); installed an import hook ({pth_path}) so torchvision and open_clip import "
+        "note: torchvision's native library cannot load beside this CPU torch (a CUDA build of torchvision); "
+        f"installed an import hook ({pth_path}) so torchvision and open_clip import "
         "(torchvision's native ops stay unavailable)"
     )
     return 0
