@@ -71,9 +71,12 @@ def _args(*argv):
     return build_parser().parse_args(["bench", *argv])
 
 
-def test_cuda_configuration_without_a_gpu():
+def test_cuda_configuration_without_a_gpu(monkeypatch):
     """The CUDA path's choices, decided without a GPU: sizes, repeats, methods."""
     from semcomp_ext.bench.cli import config_from_args
+    from semcomp_ext.train import cli as tcli
+
+    monkeypatch.setattr(tcli, "_torch_has_cuda", lambda: True)  # as with a CUDA build of torch
 
     cfg = config_from_args(_args("infonce", "--device", "cuda", "--dtype", "bfloat16"), cuda_available=True)
     assert cfg.ops == ("infonce",) and cfg.device == "cuda" and cfg.n_repeats() == 10
@@ -185,7 +188,7 @@ def test_markdown_is_rendered_from_the_json(tmp_path, capsys):
     (["--sizes", "12x"], "--sizes expects positive integers"),
     (["--sizes", "0"], "--sizes expects positive integers"),
     (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
-    (["--device", "cuda"], "CUDA is not available"),
+    (["--device", "cuda"], "--device cuda: "),  # a CPU build of torch, or no GPU
     (["matmul"], "unknown benchmark 'matmul'"),
     (["--keep", "2"], "--keep expects numbers in (0, 1]"),
     (["--methods", "flash"], "unknown InfoNCE method 'flash'"),
@@ -203,6 +206,17 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys, monkeypat
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cuda_without_a_gpu_is_refused_in_one_line(monkeypatch, capsys):
+    """A CUDA build of torch on a machine without a GPU: refused when the command starts."""
+    from semcomp_ext.train import cli as tcli
+
+    monkeypatch.setattr(tcli, "_torch_has_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "infonce", "--device", "cuda:0", "--sizes", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err == "semcomp bench: error: --device cuda:0: CUDA is not available on this machine (no GPU or a CPU build of torch)\n"
 
 
 def test_console_launcher_rejects_bad_arguments_without_torch():

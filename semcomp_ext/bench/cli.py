@@ -73,9 +73,10 @@ def parse_options(args) -> dict:
     what = args.what
     if what not in (*OPS, "all"):
         raise ValueError(f"unknown benchmark {what!r}; expected one of {', '.join(OPS)}, all")
+    from ..train.cli import check_device  # cpu, cuda or cuda:N; cuda refused at once on a CPU build of torch
+
     device = args.device
-    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    check_device(device)
     if args.dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {args.dtype!r}")
     sizes = parse_list(args.sizes, "--sizes") or None

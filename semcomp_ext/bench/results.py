@@ -104,9 +104,13 @@ def ceilings_text(c: dict) -> str:
 def markdown(payload: dict, source: str = "") -> str:
     """The results of `semcomp bench --json` as a markdown paragraph and table."""
     env, c = payload["env"], payload["ceilings"]
-    head = (f"`semcomp bench {' '.join(payload['ops'])} --device {env['device']}` — "
+    load0, load1 = env.get("load_average_start"), env.get("load_average")
+    ops = "all" if len(payload["ops"]) == 3 else " ".join(payload["ops"])
+    head = (f"`semcomp bench {ops} --device {env['device']}` — "
             f"{env.get('device_name', env['machine'])}, torch {env['torch']}, commit {env['git_commit']}, "
-            f"{env['date'][:10]}, {payload.get('wall_s', float('nan')):.0f} s in all"
+            f"{env['date'][:10]}, {payload.get('wall_s', float('nan')):.0f} s of measurement"
+            + (f", 1-minute load average {load0[0]:.1f} at the start" if load0 else "")
+            + (f" and {load1[0]:.1f} at the end" if load0 and load1 else "")
             + (f" (`{source}`)" if source else "") + f". Measured {ceilings_text(c)}.\n")
     header, cells = table_rows(payload["rows"])
     align = ["---", "---:", "---", "---", "---:", "---:", "---:", "---:", "---"]
@@ -168,6 +172,7 @@ def plot(payload: dict, path) -> Path:
             ax.axhline(c[ceiling], color="k", linestyle=":", linewidth=1,
                        label=f"measured {'matmul' if unit == 'TFLOP/s' else 'copy'} {c[ceiling]:.3g} {unit}")
         ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("N (rows)")
         ax.set_ylabel(unit)
         ax.set_title(op)

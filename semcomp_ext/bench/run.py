@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 
@@ -68,11 +69,19 @@ def _units(cfg: BenchConfig) -> int:
     return n
 
 
+def _load():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def run(cfg: BenchConfig) -> dict:
     """Measure; returns {"benchmark", "ops", "config", "env", "ceilings", "rows", "wall_s"}."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    load_start = _load()
     dtype = infonce.DTYPES[cfg.dtype]
     memory_ok = cfg.memory and (is_cuda(cfg.device) or prepare_cpu_memory_measurement())
     bar = tqdm(total=_units(cfg), desc="ceilings", unit="run", file=sys.stderr, disable=cfg.quiet, leave=False)
@@ -84,6 +93,8 @@ def run(cfg: BenchConfig) -> dict:
         bar.set_description(label)
         return progress
 
+    if is_cuda(cfg.device):  # "cuda:N": that device is the current one for every allocation
+        torch.cuda.set_device(torch.device(cfg.device))
     rows: list[dict] = []
     try:
         ceil = ceilings(cfg.device, dtype)
@@ -116,6 +127,9 @@ def run(cfg: BenchConfig) -> dict:
         bar.close()
     add_ratios(rows)
     add_fractions(rows, ceil)
+    env = environment(cfg.device)
+    if load_start is not None:
+        env["load_average_start"] = load_start
     config = dataclasses.asdict(cfg)
     config.update(infonce_methods=cfg.infonce_methods(), repeats=cfg.n_repeats(), memory=memory_ok,
                   sizes={op: cfg.sizes_for(op) for op in cfg.ops}, d={op: cfg.d_for(op) for op in cfg.ops})
@@ -123,5 +137,5 @@ def run(cfg: BenchConfig) -> dict:
             "flop_convention": {"infonce": infonce.FLOP_CONVENTION},
             "bytes_convention": {"segment_mean": "x + int64 ids + means", "gather_columns": "x + result"},
             "memory_convention": "peak extra memory of one call minus the returned outputs (gradients for InfoNCE)",
-            "env": environment(cfg.device), "ceilings": ceil, "rows": rows,
+            "env": env, "ceilings": ceil, "rows": rows,
             "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0}
