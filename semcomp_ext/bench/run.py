@@ -69,6 +69,20 @@ def _units(cfg: BenchConfig) -> int:
     return n
 
 
+_OP_ROW = {"infonce": "infonce", "segment": "segment_mean", "gather": "gather_columns"}
+
+
+def _failed(op: str, n: int, d: int, cfg: BenchConfig, methods, exc: BaseException, progress, **extra) -> list[dict]:
+    """Error rows for a case whose inputs could not be made (every method of it)."""
+    msg = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    rows = []
+    for m in methods:
+        rows.append({"op": op, "method": m, "n": n, "d": d, "dtype": cfg.dtype, "device": cfg.device, **extra,
+                     "error": msg})
+        progress(m)
+    return rows
+
+
 def _load():
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -101,19 +115,31 @@ def run(cfg: BenchConfig) -> dict:
         bar.update(1)
         if "infonce" in cfg.ops:
             d = cfg.d_for("infonce")
+            methods = cfg.infonce_methods()
             for n in cfg.sizes_for("infonce"):
-                rows += infonce.bench_case(n, d, cfg.dtype, cfg.device, cfg.infonce_methods(), cfg.n_repeats(),
-                                           memory=memory_ok, progress=step(f"infonce N={n}"))
-        shared = {}
+                progress = step(f"infonce N={n}")
+                try:
+                    rows += infonce.bench_case(n, d, cfg.dtype, cfg.device, methods, cfg.n_repeats(),
+                                               memory=memory_ok, progress=progress)
+                except (RuntimeError, MemoryError) as exc:  # the inputs themselves (out of memory)
+                    rows += _failed("infonce", n, d, cfg, methods, exc, progress)
+        # segment and gather read the same x: made once per (N, D)
+        todo: dict[tuple, list[str]] = {}
         for op in ("segment", "gather"):
-            if op not in cfg.ops:
+            if op in cfg.ops:
+                for n in cfg.sizes_for(op):
+                    todo.setdefault((n, cfg.d_for(op)), []).append(op)
+        for (n, d), ops in todo.items():
+            try:
+                x = segment_gather.make_x(n, d, dtype, cfg.device)
+            except (RuntimeError, MemoryError) as exc:
+                for op in ops:
+                    for variant in (cfg.groups if op == "segment" else cfg.keep):
+                        methods = segment_gather.SEGMENT_METHODS if op == "segment" else segment_gather.GATHER_METHODS
+                        rows += _failed(_OP_ROW[op], n, d, cfg, methods, exc, step(f"{op} N={n}"),
+                                        **({"groups": variant} if op == "segment" else {"keep_fraction": variant}))
                 continue
-            d = cfg.d_for(op)
-            for n in cfg.sizes_for(op):
-                if (n, d) not in shared:  # one input per size for both ops
-                    shared.clear()
-                    shared[(n, d)] = segment_gather.make_x(n, d, dtype, cfg.device)
-                x = shared[(n, d)]
+            for op in ops:
                 if op == "segment":
                     for g in cfg.groups:
                         rows += segment_gather.bench_segment(x, g, cfg.device, cfg.n_repeats(), memory=memory_ok,
@@ -122,7 +148,9 @@ def run(cfg: BenchConfig) -> dict:
                     for k in cfg.keep:
                         rows += segment_gather.bench_gather(x, k, cfg.device, cfg.n_repeats(), memory=memory_ok,
                                                             progress=step(f"gather N={n} keep={k}"))
-        shared.clear()
+            del x
+            if is_cuda(cfg.device):
+                torch.cuda.empty_cache()
     finally:
         bar.close()
     add_ratios(rows)
