@@ -250,3 +250,19 @@ def test_cpu_peak_memory_follows_a_large_temporary():
             "print(timing.cpu_peak_extra_bytes(f))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert 60 << 20 <= int(out.strip().splitlines()[-1]) <= 80 << 20
+
+
+def test_inputs_that_cannot_be_made_give_error_rows(monkeypatch):
+    from semcomp_ext.bench import run as brun
+
+    def no_memory(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(brun, "ceilings", lambda device, dtype: {"matmul_tflops": 1.0, "copy_gb_per_s": 1.0})
+    monkeypatch.setattr(brun.segment_gather, "make_x", no_memory)
+    cfg = brun.BenchConfig(ops=("segment", "gather"), sizes=(1 << 20,), d=1 << 20, groups=(10,), memory=False, quiet=True)
+    payload = brun.run(cfg)
+    rows = payload["rows"]
+    assert len(rows) == 6 and all("not enough memory" in r["error"] for r in rows)
+    assert {r["op"] for r in rows} == {"segment_mean", "gather_columns"}
+    assert "error" in results.format_table(rows)
