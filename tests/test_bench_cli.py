@@ -266,3 +266,14 @@ def test_inputs_that_cannot_be_made_give_error_rows(monkeypatch):
     assert len(rows) == 6 and all("not enough memory" in r["error"] for r in rows)
     assert {r["op"] for r in rows} == {"segment_mean", "gather_columns"}
     assert "error" in results.format_table(rows)
+
+
+def test_cuda_device_selection(monkeypatch):
+    from semcomp_ext.bench.run import select_device
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    select_device("cuda")
+    select_device("cpu")
+    select_device("cuda:1")
+    assert calls == [1]

@@ -83,6 +83,15 @@ def _failed(op: str, n: int, d: int, cfg: BenchConfig, methods, exc: BaseExcepti
     return rows
 
 
+def select_device(device: str) -> None:
+    """"cuda:N" makes GPU N the current device (for every allocation and event); "cuda" keeps
+    the current one."""
+    if is_cuda(device):
+        index = torch.device(device).index
+        if index is not None:
+            torch.cuda.set_device(index)
+
+
 def _load():
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -107,8 +116,7 @@ def run(cfg: BenchConfig) -> dict:
         bar.set_description(label)
         return progress
 
-    if is_cuda(cfg.device):  # "cuda:N": that device is the current one for every allocation
-        torch.cuda.set_device(torch.device(cfg.device))
+    select_device(cfg.device)
     rows: list[dict] = []
     try:
         ceil = ceilings(cfg.device, dtype)
