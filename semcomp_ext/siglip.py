@@ -110,6 +110,7 @@ def _onepass_setup(ctx, inputs, output):
 
 def _onepass_backward(ctx, g_loss, *_unused):
     # the saved gradients are those of the summed loss: the upstream gradient scales them
+    # (out of place: the graph can be backpropagated again, as with retain_graph=True)
     ga, gb, gs, gt = ctx.saved_tensors
     need = ctx.needs_input_grad
     g = g_loss.to(ga.dtype)
@@ -387,8 +388,9 @@ class SigLipLoss(nn.Module):
 
             for i in range(w):
                 other = dnn.all_reduce(text_features * (r == i), dist.ReduceOp.SUM, group=group or dist.group.WORLD)
-                if i != r:
-                    total = total + neg(other)
+                # this rank's own slot still joins the graph (with a zero gradient): the backward
+                # of every all_reduce is a collective that all ranks must enter
+                total = total + (neg(other) if i != r else 0.0 * other.sum())
         else:  # gather
             import torch.distributed.nn as dnn
 
