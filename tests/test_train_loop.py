@@ -83,3 +83,18 @@ def test_frozen_minilm_text_tower(tmp_path):
     assert feats.shape == (2, 384) and torch.equal(feats[0], feats[1])
     h = s["history"]
     assert sum(h[-3:]) / 3 < sum(h[:3]) / 3, h
+
+
+def test_fixed_pixel_image_tower(tmp_path):
+    from semcomp_ext.train.models import FixedImageCLIP
+
+    s = train(TrainConfig(out_dir=str(tmp_path), image_tower="pixels", steps=8, temperature=0.1, **(SMALL | {"limit": 128, "lr": 3e-3})))
+    model = s["model"]
+    assert isinstance(model, FixedImageCLIP)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "image_projection.weight" in trainable and not any(n.startswith("clip.visual") for n in trainable)
+    assert not any("descriptor" in n for n in trainable)  # the descriptor is fixed (buffers)
+    h = s["history"]
+    assert all(torch.isfinite(torch.tensor(h))) and sum(h[-3:]) / 3 < sum(h[:3]) / 3, h
+    with pytest.raises(ValueError, match="image-tower pixels needs --text-tower open_clip"):
+        train(TrainConfig(out_dir=str(tmp_path / "x"), image_tower="pixels", text_tower="minilm", steps=1, **SMALL))

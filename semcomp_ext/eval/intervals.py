@@ -63,9 +63,19 @@ class Resampler:
         ws = self.w_seed / self.n_seeds
         if m.shape[2] == 1:
             return np.einsum("bs,bs->b", ws, m[:, :, 0])
-        if m.shape[2] != self.n_rfs:
-            raise ValueError(f"Resampler: RFS axis must be 1 or {self.n_rfs}, got {m.shape[2]}")
-        return np.einsum("bs,br,bsr->b", ws, self.w_rfs / self.n_rfs, m)
+        r = m.shape[2]
+        return np.einsum("bs,br,bsr->b", ws, self.rfs_weights(r) / r, m)
+
+    def rfs_weights(self, r: int) -> np.ndarray:
+        """(B, r) RFS-seed draws: w_rfs for the full set, else (a subset of the seeds, e.g. the
+        codec rows) a fixed draw of its own."""
+        if r == self.n_rfs:
+            return self.w_rfs
+        cache = self.__dict__.setdefault("_w_rfs_other", {})
+        if r not in cache:
+            rng = np.random.default_rng([self.seed, r])
+            cache[r] = rng.multinomial(r, [1 / r] * r, size=self.reps).astype(np.float64)
+        return cache[r]
 
     def replicates(self, x) -> np.ndarray:
         """(B,) bootstrap replicates of the grand mean of x (S, R', N)."""

@@ -143,7 +143,7 @@ def _budgets(run0, items, rs) -> list:
         methods = {m: items["budget", m, b] for m in METHODS if ("budget", m, b) in items}
         stats = {m: mean_interval(rs, x) | {"bytes": run0["bytes"]["budget", m, b]} for m, x in methods.items()}
         order = sorted(stats, key=lambda m: -stats[m]["mean"])
-        row = {"budget": b, "compression": None, "methods": stats, "winner": order[0]}
+        row = {"budget": b, "methods": stats, "winner": order[0]}
         if len(order) > 1:
             a, c = methods[order[0]], methods[order[1]]
             if a.shape[1] != c.shape[1]:

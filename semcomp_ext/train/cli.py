@@ -127,7 +127,8 @@ def _train(args) -> int:
     from .loop import TrainConfig, launch, train
 
     tau = None if args.learnable_temperature else (0.07 if args.temperature is None else args.temperature)
-    cfg = TrainConfig(out_dir=args.out, model=args.model, text_tower=args.text_tower, pretrained=args.pretrained, dataset=args.dataset, data_root=args.data_root,
+    cfg = TrainConfig(out_dir=args.out, model=args.model, text_tower=args.text_tower, image_tower=args.image_tower,
+                      pretrained=args.pretrained, dataset=args.dataset, data_root=args.data_root,
                       limit=args.limit, temperature=tau, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       stop_at=args.stop_at, workers=args.workers, device=args.device, threads=args.threads, quiet=args.quiet)
@@ -183,6 +184,8 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (checked before anything is built)")
     p.add_argument("--nproc", type=int, default=1, help="processes via torch.distributed.run (gloo on CPU, NCCL on GPU)")
+    p.add_argument("--image-tower", default="open_clip", choices=("open_clip", "pixels"),
+                   help="open_clip: the config's ViT, trained; pixels: a fixed pixel-PCA descriptor with a trained projection")
     p.set_defaults(func=_train, validate=_validate_train)
 
     r = subparsers.add_parser("reproduce", help="train at several temperatures and test the paper's claims end to end")
