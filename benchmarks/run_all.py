@@ -1,4 +1,5 @@
-"""Run every benchmark for one device and regenerate the README table.
+"""Run every benchmark for one device and regenerate the README table (the scripts call
+semcomp_ext.bench, the code behind `semcomp bench`).
 
     python benchmarks/run_all.py               # CPU acceptance sizes
     python benchmarks/run_all.py --device cuda # GPU sweep (issue sizes)
