@@ -111,42 +111,42 @@ def _gap(args) -> int:
 
 
 def format_eval(rep: dict) -> str:
-    """The eval report as a table: bytes, accuracy / recall and the change in points."""
+    """The eval report as a table: bytes, accuracy / neighbour recall and the change in points."""
     rows = rep["table"]
     lab = rep["labels"]
     k = next((key for key in rows[0] if key.startswith("knn@")), None)
+    rk = rep["recall_k"]
     head = ["representation", "bytes/item", "ratio"]
     if lab:
         head += ["probe acc", "Δ pt", f"{k} acc", "Δ pt"]
-    head += [f"R@1 {rep['recall_query']}->", "R@10", "Δ R@1 pt"]
+    head += [f"NN recall@{rk}", "Δ pt"]
     table = []
     for r in rows:
         c = [r["representation"], f"{r['bytes_per_item']:g}", f"{r['compression_ratio']:.2f}x"]
         if lab:
             c += [f"{100 * r['linear_probe']:.1f}%", f"{r['delta_pt']['linear_probe']:+.1f}",
                   f"{100 * r[k]:.1f}%", f"{r['delta_pt'][k]:+.1f}"]
-        rec = r["recall"]
-        c += ["-", "-", "-"] if rec is None else [f"{100 * rec['1']:.1f}%", f"{100 * rec['10']:.1f}%",
-                                                  f"{r['delta_pt']['recall@1']:+.1f}"]
+        c += [f"{100 * r['neighbour_recall']:.1f}%", f"{r['delta_pt']['neighbour_recall']:+.1f}"]
         table.append(c)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     fmt = lambda cells: "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)  # noqa: E731
                                   for i, (x, w) in enumerate(zip(cells, widths)))
-    lines = [f"semcomp eval: {rep['sample']}, {', '.join(rep['modalities'])} (D {rep['dim']}, {rep['in_dtype']}); "
-             + (f"train {rep['train']:,} / test {rep['test']:,}" if lab else "no labels: retrieval only"),
+    mods = rep["modalities"]
+    lines = [f"semcomp eval: {rep['sample']}, {', '.join(mods)} (D {rep['dim']}, {rep['in_dtype']}); "
+             + (f"train {rep['train']:,} / test {rep['test']:,}" if lab else "no labels: neighbour recall only"),
              fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in table]
-    base = "original concat"
-    lines.append(f"ratio: input bytes per item ({len(rep['modalities'])} x {rep['dim']} {rep['in_dtype']}) / stored bytes. "
-                 + (f"Δ: points vs {base} (accuracy) and " if lab else "Δ: points ")
-                 + f"vs {rep['recall_query']}->original {rep['modalities'][0]} (R@1); negative = lost.")
-    lines.append(f"R@k: the {rep['recall_query']} embedding (its RFS columns for compressed rows) finds its own item "
-                 "among all evaluated rows" + (f"; probe: {rep['probe']}." if lab else "."))
-    if lab:
-        comp = [r for r in rows if r["representation"].startswith(("compressed", "centroid"))]
-        for r in comp:
-            lines.append(f"  {r['representation']}: accuracy {100 * rep['table'][len(rep['modalities'])]['linear_probe']:.1f}% "
-                         f"-> {100 * r['linear_probe']:.1f}% ({r['delta_pt']['linear_probe']:+.1f} pt) at "
-                         f"{r['compression_ratio']:.2f}x fewer bytes")
+    lines.append(f"ratio: input bytes per item ({len(mods)} x {rep['dim']} {rep['in_dtype']}) / stored bytes. "
+                 "Δ pt: percentage points vs the original concat (every embedding kept); negative = lost.")
+    lines.append(f"NN recall@{rk}: share of the {rk} nearest rows (cosine) of the original concat that the "
+                 f"representation's {rk} nearest recover ({rep['recall_queries']:,} sampled queries among all "
+                 f"{rep['rows']:,} rows)" + (f"; probe: {rep['probe']}." if lab else "."))
+    base = next(r for r in rows if r["representation"] == "original concat")
+    for r in rows:
+        if r["representation"].startswith(("compressed", "centroid")):
+            what = (f"probe accuracy {100 * base['linear_probe']:.1f}% -> {100 * r['linear_probe']:.1f}% "
+                    f"({r['delta_pt']['linear_probe']:+.1f} pt)") if lab else \
+                (f"NN recall@{rk} {100 * r['neighbour_recall']:.1f}% ({r['delta_pt']['neighbour_recall']:+.1f} pt)")
+            lines.append(f"  {r['representation']}: {r['compression_ratio']:.2f}x fewer bytes, {what}")
     return "\n".join(lines)
 
 
