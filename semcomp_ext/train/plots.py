@@ -54,6 +54,7 @@ def _tau_axis(ax, taus):
 
 
 def _log_axis(ax, values, label):
+    """Log x with the values actually run as ticks."""
     from matplotlib.ticker import FixedLocator, NullLocator
 
     ax.set_xscale("log")
@@ -62,6 +63,20 @@ def _log_axis(ax, values, label):
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticklabels([f"{v:g}" for v in vals])
     ax.set_xlabel(label)
+
+
+def _bytes_axis(ax):
+    """Log-2 byte axis with ticks at powers of two (the plotted sizes are too close to label
+    every one)."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log", base=2)
+    lo, hi = ax.get_xlim()
+    ticks = [2 ** k for k in range(0, 40) if lo <= 2 ** k <= hi]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.set_xlabel("bytes per item (log scale)")
 
 
 def make_plots(results, out_dir: str) -> list:
@@ -132,8 +147,7 @@ def make_plots(results, out_dir: str) -> list:
                             yerr=[[100 * (f["probe"]["mean"] - f["probe"]["lo"])], [100 * (f["probe"]["hi"] - f["probe"]["mean"])]],
                             fmt="k*", markersize=10, capsize=3, label="concatenation (fp32, 2 embeddings)")
             handles[h.get_label()] = h
-            budgets = [row["budget"] for row in r.get("budgets", [])] + [f["bytes"]]
-            _log_axis(ax, budgets, "bytes per item")
+            _bytes_axis(ax)
             ax.set_ylabel("linear probe accuracy (%)")
             ax.set_title(f"{ds}, τ={t}")
             ax.grid(alpha=0.3)

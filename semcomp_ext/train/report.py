@@ -117,7 +117,7 @@ def claim_lines(ds: str, D: dict) -> list:
     g0 = next(iter(a["gap"].values()))
     lines = [f"**(a) {CLAIM_TITLES['a']}: {a['verdict']}** ({ds}). Spearman(τ, gap) = −1 in {a['n_perfect']} of "
              f"{a['n_seeds']} training seeds (rule: {a['rule']}; per seed "
-             f"{', '.join(f'{r:.2f}' for r in a['spearman_per_seed'])}). Gap, mean and 95% interval: {gaps} "
+             f"{', '.join(f'{r:.2f}'.replace('-', MINUS) for r in a['spearman_per_seed'])}). Gap, mean and 95% interval: {gaps} "
              f"({sizes(g0)})."]
     if "per_tau" not in c["b"]:
         return lines + [f"**({k}) {CLAIM_TITLES[k]}: {c[k]['verdict']}.**" for k in "bcd"]
