@@ -155,6 +155,8 @@ def test_eval_on_files_without_compressing_first(tmp_path, capsys):
     base = rows["original concat"]["linear_probe"]
     assert r9["delta_pt"]["linear_probe"] == round(100 * r9["linear_probe"] - 100 * base, 2)
     assert rows["centroid + RFS drop 0.5"]["linear_probe"] > 0.9  # separable classes survive half the features
+    nr = [rows[f"centroid + RFS drop {r}"]["neighbour_recall"] for r in ("0.5", "0.9")]
+    assert rows["original concat"]["neighbour_recall"] == 1.0 and 1 > nr[0] > nr[1] > 0  # fewer features, fewer neighbours kept
     # same seed -> same sample and numbers; the human table states those numbers
     assert f"{100 * r9['linear_probe']:.1f}%" in out
 
