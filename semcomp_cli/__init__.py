@@ -41,18 +41,23 @@ def _parsers_only():
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     with _parsers_only():
-        cli = importlib.import_module(_PKG + ".cli")
-        parser = cli.build_parser()
-        args = parser.parse_args(argv)  # --help and usage errors exit here
-        if not getattr(args, "func", None):
-            parser.print_help()
-            return 2
-        if getattr(args, "validate", None):  # argument checks that need no torch: answered at once
-            try:
-                args.validate(args)
-            except (ValueError, FileNotFoundError, FileExistsError) as exc:
-                print(f"semcomp {args.command}: error: {exc}", file=sys.stderr)
+        try:
+            cli = importlib.import_module(_PKG + ".cli")
+            parser = cli.build_parser()
+        except ImportError:
+            # a subcommand module needs the real package at import time: slower, still correct
+            parser = None
+        if parser is not None:
+            args = parser.parse_args(argv)  # --help and usage errors exit here
+            if not getattr(args, "func", None):
+                parser.print_help()
                 return 2
+            if getattr(args, "validate", None):  # argument checks that need no torch: answered at once
+                try:
+                    args.validate(args)
+                except (ValueError, FileNotFoundError, FileExistsError) as exc:
+                    print(f"semcomp {args.command}: error: {exc}", file=sys.stderr)
+                    return 2
     from semcomp_ext.cli import main as run  # the real package: torch, native ops
 
     return run(argv)
