@@ -71,6 +71,15 @@ def test_extreme_logits_stay_finite():
     _assert_all_close(got32, want, rtol=1e-4, atol=1e-3)
 
 
+def test_confident_positive_keeps_its_small_loss():
+    # z_ii = 30: softplus(-30) ~ 9.4e-14 must not be lost to cancellation (not softplus(z) - z)
+    a = torch.eye(3, dtype=torch.float32)
+    s, t = torch.tensor(40.0), torch.tensor(-10.0)
+    rows = sc.sigmoid_loss(a, a, s, t, reduction="none")
+    want = reference(a.double(), a.double(), s.double(), t.double(), reduction="none")
+    torch.testing.assert_close(rows.double(), want, rtol=1e-5, atol=0)
+
+
 def test_no_bias_and_number_parameters():
     a, b, s, _ = _inputs(9, 4)
     torch.testing.assert_close(sc.sigmoid_loss(a, b, 3.0), reference(a, b, s))

@@ -76,7 +76,8 @@ struct RowSums {
 
 // One row: w[j] = <a_i, b_j> (raw dot products), z = s w + t. Returns sum_j softplus(z_ij)
 // (LOSS) and, with GRAD, overwrites w[j] by g sigmoid(z_ij) and returns its sums weighted by
-// w (d scale) and unweighted (d bias). The positive pair is corrected by the caller.
+// w (d scale) and unweighted (d bias). Every pair is a negative here: the caller leaves the
+// positive out and computes it with positive_pair().
 // softplus(z) = max(z, 0) + log1p(e), sigmoid(z) = (z >= 0 ? 1 : e) / (1 + e), e = exp(-|z|):
 // no overflow for any finite z; a NaN propagates through e into every output.
 template <bool LOSS, bool GRAD, typename T>
@@ -120,9 +121,28 @@ RowSums row_both(double* w, int64_t n, double s, double t, double g) {
 
 template <bool LOSS, bool GRAD, typename T>
 RowSums row_dispatch(T* w, int64_t n, T s, T t, T g) {
+  if (n <= 0) return {0, 0, 0};
   if constexpr (LOSS && GRAD) return row_both(w, n, s, t, g);
   else if constexpr (GRAD) return row_grad(w, n, s, t, g);
   else return row_loss(w, n, s, t);
+}
+
+// The positive pair, computed on its own (never as softplus(z) - z, which cancels for a
+// confident positive): loss softplus(-z), G = -g sigmoid(-z).
+template <bool LOSS, bool GRAD, typename T>
+RowSums positive_pair(T* w, T s, T t, T g) {
+  const T x = *w;
+  const T z = s * x + t;
+  const T e = std::exp(-std::fabs(z));
+  RowSums r{0, 0, 0};
+  if (LOSS) r.loss = static_cast<double>((z < T(0) ? -z : T(0)) + log1p_unit(e));
+  if (GRAD) {
+    const T gj = -g * ((z <= T(0) ? T(1) : e) / (T(1) + e));
+    r.ds = static_cast<double>(gj * x);
+    r.db = static_cast<double>(gj);
+    *w = gj;
+  }
+  return r;
 }
 
 // ---- driver ---------------------------------------------------------------------------
@@ -175,18 +195,14 @@ Outputs run(const char* op, const at::Tensor& a_in, const at::Tensor& b_in,
         const int64_t i = i0 + rr;
         T* row = w + rr * nb;
         const T g = gp ? gp[i] : T(1);
-        const T raw_pos = negative_only ? T(0) : row[i];
-        RowSums r = row_dispatch<LOSS, GRAD>(row, nb, s, t, g);
-        if (!negative_only) {
-          // positive pair: softplus(-z) = softplus(z) - z; G_ii -= g
-          r.loss -= static_cast<double>(s * raw_pos + t);
-          if (GRAD) {
-            row[i] -= g;
-            r.ds -= static_cast<double>(g) * static_cast<double>(raw_pos);
-            r.db -= static_cast<double>(g);
-          }
+        if (negative_only) {
+          rows[i] = row_dispatch<LOSS, GRAD>(row, nb, s, t, g);
+        } else {  // negatives left and right of the positive at column i
+          const RowSums l = row_dispatch<LOSS, GRAD>(row, i, s, t, g);
+          const RowSums p = positive_pair<LOSS, GRAD>(row + i, s, t, g);
+          const RowSums r = row_dispatch<LOSS, GRAD>(row + i + 1, nb - i - 1, s, t, g);
+          rows[i] = {l.loss + p.loss + r.loss, l.ds + p.ds + r.ds, l.db + p.db + r.db};
         }
-        rows[i] = r;
       }
     });
     if (GRAD) {
