@@ -86,16 +86,17 @@ def test_multimodal_temperature_tensor_gradcheck(mm, pairs):
 # ---- 2. N = 1: loss and gradients exactly zero ---------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_single_pair_gradient_is_exactly_zero(dtype, symmetric):
+def test_single_pair_gradient_is_exactly_zero(dtype, symmetric, device):
     """With one row the loss is LSE of one logit minus that logit: identically 0. The backward
     must recompute the forward's logit bit for bit to get exactly 0 (not ~1e-5)."""
     g = torch.Generator().manual_seed(3)
     for _ in range(8):
-        q = torch.randn(1, 64, generator=g, dtype=dtype).requires_grad_()
-        k = torch.randn(1, 64, generator=g, dtype=dtype).requires_grad_()
-        s = torch.tensor(14.3, dtype=dtype, requires_grad=True)
+        q = torch.randn(1, 64, generator=g).to(device, dtype).requires_grad_()
+        k = torch.randn(1, 64, generator=g).to(device, dtype).requires_grad_()
+        s = torch.tensor(14.3, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                         requires_grad=True)
         loss = sc.infonce_loss(q, k, logit_scale=s, symmetric=symmetric)
         loss.backward()
         assert loss.item() == 0.0
