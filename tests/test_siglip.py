@@ -52,6 +52,16 @@ def test_matches_fp64_reference(backward, na, nb, d, negative_only, chunk, reduc
     _assert_all_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_every_device_matches_fp64_reference(device, dtype, tol):
+    a, b, s, t = _inputs(70, 12, scale=10.0, bias=-5.0)
+    want = _loss_and_grads(reference, a, b, s, t)
+    for backward in BACKWARDS:
+        got = _loss_and_grads(lambda *x: sc.sigmoid_loss(*x, backward=backward, chunk_size=16),
+                              *(x.to(device, dtype) for x in (a, b, s, t)))
+        _assert_all_close([x.cpu() for x in got], want, rtol=tol, atol=tol)
+
+
 def test_per_row_losses_with_per_row_upstream_gradients():
     a, b, s, t = _inputs(21, 6)
     up = torch.linspace(-1.0, 2.0, 21, dtype=torch.float64)
