@@ -180,17 +180,23 @@ def ridge_loo_accuracy(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, 
     e = e.clamp(min=0)
     z = xtr @ q
     zt = z.T @ tc
+    if n * xtr.shape[1] > 2_000_000:
+        # large problems: the per-penalty products (n x D x classes each) in fp32; the Gram
+        # matrix and its eigendecomposition stay fp64. Only the argmax of the fits is used.
+        z, zt, tc32 = z.float(), zt.float(), tc.float()
+    else:
+        tc32 = tc
     z2 = z * z
     best_acc, best_l2 = -1.0, RIDGE_GRID[0]
     for g in RIDGE_GRID:
-        inv = 1.0 / (e + g * n)
+        inv = (1.0 / (e + g * n)).to(z.dtype)
         fit = z @ (inv.unsqueeze(1) * zt)
-        h = (z2 @ inv + 1.0 / n).clamp(max=1 - 1e-9)  # leverage, the intercept (centring) included
-        loo = tc - (tc - fit) / (1 - h).unsqueeze(1)
-        acc = float(((loo + tm).argmax(1) == yi).double().mean())
+        h = (z2 @ inv + 1.0 / n).clamp(max=1 - 1e-6)  # leverage, the intercept (centring) included
+        loo = tc32 - (tc32 - fit) / (1 - h).unsqueeze(1)
+        acc = float(((loo + tm.to(loo.dtype)).argmax(1) == yi).double().mean())
         if acc >= best_acc - 1e-12:  # ties: the larger penalty
             best_acc, best_l2 = acc, g
-    w = q @ ((1.0 / (e + best_l2 * n)).unsqueeze(1) * zt)
+    w = q @ ((1.0 / (e + best_l2 * n)).unsqueeze(1) * (q.T @ (xtr.T @ tc)))
     pred = classes[(xte @ w + tm).argmax(1)]
     return float((pred == yte).double().mean()), best_l2
 
