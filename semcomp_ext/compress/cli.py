@@ -110,6 +110,10 @@ def _gap(args) -> int:
     return 0
 
 
+def _pt(v: float) -> str:
+    return f"{round(v, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
+
+
 def format_eval(rep: dict) -> str:
     """The eval report as a table: bytes, accuracy / neighbour recall and the change in points."""
     rows = rep["table"]
@@ -124,9 +128,9 @@ def format_eval(rep: dict) -> str:
     for r in rows:
         c = [r["representation"], f"{r['bytes_per_item']:g}", f"{r['compression_ratio']:.2f}x"]
         if lab:
-            c += [f"{100 * r['linear_probe']:.1f}%", f"{r['delta_pt']['linear_probe']:+.1f}",
-                  f"{100 * r[k]:.1f}%", f"{r['delta_pt'][k]:+.1f}"]
-        c += [f"{100 * r['neighbour_recall']:.1f}%", f"{r['delta_pt']['neighbour_recall']:+.1f}"]
+            c += [f"{100 * r['linear_probe']:.1f}%", _pt(r['delta_pt']['linear_probe']),
+                  f"{100 * r[k]:.1f}%", _pt(r['delta_pt'][k])]
+        c += [f"{100 * r['neighbour_recall']:.1f}%", _pt(r['delta_pt']['neighbour_recall'])]
         table.append(c)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     fmt = lambda cells: "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)  # noqa: E731
@@ -144,8 +148,8 @@ def format_eval(rep: dict) -> str:
     for r in rows:
         if r["representation"].startswith(("compressed", "centroid")):
             what = (f"probe accuracy {100 * base['linear_probe']:.1f}% -> {100 * r['linear_probe']:.1f}% "
-                    f"({r['delta_pt']['linear_probe']:+.1f} pt)") if lab else \
-                (f"NN recall@{rk} {100 * r['neighbour_recall']:.1f}% ({r['delta_pt']['neighbour_recall']:+.1f} pt)")
+                    f"({_pt(r['delta_pt']['linear_probe'])} pt)") if lab else \
+                (f"NN recall@{rk} {100 * r['neighbour_recall']:.1f}% ({_pt(r['delta_pt']['neighbour_recall'])} pt)")
             lines.append(f"  {r['representation']}: {r['compression_ratio']:.2f}x fewer bytes, {what}")
     return "\n".join(lines)
 
