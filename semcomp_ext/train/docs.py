@@ -23,12 +23,18 @@ def _headline(results, run_name: str, timings: dict | None) -> str:
     conf = results["config"]
     data = "; ".join(f"{ds}: {D['num_train']} train / {D['num_test']} test pairs, D = {D['dim']}"
                      for ds, D in results["datasets"].items())
-    took = f", {timings['total_s'] / 60:.0f} min in all" if timings and "total_s" in timings else ""
+    took = ""  # wall times depend on the machine's load: they are in report.md and timings.json
     return (f"From `docs/results/{run_name}/results.json` ({'--quick' if results['protocol'].get('quick') else 'full protocol'}: "
             f"{len(conf['seeds'])} training seeds shared across τ ∈ {{{', '.join(f'{t:g}' for t in sorted(conf['temperatures']))}}}, "
             f"{conf['steps']} steps each, {len(conf['rfs_seeds'])} RFS seeds, {data}{took}). Every interval combines "
             f"training seeds, RFS seeds and test items; each verdict is held / not held / inconclusive by a rule fixed in "
             f"advance (docs/reproduce.md).")
+
+
+def _by_float(d: dict) -> list:
+    """Items of a dict keyed by numbers as strings, in numeric order (results.json sorts keys
+    as text: "10" before "2.5")."""
+    return sorted(d.items(), key=lambda kv: float(kv[0]))
 
 
 def _evidence(results) -> list:
@@ -41,18 +47,18 @@ def _evidence(results) -> list:
         if "per_tau" not in c["b"]:
             continue
         b = c["b"]
-        per = "; ".join(f"τ={t} {ci(v['diff'], 'pt')}" for t, v in b["per_tau"].items())
+        per = "; ".join(f"τ={t} {ci(v['diff'], 'pt')}" for t, v in _by_float(b["per_tau"]))
         s0 = next(iter(b["per_tau"].values()))["diff"]
         lines.append(f"- ({ds}) **(b) {b['verdict']}**: centroid − concat (90% interval): {per} ({sizes(s0)}).")
         cc = c["c"]
         tl = cc["per_tau"][cc["tau"]]["loss"]
         tr = cc["trend"]
+        slope = f"{100 * tr['mean']:+.1f} pt/decade [{100 * tr['lo']:+.1f}, {100 * tr['hi']:+.1f}]".replace("-", "−")
         lines.append(f"- ({ds}) **(c) {cc['verdict']}**: loss at drop {cc['drop_rate']:.2f} at τ={cc['tau']}: "
-                     f"{ci(tl, 'pt')} (keeps if < {100 * cc['threshold']:.0f} pt); slope vs log10 τ "
-                     f"{100 * tr['mean']:+.1f} pt/decade [{100 * tr['lo']:+.1f}, {100 * tr['hi']:+.1f}]."
-                     .replace("-", "−").replace("−−", "--"))
+                     f"{ci(tl, 'pt')} (keeps if < {100 * cc['threshold']:.0f} pt); slope of the loss vs log10 τ {slope} "
+                     f"(trend {tr['verdict']}).")
         d = c["d"]
-        per = "; ".join(f"{t}×: {ci(v['diff'], 'pt')} → {v['verdict']}" for t, v in d["per_target"].items())
+        per = "; ".join(f"{t}×: {ci(v['diff'], 'pt')} → {v['verdict']}" for t, v in _by_float(d["per_target"]))
         lines.append(f"- ({ds}) **(d) {d['verdict']}** (10× target): centroid + RFS − concat at τ={d['tau']}: {per}.")
     return lines
 

@@ -23,6 +23,11 @@ def _taus(results) -> list:
     return sorted(results["temperatures"], key=float)
 
 
+def _by_float(d: dict) -> list:
+    """Items of a dict keyed by numbers as strings, in numeric order (JSON sorts keys as text)."""
+    return sorted(d.items(), key=lambda kv: float(kv[0]))
+
+
 def pct(x) -> str:
     return f"{100 * x:.1f}%"
 
@@ -113,7 +118,7 @@ def claim_lines(ds: str, D: dict) -> list:
     intervals and sample sizes."""
     c = D["claims"]
     a = c["a"]
-    gaps = "; ".join(f"τ={t}: {g['mean']:.3f} [{g['lo']:.3f}, {g['hi']:.3f}]" for t, g in a["gap"].items())
+    gaps = "; ".join(f"τ={t}: {g['mean']:.3f} [{g['lo']:.3f}, {g['hi']:.3f}]" for t, g in _by_float(a["gap"]))
     g0 = next(iter(a["gap"].values()))
     lines = [f"**(a) {CLAIM_TITLES['a']}: {a['verdict']}** ({ds}). Spearman(τ, gap) = −1 in {a['n_perfect']} of "
              f"{a['n_seeds']} training seeds (rule: {a['rule']}; per seed "
@@ -123,14 +128,14 @@ def claim_lines(ds: str, D: dict) -> list:
         return lines + [f"**({k}) {CLAIM_TITLES[k]}: {c[k]['verdict']}.**" for k in "bcd"]
     b = c["b"]
     per = "; ".join(f"τ={t}: {ci(v['diff'], 'pt')} → {v['verdict']}{' (equivalent)' if v['equivalent'] else ''}"
-                    for t, v in b["per_tau"].items())
+                    for t, v in _by_float(b["per_tau"]))
     s0 = next(iter(b["per_tau"].values()))["diff"]
     lines.append(f"**(b) {CLAIM_TITLES['b']}: {b['verdict']}** ({ds}). Centroid − concatenation, linear probe, "
                  f"seed-mean paired difference with 90% interval (negative = centroid worse; rule: {b['rule']}): {per} "
                  f"({sizes(s0)}).")
     cc = c["c"]
     per = "; ".join(f"τ={t}: {ci(v['loss'], 'pt')} → {'keeps' if v['keeps'] == 'held' else 'does not keep' if v['keeps'] == 'not held' else 'inconclusive'}"
-                    for t, v in cc["per_tau"].items())
+                    for t, v in _by_float(cc["per_tau"]))
     tr = cc["trend"]
     s0 = next(iter(cc["per_tau"].values()))["loss"]
     lines.append(f"**(c) {CLAIM_TITLES['c']}: {cc['verdict']}** ({ds}). Accuracy lost (positive = worse) from drop 0 to "
@@ -141,7 +146,7 @@ def claim_lines(ds: str, D: dict) -> list:
                  f"({sizes(s0)}).".replace("-", MINUS).replace(f"{MINUS}>", "->"))
     d = c["d"]
     per = "; ".join(f"{tgt}× (keep {v['keep']}, {v['compression']:.1f}×): {ci(v['diff'], 'pt')} → {v['verdict']}"
-                    for tgt, v in d["per_target"].items())
+                    for tgt, v in _by_float(d["per_target"]))
     s0 = next(iter(d["per_target"].values()))["diff"]
     lines.append(f"**(d) {CLAIM_TITLES['d']}: {d['verdict']}** ({ds}, verdict of the {d['headline_target']:g}× target). "
                  f"Centroid + RFS − concatenation at τ={d['tau']}, 95% interval (negative = compressed worse; held if the "
