@@ -17,6 +17,7 @@ import os
 COMPARABLE = 0.01
 GOAL = 16.0  # the project's target compression at <= COMPARABLE accuracy loss
 MINUS = "−"
+METHOD_ORDER = ("rfs", "rfs+int8", "rfs+binary", "pca", "pca+int8", "pq", "truncation")  # = evaluate.METHODS
 
 
 def _taus(results) -> list:
@@ -158,7 +159,8 @@ def budget_table(D: dict, tau: str) -> str:
     rows = []
     for row in D["temperatures"][tau].get("budgets", []):
         cells = []
-        for m, s in row["methods"].items():
+        for m in [m for m in METHOD_ORDER if m in row["methods"]] + sorted(set(row["methods"]) - set(METHOD_ORDER)):
+            s = row["methods"][m]
             star = "**" if m == row["winner"] else ""
             cells.append(f"{star}{m}{star} {ci(s)} ({s['bytes']:g} B)")
         tie = ""
@@ -179,6 +181,13 @@ def verdict_table(results) -> str:
     return _md(["claim"] + names + ["overall"], rows)
 
 
+def _load_text(timings: dict) -> str:
+    a, b = timings.get("load_avg_start"), timings.get("load_avg_end")
+    if a is None or b is None:
+        return ""
+    return f" on {timings.get('cpu_count')} CPUs, 1-minute load average {a:g} at the start and {b:g} at the end"
+
+
 def write_report(results, timings: dict, out_dir: str) -> None:
     conf = results["config"]
     parts = [
@@ -190,7 +199,7 @@ def write_report(results, timings: dict, out_dir: str) -> None:
         f"{results['protocol']['bootstrap_replicates']} bootstrap replicates. Linear probe: "
         f"{results['protocol']['probe']}. Retrieval ties: {results['protocol']['retrieval_ties']}. "
         f"Total time {timings['total_s']:.0f} s (training {sum(timings['train_s'].values()):.0f} s, evaluation "
-        f"{sum(timings['eval_s'].values()):.0f} s).",
+        f"{sum(timings['eval_s'].values()):.0f} s){_load_text(timings)}.",
         "",
         "Every interval combines training seeds, RFS seeds and test items (crossed bootstrap); verdicts are held / "
         "not held / inconclusive by the rules fixed in advance (docs/reproduce.md).",

@@ -89,6 +89,14 @@ def _round(x, nd=6):
     return x
 
 
+def _load():
+    """1-minute load average (None where the OS has none): wall times mean little without it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _tau_dir(out: str, tau: float, dataset: str = "mnist", seed: int = 0) -> str:
     return os.path.join(out, "runs", dataset, f"seed_{seed}", f"tau_{tau:g}")
 
@@ -115,7 +123,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
 
     check_config(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    timings = {"train_s": {}, "eval_s": {}}
+    timings = {"train_s": {}, "eval_s": {}, "cpu_count": os.cpu_count(), "load_avg_start": _load()}
     t_all = time.perf_counter()
     taus = [f"{t:g}" for t in sorted(cfg.temperatures)]
     per_dataset, meta = {}, {}
@@ -181,6 +189,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     write_tables(results, cfg.out_dir, csv)
     make_plots(results, cfg.out_dir)
     timings["total_s"] = time.perf_counter() - t_all
+    timings["load_avg_end"] = _load()
     with open(os.path.join(cfg.out_dir, "timings.json"), "w", encoding="utf-8") as f:
         json.dump(timings, f, indent=2)
     write_report(results, timings, cfg.out_dir)
