@@ -101,21 +101,55 @@ def _fwd_backward(ctx, g_rows):
 torch.library.register_autograd("semcomp::sigmoid_fwd", _fwd_backward, setup_context=_fwd_setup)
 
 
+def _is_eager(x: torch.Tensor) -> bool:
+    """Plain eager execution: no compiler, no tensor subclass (fake, functional), no dispatch
+    mode (tracing) active."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)
+
+
 def _onepass_setup(ctx, inputs, output):
-    a, b = inputs[0], inputs[1]
+    a, b, logit_scale, logit_bias, negative_only, chunk_size = inputs
     _, ga, gb, gs, gt = output
     ctx.dtypes = (a.dtype, b.dtype)
-    ctx.save_for_backward(ga, gb, gs, gt)
+    ctx.negative_only, ctx.chunk_size = negative_only, chunk_size
+    # the gradient outputs are never differentiated: without this, autograd would hand the
+    # backward N x D zero tensors for them
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(a, b, logit_scale, logit_bias)  # references only: for a second backward
+    if _is_eager(ga):
+        ctx.grads = [ga, gb, gs, gt]
+    else:  # traced (torch.compile, opcheck): the gradients are saved and scaled out of place
+        ctx.save_for_backward(a, b, logit_scale, logit_bias, ga, gb, gs, gt)
+        ctx.grads = None
 
 
 def _onepass_backward(ctx, g_loss, *_unused):
-    # the saved gradients are those of the summed loss: the upstream gradient scales them
-    # (out of place: the graph can be backpropagated again, as with retain_graph=True)
-    ga, gb, gs, gt = ctx.saved_tensors
+    # The gradients computed by the forward are those of the summed loss: the upstream gradient
+    # scales them. The first backward (in eager mode) scales them in place and hands them over,
+    # so the peak holds one set of N x D gradients; a later backward through the same graph
+    # (retain_graph=True) recomputes them from the inputs.
     need = ctx.needs_input_grad
-    g = g_loss.to(ga.dtype)
-    return ((g * ga).to(ctx.dtypes[0]) if need[0] else None,
-            (g * gb).to(ctx.dtypes[1]) if need[1] else None,
+    if g_loss is None:  # only the gradient outputs were used: they are constants
+        return None, None, None, None, None, None
+    saved = ctx.saved_tensors
+    a, b, logit_scale, logit_bias = saved[:4]
+    if len(saved) > 4:  # traced by torch.compile: out of place
+        ga, gb, gs, gt = saved[4:]
+        g = g_loss.to(ga.dtype)
+        ga, gb = g * ga, g * gb
+    elif ctx.grads is not None:
+        ga, gb, gs, gt = ctx.grads
+        ctx.grads = None
+        g = g_loss.to(ga.dtype)
+        ga, gb = ga.mul_(g), gb.mul_(g)
+    else:
+        rows = g_loss.reshape(1).expand(a.shape[0])
+        ga, gb, gs, gt = ops.sigmoid_bwd(a, b, logit_scale, logit_bias, rows, ctx.negative_only, ctx.chunk_size)
+        return (ga if need[0] else None, gb if need[1] else None, gs if need[2] else None,
+                gt if need[3] else None, None, None)
+    return (ga.to(ctx.dtypes[0]) if need[0] else None,
+            gb.to(ctx.dtypes[1]) if need[1] else None,
             (g.to(gs.dtype) * gs) if need[2] else None,
             (g.to(gt.dtype) * gt) if need[3] else None, None, None)
 
