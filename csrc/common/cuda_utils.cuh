@@ -82,9 +82,12 @@ __device__ __forceinline__ T block_sum(T v) {
   return v;
 }
 
-// ---- log-sum-exp in base 2 -------------------------------------------------------------
-// Every LSE kernel works on x2 = S * log2(e) and exp2, so exp2(x2 - m2) is one MUFU.EX2;
-// results are converted back with ln(2). fp64 uses the libdevice exp2/log2.
+// ---- log-sum-exp with exp2 -------------------------------------------------------------
+// Every LSE kernel keeps its running max m in natural units (the logits S themselves) and
+// sums exp2((S - m) log2(e)): one MUFU.EX2 per element in fp32; fp64 uses the libdevice
+// exp2/log2. The max being a logit itself (not S log2(e) rounded), the LSE of a single
+// logit is that logit exactly, and a backward that recomputes S the same way (mul_rn) gets
+// exp2((S - r) log2(e)) = 1 exactly there: no rounding residue at N = 1.
 
 __device__ __forceinline__ float exp2_(float x) { return exp2f(x); }
 __device__ __forceinline__ double exp2_(double x) { return exp2(x); }
@@ -96,12 +99,31 @@ constexpr A kLog2e = A(1.4426950408889634074);
 template <typename A>
 constexpr A kLn2 = A(0.6931471805599453094);
 
+// a * b rounded once, never fused into a following add (an FMA would keep the product
+// exact in one kernel and rounded in another): logits S = W s are computed with it
+// everywhere, so the forward and the backward see the same S bit for bit.
+#if defined(__CUDACC__)
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+#else  // host emulation of the kernels (development aid): a plain product
+inline float mul_rn(float a, float b) { return a * b; }
+inline double mul_rn(double a, double b) { return a * b; }
+#endif
+
+// exp of (x - m) in natural units, as one exp2 (the difference is taken first, exactly
+// zero when x == m).
+template <typename A>
+__device__ __forceinline__ A exp_diff(A x, A m) {
+  return exp2_((x - m) * kLog2e<A>);
+}
+
 template <typename A>
 __device__ __forceinline__ A neg_inf() {
   return -std::numeric_limits<A>::infinity();
 }
 
-// Online state: m = running max, s = sum of exp2(x - m). (-inf, 0) is the empty state.
+// Online state: m = running max, s = sum of exp(x - m) (natural units, each term computed
+// as exp_diff). (-inf, 0) is the empty state.
 template <typename A>
 struct Lse2 {
   A m, s;
@@ -109,10 +131,10 @@ struct Lse2 {
   // Adds one finite (or NaN) value. NaN poisons s.
   __device__ __forceinline__ void add(A x) {
     if (x > m) {
-      s = s * exp2_(m - x) + A(1);
+      s = s * exp_diff(m, x) + A(1);
       m = x;
     } else {
-      s += exp2_(x - m);
+      s += exp_diff(x, m);
     }
   }
   // Merges another state; empty states (-inf, 0) are absorbed without computing
@@ -128,12 +150,12 @@ struct Lse2 {
       os = u;
     }
     if (om != neg_inf<A>()) {
-      s += os * exp2_(om - m);
+      s += os * exp_diff(om, m);
     } else if (os != A(0)) {
       s += os;  // os is NaN here: (-inf, s > 0) cannot arise from add()
     }
   }
-  __device__ __forceinline__ A lse_natural() const { return (m + log2_(s)) * kLn2<A>; }
+  __device__ __forceinline__ A lse_natural() const { return m + log2_(s) * kLn2<A>; }
 };
 
 // ---- 16-byte vector access -------------------------------------------------------------

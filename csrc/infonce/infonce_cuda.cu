@@ -13,9 +13,12 @@
 //             share of d(logit_scale) = sum_j G_ij W_ij; then dq_c = (sG) k and
 //             dk += (sG)^T q_c (two GEMMs, no B x D atomics); ds = sum of the row shares.
 //
-// Numerics: every LSE is kept as a base-2 online state (max m, sum of exp2(x - m)) with
-// x = S log2(e), so each exponential is one exp2 (MUFU.EX2 in fp32) and a logit scale of 100
-// cannot overflow (the running max is subtracted first). Partials are merged in a fixed order:
+// Numerics: every LSE is kept as an online state (max m, sum of exp(S - m)) in natural units,
+// each exponential computed as exp2((S - m) log2(e)) (one MUFU.EX2 in fp32), so a logit scale
+// of 100 cannot overflow (the running max is subtracted first). The logits S = W s are
+// computed by mul_rn (never fused into an FMA) in the forward and the backward alike, so the
+// backward sees the forward's S bit for bit (one column: exp(S - r) is exactly 1, and the
+// loss and all gradients at N = 1 are exactly 0). Partials are merged in a fixed order:
 // no float atomics anywhere, results are bit-for-bit reproducible for a given chunk size.
 // bf16/fp16 inputs: GEMMs read the inputs in their own dtype (tensor cores) and write fp32
 // through ATen's out_dtype overloads (torch >= 2.8); the G block is rounded once to the input
@@ -82,7 +85,7 @@ fwd_tile_kernel(const A* __restrict__ W, int64_t c, int64_t nk, const A* __restr
   const int64_t ct = blockIdx.x, rt = blockIdx.y;
   const int64_t j0 = ct * 32 * V + lane * V;
   const bool valid = j0 < nk;  // nk % V == 0 when V > 1: a vector is all in or all out
-  const A sl = scale[0] * kLog2e<A>;
+  const A sc = scale[0];
   Lse2<A> col[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) col[v] = Lse2<A>::empty();
@@ -93,7 +96,7 @@ fwd_tile_kernel(const A* __restrict__ W, int64_t c, int64_t nk, const A* __restr
     if (valid) {
       const Vec<A, V> w = *reinterpret_cast<const Vec<A, V>*>(W + r * nk + j0);
 #pragma unroll
-      for (int v = 0; v < V; ++v) x[v] = w.v[v] * sl;
+      for (int v = 0; v < V; ++v) x[v] = mul_rn(w.v[v], sc);
     } else {
 #pragma unroll
       for (int v = 0; v < V; ++v) x[v] = neg_inf<A>();
@@ -105,7 +108,7 @@ fwd_tile_kernel(const A* __restrict__ W, int64_t c, int64_t nk, const A* __restr
     A e = A(0);
     if (valid) {
 #pragma unroll
-      for (int v = 0; v < V; ++v) e += exp2_(x[v] - m);
+      for (int v = 0; v < V; ++v) e += exp_diff(x[v], m);
     }
     e = warp_sum(e);
     if (lane == 0) {
@@ -157,14 +160,14 @@ row_merge_kernel(const A* __restrict__ pm, const A* __restrict__ ps, int64_t n_c
   for (int64_t t = lane; t < n_ct; t += 32) mx = nan_max(mx, m[t]);
   mx = warp_max(mx);
   A sum = A(0);
-  for (int64_t t = lane; t < n_ct; t += 32) sum += s[t] * exp2_(m[t] - mx);
+  for (int64_t t = lane; t < n_ct; t += 32) sum += s[t] * exp_diff(m[t], mx);
   sum = warp_sum(sum);
   if (lane == 0) {
     const A sc = scale[0];
     const int64_t i = i0 + rr;
-    A r = (mx + log2_(sum)) * kLn2<A>;
+    A r = mx + log2_(sum) * kLn2<A>;
     if (!scale_ok(sc)) r = std::numeric_limits<A>::quiet_NaN();  // poison (see top)
-    const A d = sc * W[rr * nk + i + offset];
+    const A d = mul_rn(W[rr * nk + i + offset], sc);
     rlse[i] = r;
     if constexpr (SYM) diag[i] = d; else loss[i] = r - d;
   }
@@ -201,21 +204,20 @@ __global__ void sym_finish_kernel(const A* __restrict__ cm, const A* __restrict_
 
 // ---- backward -----------------------------------------------------------------------------
 // One block per chunk row; threads walk V-vectors of the row. For each element
-//   g = rc_i exp2(x - r_i) [+ cc_j exp2(x - c_j)] - dc_i [j == i + offset],  x = W s log2(e)
-// (r, c pre-scaled to base 2), ds_i += g W_ij, and s*g is stored (in place when GT == A),
+//   g = rc_i exp(x - r_i) [+ cc_j exp(x - c_j)] - dc_i [j == i + offset],  x = mul_rn(W, s)
+// (exp_diff; r, c natural), ds_i += g W_ij, and s*g is stored (in place when GT == A),
 // times gscale[0] when given (fp16: see bwd_impl).
 // ds_i is reduced over the block (fixed tree) into ds_rows[i].
 template <typename A, typename GT, int V, bool SYM>
 __global__ void __launch_bounds__(kThreads)
 grad_kernel(const A* W, GT* G, int64_t nk, int64_t i0, int64_t offset,
             const A* __restrict__ scale, const A* __restrict__ rlse,
-            const A* __restrict__ rcoef, const A* __restrict__ dcoef, const A* __restrict__ c2,
+            const A* __restrict__ rcoef, const A* __restrict__ dcoef, const A* __restrict__ clse,
             const A* __restrict__ ccoef, const A* __restrict__ gscale, A* __restrict__ ds_rows) {
   const int64_t rr = blockIdx.x, i = i0 + rr;
   const A s = scale_ok(scale[0]) ? scale[0] : std::numeric_limits<A>::quiet_NaN();  // poison
-  const A sl = s * kLog2e<A>;
   const A sg = gscale ? s * gscale[0] : s;  // stored value s*G, times the fp16 pre-scale
-  const A r2 = rlse[i] * kLog2e<A>, rc = rcoef[i], dc = dcoef[i];
+  const A r = rlse[i], rc = rcoef[i], dc = dcoef[i];
   const int64_t jd = i + offset;
   const A* w = W + rr * nk;
   GT* g = G + rr * nk;
@@ -224,15 +226,15 @@ grad_kernel(const A* W, GT* G, int64_t nk, int64_t i0, int64_t offset,
     const Vec<A, V> wv = *reinterpret_cast<const Vec<A, V>*>(w + j0);
     Vec<A, V> cv, ccv;
     if constexpr (SYM) {
-      cv = *reinterpret_cast<const Vec<A, V>*>(c2 + j0);
+      cv = *reinterpret_cast<const Vec<A, V>*>(clse + j0);
       ccv = *reinterpret_cast<const Vec<A, V>*>(ccoef + j0);
     }
     Vec<GT, V> out;
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-      const A x = wv.v[v] * sl;
-      A gv = rc * exp2_(x - r2);
-      if constexpr (SYM) gv += ccv.v[v] * exp2_(x - cv.v[v]);
+      const A x = mul_rn(wv.v[v], s);
+      A gv = rc * exp_diff(x, r);
+      if constexpr (SYM) gv += ccv.v[v] * exp_diff(x, cv.v[v]);
       if (j0 + v == jd) gv -= dc;
       ds += gv * wv.v[v];
       out.v[v] = static_cast<GT>(sg * gv);
@@ -241,13 +243,6 @@ grad_kernel(const A* W, GT* G, int64_t nk, int64_t i0, int64_t offset,
   }
   ds = block_sum(ds);
   if (threadIdx.x == 0) ds_rows[i] = ds;
-}
-
-template <typename A>
-__global__ void scale_vec_kernel(const A* __restrict__ in, A f, int64_t n, A* __restrict__ out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = in[i] * f;
 }
 
 // Tile path: one thread per row merges the row's split partials (base 2) in split order,
@@ -463,22 +458,19 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
   const at::Tensor s = logit_scale.reshape({1}).to(opts).contiguous();
   const at::Tensor rlse = rlse_in.to(opts).contiguous(), rcoef = rcoef_in.to(opts).contiguous();
   const at::Tensor dcoef = dcoef_in.to(opts).contiguous();
-  at::Tensor c2, ccoef;
+  at::Tensor clse, ccoef;  // column LSEs in natural units, as the forward wrote them
   if constexpr (SYM) {
-    const at::Tensor clse = clse_in.to(opts).contiguous();
-    c2 = at::empty({nk}, opts);
-    scale_vec_kernel<A><<<grid_1d(nk), kThreads, 0, stream>>>(
-        clse.const_data_ptr<A>(), kLog2e<A>, nk, c2.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    clse = clse_in.to(opts).contiguous();
     ccoef = ccoef_in.to(opts).contiguous();
   }
   // The tile path needs only the G block (input dtype); the gemm path also the fp32 W block.
   const bool tiled = use_tile<T>();
   const int64_t C =
       pick_chunk(chunk, nq, nk, tiled ? sizeof(T) : sizeof(A) + (kMixed<T> ? sizeof(T) : 0));
-  // Vector loads of W, c2 and col_coef need nk % VW == 0 and 16-byte aligned vectors
-  // (col_coef may arrive as a view with an odd storage offset).
-  const bool ccoef_aligned = !SYM || aligned16(ccoef.const_data_ptr());
+  // Vector loads of W, col_lse and col_coef need nk % VW == 0 and 16-byte aligned vectors
+  // (col_lse and col_coef may arrive as views with an odd storage offset).
+  const bool ccoef_aligned =
+      !SYM || (aligned16(ccoef.const_data_ptr()) && aligned16(clse.const_data_ptr()));
   const int V = (nk % VW == 0 && ccoef_aligned) ? VW : 1;
   // fp16 G blocks: with reduction="mean" at large N most entries of s*G (~1e-8..1e-25) lie
   // below fp16's smallest subnormal (6e-8) and would flush to zero. They are stored times an
@@ -512,7 +504,7 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
     const int64_t c = std::min(C, nq - i0);
     at::Tensor gblk = gbuf.narrow(0, 0, c);
     const at::Tensor qc = q.narrow(0, i0, c);
-    const A* c2p = SYM ? c2.const_data_ptr<A>() : nullptr;
+    const A* c2p = SYM ? clse.const_data_ptr<A>() : nullptr;
     const A* ccp = SYM ? ccoef.const_data_ptr<A>() : nullptr;
     if constexpr (kMixed<T>) {
       if (tiled) {  // s*G straight from the tensor-core tiles; ds shares summed over splits

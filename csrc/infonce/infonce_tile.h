@@ -34,8 +34,8 @@ void launch_fwd(const at::Tensor& q, const at::Tensor& k, const float* scale, in
                 bool sym, int64_t splits, at::Tensor& row_pm, at::Tensor& row_ps,
                 at::Tensor& col_pm, at::Tensor& col_ps, at::Tensor& diag);
 
-// Rows [i0, i0 + c) of q against all of k. rlse, rcoef, dcoef: fp32 (nq); c2 (column LSE
-// times log2 e) and ccoef: fp32 (nk), only when sym; gscale: fp32 (1,) or nullptr.
+// Rows [i0, i0 + c) of q against all of k. rlse, rcoef, dcoef: fp32 (nq); c2 (column LSEs,
+// natural units, as the forward wrote them) and ccoef: fp32 (nk), only when sym; gscale: fp32 (1,) or nullptr.
 // gbuf: (>= c) x nk in q's dtype, row-major; ds_part: fp32 (splits, >= c), row shares of
 // d(logit_scale) per split.
 void launch_grad(const at::Tensor& q, const at::Tensor& k, const float* scale, int64_t i0,

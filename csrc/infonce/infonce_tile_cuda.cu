@@ -5,14 +5,15 @@
 //      tiles are staged in shared memory (zero-padded past nq, nk and D) and multiplied on
 //      the tensor cores (WMMA 16x16x16, bf16/fp16 operands, fp32 accumulation; sm_80+), the
 //      accumulators stored to a shared fp32 tile;
-//   2. the epilogue reads the tile from shared memory: logits x = dot * s * log2(e) (base-2
-//      log-sum-exp, as in infonce_cuda.cu), with every quantity in fp32.
+//   2. the epilogue reads the tile from shared memory: logits x = mul_rn(dot, s) (natural
+//      units, exponentials as exp2((x - m) log2(e)), as in infonce_cuda.cu), every quantity
+//      in fp32.
 //
 // Forward epilogue: row partials (4 threads per row, 16 columns each, combined by shuffles)
 // are folded into a running online state per row; column partials (one thread per column
 // and group of 16 rows, combined through shared memory in a fixed order) are written once
 // per (row block, column); the positive logit is stored by the one thread that sees it.
-// Gradient epilogue: G_ij = rc_i 2^(x - r_i) [+ cc_j 2^(x - c_j)] - dc_i [j = i + offset] is
+// Gradient epilogue: G_ij = rc_i e^(x - r_i) [+ cc_j e^(x - c_j)] - dc_i [j = i + offset] is
 // stored as s*G (times the pre-scale) in the input dtype; row shares of sum_j G_ij dot_ij are
 // summed per split.
 //
@@ -46,9 +47,9 @@ namespace semcomp::tile {
 namespace {
 
 using semcomp::cuda::ceil_div;
-using semcomp::cuda::exp2_;
-using semcomp::cuda::kLog2e;
+using semcomp::cuda::exp_diff;
 using semcomp::cuda::Lse2;
+using semcomp::cuda::mul_rn;
 using semcomp::cuda::nan_max;
 using semcomp::cuda::neg_inf;
 
@@ -171,7 +172,7 @@ tile_fwd_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ k, in
   const int64_t r0 = rb * kBM, n_ct = ceil_div(nk, kBN);
   int64_t t0, t1;
   split_range(n_ct, split, splits, t0, t1);
-  const float s = scale[0], sl = s * kLog2e<float>;
+  const float s = scale[0];
   const int t = threadIdx.x;
   // row layout: row rr = t / 4, columns (t % 4) * 16 .. + 15 of the tile
   const int rr = t >> 2, cq = (t & 3) * 16;
@@ -188,7 +189,7 @@ tile_fwd_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ k, in
 #pragma unroll
     for (int e = 0; e < 16; ++e) {
       const int64_t j = c0 + cq + e;
-      x[e] = j < nk ? sm.s[rr * kLdS + cq + e] * sl : neg_inf<float>();
+      x[e] = j < nk ? mul_rn(sm.s[rr * kLdS + cq + e], s) : neg_inf<float>();
       m = nan_max(m, x[e]);
     }
     m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, 1));
@@ -196,19 +197,19 @@ tile_fwd_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ k, in
     float e2 = 0.f;
 #pragma unroll
     for (int e = 0; e < 16; ++e)
-      if (c0 + cq + e < nk) e2 += exp2_(x[e] - m);
+      if (c0 + cq + e < nk) e2 += exp_diff(x[e], m);
     e2 += __shfl_xor_sync(0xffffffffu, e2, 1);
     e2 += __shfl_xor_sync(0xffffffffu, e2, 2);
     row.merge(m, e2);  // a tile always holds a valid column: m is finite or NaN
     // the positive logit of row i, if this tile holds column i + offset
     const int64_t jd = i + offset - c0 - cq;
-    if (i < nq && jd >= 0 && jd < 16) diag[i] = sm.s[rr * kLdS + cq + jd] * s;
+    if (i < nq && jd >= 0 && jd < 16) diag[i] = mul_rn(sm.s[rr * kLdS + cq + jd], s);
     if constexpr (SYM) {
       Lse2<float> col = Lse2<float>::empty();
 #pragma unroll 4
       for (int e = 0; e < 16; ++e) {
         const int r = rg * 16 + e;
-        if (r0 + r < nq) col.add(sm.s[r * kLdS + cj] * sl);
+        if (r0 + r < nq) col.add(mul_rn(sm.s[r * kLdS + cj], s));
       }
       sm.cm[rg][cj] = col.m;
       sm.cs[rg][cj] = col.s;
@@ -242,11 +243,11 @@ tile_grad_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ k, i
   int64_t t0, t1;
   split_range(n_ct, split, splits, t0, t1);
   const float s = scale_ok(scale[0]) ? scale[0] : std::numeric_limits<float>::quiet_NaN();
-  const float sl = s * kLog2e<float>, sg = gscale ? s * gscale[0] : s;
+  const float sg = gscale ? s * gscale[0] : s;
   const int t = threadIdx.x, rr = t >> 2, cq = (t & 3) * 16;
   const int64_t i = r0 + rr;
   const bool row_ok = i < rows_end;
-  const float r2 = row_ok ? rlse[i] * kLog2e<float> : 0.f;
+  const float r = row_ok ? rlse[i] : 0.f;
   const float rc = row_ok ? rcoef[i] : 0.f, dc = row_ok ? dcoef[i] : 0.f;
   float ds = 0.f;
   for (int64_t ct = t0; ct < t1; ++ct) {
@@ -260,9 +261,9 @@ tile_grad_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ k, i
         float g = 0.f;
         if (j < nk) {
           const float w = sm.s[rr * kLdS + cq + e];
-          const float x = w * sl;
-          g = rc * exp2_(x - r2);
-          if constexpr (SYM) g += ccoef[j] * exp2_(x - c2[j]);
+          const float x = mul_rn(w, s);
+          g = rc * exp_diff(x, r);
+          if constexpr (SYM) g += ccoef[j] * exp_diff(x, c2[j]);  // c2: column LSEs (natural)
           if (j == i + offset) g -= dc;
           ds += g * w;
         }
