@@ -55,15 +55,22 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---- fake kernels ----------------------------------------------------------------------
+# Their shape checks raise ValueError (torch._check_value), like the native kernels'
+# TORCH_CHECK_VALUE and the Python API: one exception type for bad input on every path.
 
 
 def _check_pair(op: str, q, k, logit_scale, symmetric: bool, offset: int = 0) -> None:
-    torch._check(q.dim() == 2 and k.dim() == 2, lambda: f"{op}: inputs must be 2-D")
-    torch._check(q.dtype == k.dtype, lambda: f"{op}: dtypes differ: {q.dtype} vs {k.dtype}")
-    torch._check(q.shape[1] == k.shape[1], lambda: f"{op}: feature dimensions differ")
-    torch._check(logit_scale.numel() == 1, lambda: f"{op}: logit_scale must have one element")
+    torch._check_value(q.dim() == 2 and k.dim() == 2, lambda: f"{op}: inputs must be 2-D")
+    torch._check_value(q.dtype == k.dtype, lambda: f"{op}: dtypes differ: {q.dtype} vs {k.dtype}")
+    torch._check_value(q.shape[1] == k.shape[1], lambda: f"{op}: feature dimensions differ")
+    torch._check_value(logit_scale.numel() == 1, lambda: f"{op}: logit_scale must have one element")
     if symmetric:
-        torch._check(q.shape[0] == k.shape[0], lambda: f"{op}: a and b row counts differ")
+        torch._check_value(q.shape[0] == k.shape[0], lambda: f"{op}: a and b row counts differ")
+    else:
+        torch._check_value(
+            offset >= 0 and offset + q.shape[0] <= k.shape[0],
+            lambda: f"{op}: offset must satisfy 0 <= offset and offset + Nq <= Nk, got offset={offset}",
+        )
 
 
 @torch.library.register_fake("semcomp::infonce_fwd")
@@ -95,9 +102,9 @@ def _infonce_rect_bwd_fake(q, k, logit_scale, lse, row_coef, diag_coef, offset=0
 
 @torch.library.register_fake("semcomp::segment_mean")
 def _segment_mean_fake(x, ids, num_groups, features=None):
-    torch._check(x.dim() == 2, lambda: "segment_mean: x must be 2-D")
-    torch._check(ids.dim() == 1 and ids.shape[0] == x.shape[0], lambda: "segment_mean: ids must have one entry per row")
-    torch._check(num_groups > 0, lambda: "segment_mean: num_groups must be >= 1")
+    torch._check_value(x.dim() == 2, lambda: "segment_mean: x must be 2-D")
+    torch._check_value(ids.dim() == 1 and ids.shape[0] == x.shape[0], lambda: "segment_mean: ids must have one entry per row")
+    torch._check_value(num_groups > 0, lambda: "segment_mean: num_groups must be >= 1")
     k = features.shape[0] if features is not None else x.shape[1]
     return x.new_empty(num_groups, k), x.new_empty(num_groups, dtype=torch.int64)
 
@@ -109,8 +116,8 @@ def _segment_mean_bwd_fake(grad, ids, counts, dim, features=None):
 
 @torch.library.register_fake("semcomp::gather_columns")
 def _gather_columns_fake(x, index):
-    torch._check(x.dim() == 2, lambda: "gather_columns: x must be 2-D")
-    torch._check(index.dim() == 1, lambda: "gather_columns: index must be 1-D")
+    torch._check_value(x.dim() == 2, lambda: "gather_columns: x must be 2-D")
+    torch._check_value(index.dim() == 1, lambda: "gather_columns: index must be 1-D")
     return x.new_empty(x.shape[0], index.shape[0])
 
 

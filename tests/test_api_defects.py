@@ -141,6 +141,21 @@ def test_native_segment_and_gather_ops_raise_value_error():
         ops.gather_columns_bwd(torch.randn(6, 1), torch.tensor([7]), 4)
 
 
+def test_fake_kernels_raise_value_error():
+    """Meta tensors run the fake kernels (what torch.compile traces): same exception type."""
+    def m(*shape, dtype=torch.float32):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    with pytest.raises(ValueError, match="infonce_fwd: a and b row counts differ"):
+        ops.infonce_fwd(m(5, 4), m(3, 4), m(()))
+    with pytest.raises(ValueError, match="infonce_rect_fwd: offset must satisfy"):
+        ops.infonce_rect_fwd(m(5, 4), m(6, 4), m(()), 2)
+    with pytest.raises(ValueError, match="segment_mean: ids must have one entry per row"):
+        ops.segment_mean(m(5, 4), m(4, dtype=torch.long), 3, None)
+    with pytest.raises(ValueError, match="gather_columns: x must be 2-D"):
+        ops.gather_columns(m(5), m(2, dtype=torch.long))
+
+
 def test_python_api_out_of_range_is_value_error():
     x = torch.randn(6, 4)
     with pytest.raises(ValueError, match=r"ids\[5\] = 3 is out of range \[0, 3\)"):
