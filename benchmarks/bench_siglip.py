@@ -8,8 +8,9 @@ checked against the fp64 loss before timing. Methods:
     semcomp_recompute  semcomp_ext.SigLipLoss(backward="recompute") (logits recomputed in backward)
     open_clip          open_clip.loss.SigLipLoss() (materialises the N x N logits)
 
-Time: wall time of loss + backward, median over --repeats after one warm-up, all methods in this
-one process, one after the other. Memory: peak extra resident memory of one forward+backward,
+Time: wall time of loss + backward, median over --repeats after one warm-up (the correctness
+call), all methods in this one process, the repeats interleaved round-robin across methods so
+that all see the same machine load. Memory: peak extra resident memory of one forward+backward,
 each method in a fresh subprocess (semcomp_ext.bench.timing.cpu_peak_extra_bytes: VmHWM reset
 through /proc/self/clear_refs, glibc set to mmap every block >= 64 KiB so that the resident set
 follows live allocations), above the resident set once inputs exist; it includes the returned
@@ -30,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import environment, median_time, write_result  # noqa: E402
+from semcomp_ext.bench.timing import summarize  # noqa: E402
 
 METHODS = ("semcomp", "semcomp_recompute", "open_clip")
 
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=8192)
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="siglip_cpu.json", help="results file name under benchmarks/results/")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -117,18 +119,23 @@ def main(argv=None) -> int:
     truth = _truth(a, b, s, t)
     grad_bytes = 2 * n * d * 4
     load_before = _loadavg()
-    rows = []
-    for method in args.methods:
-        loss_fn = make_loss(method)
-        got = float(fwd_bwd(loss_fn, a, b, s, t).detach())
+    rows, fns = [], {}
+    for method in args.methods:  # correctness first (this call is also the warm-up)
+        fns[method] = make_loss(method)
+        got = float(fwd_bwd(fns[method], a, b, s, t).detach())
         rel = abs(got - truth) / abs(truth)
         if not rel < 1e-4:
             raise SystemExit(f"{method}: loss {got} differs from the fp64 loss {truth} (rel {rel:.2e})")
-        timing = median_time(lambda: fwd_bwd(loss_fn, a, b, s, t), "cpu", repeats=args.repeats, warmup=1)
-        rows.append({"method": method, "n": n, "d": d, "dtype": "float32", "loss": got, "loss_rel_err_vs_fp64": rel,
-                     **timing})
-        print(f"{method:<18} {timing['median_s']:.3f} s (min {timing['min_s']:.3f}, max {timing['max_s']:.3f})",
-              flush=True)
+        rows.append({"method": method, "n": n, "d": d, "dtype": "float32", "loss": got, "loss_rel_err_vs_fp64": rel})
+    # repeats interleaved across methods (round-robin): on a shared machine, every method sees
+    # the same load over the run
+    times = {m: [] for m in args.methods}
+    for _ in range(args.repeats):
+        for method in args.methods:
+            times[method] += [median_time(lambda: fwd_bwd(fns[method], a, b, s, t), "cpu", repeats=1, warmup=0)["median_s"]]
+    for row in rows:
+        row.update(summarize(times[row["method"]]), times_s=times[row["method"]])
+        print(f"{row['method']:<18} {row['median_s']:.3f} s (min {row['min_s']:.3f}, max {row['max_s']:.3f})", flush=True)
     load_after_timing = _loadavg()
     for row in rows:
         mem = measure_memory(row["method"], n, d, torch.get_num_threads())
@@ -148,7 +155,8 @@ def main(argv=None) -> int:
               f"(without gradients {row.get('extra_mem_minus_grads_vs_open_clip', float('nan')):.4f})")
     payload = {
         "benchmark": "sigmoid (SigLIP) loss fwd+bwd, CPU",
-        "time_method": f"wall time of loss + backward, median of {args.repeats} after 1 warm-up, one process",
+        "time_method": f"wall time of loss + backward, median of {args.repeats} after 1 warm-up, one process, "
+                       "repeats interleaved round-robin across methods",
         "memory_method": "peak RSS (VmHWM after clear_refs) above the RSS before the call, one fresh subprocess "
                          "per method, glibc mmap threshold 64 KiB; includes the gradients (grad_bytes)",
         "loadavg_before": load_before, "loadavg_after_timing": load_after_timing, "loadavg_end": _loadavg(),

@@ -290,7 +290,7 @@ def _exchange(sends, recvs_like, group):
     received tensors in the order of recvs_like."""
     import torch.distributed as dist
 
-    out = [torch.empty_like(like) for like, _ in recvs_like]
+    out = [torch.empty(like.shape, dtype=like.dtype, device=like.device) for like, _ in recvs_like]  # contiguous
     p2p = [dist.P2POp(dist.isend, t.contiguous(), peer, group) for t, peer in sends]
     p2p += [dist.P2POp(dist.irecv, buf, peer, group) for buf, (_, peer) in zip(out, recvs_like)]
     for req in dist.batch_isend_irecv(p2p):
