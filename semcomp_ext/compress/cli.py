@@ -94,8 +94,12 @@ def _verify(args) -> int:
 def _gap(args) -> int:
     from .analysis import gap_report
 
-    rep = gap_report(args.inputs, batch_size=args.batch_size, column=args.embedding_column, quiet=args.quiet,
-                     modalities=args.modality)
+    try:
+        rep = gap_report(args.inputs, batch_size=args.batch_size, column=args.embedding_column, quiet=args.quiet,
+                         modalities=args.modality)
+    except ImportError as exc:  # an optional dependency (pyarrow for parquet)
+        print(f"semcomp gap: error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(rep, indent=1))
         return 0
@@ -157,10 +161,14 @@ def format_eval(rep: dict) -> str:
 def _eval(args) -> int:
     from .analysis import eval_report
 
-    rep = eval_report(args.inputs, args.compressed, args.labels, label_column=args.label_column,
-                      test_fraction=args.test_fraction, max_rows=args.max_rows, k=args.k, seed=args.seed,
-                      column=args.embedding_column, drop_rates=args.drop_rates, normalize=args.normalize,
-                      codec=args.codec, rfs_seed=args.rfs_seed, modalities=args.modality, quiet=args.quiet)
+    try:
+        rep = eval_report(args.inputs, args.compressed, args.labels, label_column=args.label_column,
+                          test_fraction=args.test_fraction, max_rows=args.max_rows, k=args.k, seed=args.seed,
+                          column=args.embedding_column, drop_rates=args.drop_rates, normalize=args.normalize,
+                          codec=args.codec, rfs_seed=args.rfs_seed, modalities=args.modality, quiet=args.quiet)
+    except ImportError as exc:  # an optional dependency (pyarrow for parquet, faiss for a faiss codec)
+        print(f"semcomp eval: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(rep, indent=1) if args.json else format_eval(rep))
     return 0
 
