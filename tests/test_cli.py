@@ -122,3 +122,12 @@ def test_every_option_has_help_and_defaults_are_shown():
     text = sub["compress"].format_help()
     assert "(default: 8192)" in text.replace("\n", " ").replace("  ", " ") or "default 8192" in text
     assert "(default: 0.001)" in " ".join(sub["train"].format_help().split())
+
+
+def test_console_script_is_the_torch_free_launcher():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        cfg = tomllib.load(f)
+    assert cfg["project"]["scripts"]["semcomp"] == "semcomp_cli:main"
+    assert "semcomp_cli" in cfg["tool"]["scikit-build"]["wheel"]["packages"]  # shipped in the wheel
