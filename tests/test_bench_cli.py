@@ -277,3 +277,18 @@ def test_cuda_device_selection(monkeypatch):
     select_device("cpu")
     select_device("cuda:1")
     assert calls == [1]
+
+
+def test_interleaved_rounds_drop_a_failing_method():
+    order = []
+    state = {"n": 0}
+
+    def bad():
+        order.append("bad")
+        state["n"] += 1
+        if state["n"] == 3:
+            raise RuntimeError("out of memory")
+
+    timed, errors = timing.interleaved_times({"a": lambda: order.append("a"), "bad": bad}, "cpu", repeats=3, warmup=1)
+    assert order == ["a", "bad", "a", "bad", "a", "bad", "a"]  # rounds; "bad" dropped after it raised
+    assert timed["a"]["repeats"] == 3 and "bad" not in timed and isinstance(errors["bad"], RuntimeError)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .results import INFONCE_METHODS as METHODS
-from .timing import L2_BYTES, cuda_median_time, is_cuda, median_time, peak_extra_bytes
+from .timing import L2_BYTES, cuda_median_time, interleaved_times, is_cuda, peak_extra_bytes
 
 # CUDA implementation selected while a method runs (forward and backward): "semcomp" is the
 # default path, "semcomp_tile" the tensor-core tile kernels (bf16/fp16 only).
@@ -122,13 +122,18 @@ def bench_case(n: int, d: int, dtype: str, device: str, methods, repeats: int, *
         sets += [inputs(n, d, DTYPES[dtype], device, seed=i) for i in range(1, min(8, -(-(2 * L2_BYTES) // per_set)))]
     grad_bytes = 2 * a.numel() * a.element_size() + s.numel() * s.element_size()
     rows, tol = [], (1e-3 if dtype in ("float32", "float64") else 5e-2)
-    for m in methods:
+    fns = {}  # methods that gave the right loss
+
+    def fail(row, exc):
+        row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+    for m in methods:  # correctness first (also the first, compiling, call); on CUDA the timing too
         row = {"op": "infonce", "method": m, "n": n, "d": d, "dtype": dtype, "device": device}
         rows.append(row)
         try:  # one method failing (out of memory, a peer's bug) must not stop the others
             fn = make_loss(m)
             select_impl(m)
-            val = float(fn(a, b, s).detach())  # also the first (compiling) call
+            val = float(fn(a, b, s).detach())
             row["loss"] = val
             if not abs(val - truth) <= tol * max(1.0, abs(truth)):
                 row["error"] = f"loss {val} vs fp64 {truth}"
@@ -138,15 +143,34 @@ def bench_case(n: int, d: int, dtype: str, device: str, methods, repeats: int, *
                 tf = cuda_median_time(lambda x: fn(*x), sets, repeats=max(repeats, 10))
                 row.update(t, fwd_median_s=tf["median_s"], bwd_median_s=t["median_s"] - tf["median_s"],
                            input_sets=len(sets))
-            else:
-                row.update(median_time(lambda: fwd_bwd(fn, a, b, s), device, repeats=repeats))
-            row["tflops"] = flop(n, d) / row["median_s"] / 1e12
-            if memory:
-                peak = peak_extra_bytes(lambda: fwd_bwd(fn, a, b, s), device)
-                if peak is not None:
-                    row.update(peak_bytes=peak, extra_bytes=max(0, peak - grad_bytes), grad_bytes=grad_bytes)
+            fns[m] = fn
         except Exception as exc:  # noqa: BLE001  (recorded in the results and the table)
-            row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            fail(row, exc)
+        finally:
+            select_impl("semcomp")
+            if cuda:
+                torch.cuda.empty_cache()
+    by_method = {r["method"]: r for r in rows}
+    if not cuda:  # CPU: every method timed in the same rounds (a shared machine's load falls on all alike)
+        timed, errors = interleaved_times({m: (lambda f=f: fwd_bwd(f, a, b, s)) for m, f in fns.items()},
+                                          device, repeats)
+        for m, exc in errors.items():
+            fail(by_method[m], exc)
+            del fns[m]
+        for m, t in timed.items():
+            by_method[m].update(t)
+    for m in methods:
+        row = by_method[m]
+        try:
+            if m in fns:
+                row["tflops"] = flop(n, d) / row["median_s"] / 1e12
+                if memory:
+                    select_impl(m)
+                    peak = peak_extra_bytes(lambda: fwd_bwd(fns[m], a, b, s), device)
+                    if peak is not None:
+                        row.update(peak_bytes=peak, extra_bytes=max(0, peak - grad_bytes), grad_bytes=grad_bytes)
+        except Exception as exc:  # noqa: BLE001
+            fail(row, exc)
         finally:
             select_impl("semcomp")
             if cuda:

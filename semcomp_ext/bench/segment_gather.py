@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .timing import peak_extra_bytes, time_call
+from .timing import interleaved_times, is_cuda, peak_extra_bytes, time_call
 
 SEGMENT_METHODS = ("semcomp_unsorted", "semcomp_sorted", "torch_index_add", "torch_scatter_reduce")
 GATHER_METHODS = ("semcomp", "torch_index_select")
@@ -55,27 +55,47 @@ def _segment_methods(x, ids, sorted_ids, groups: int):
 
 def _run_rows(cases: dict, expected, base: dict, nbytes: int, out_bytes: int, device: str,
               repeats: int, tol: float, memory: bool, progress) -> list[dict]:
-    rows = []
+    """Check every method against the reference, time them (CPU: in shared rounds, see
+    interleaved_times; CUDA: each by events), then measure each one's peak extra memory."""
+    rows, ok = {}, {}
+
+    def fail(row, exc):
+        row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
     for name, fn in cases.items():
-        row = dict(base, method=name)
-        rows.append(row)
+        row = rows[name] = dict(base, method=name)
         try:
             got = fn()
             want = expected[name] if isinstance(expected, dict) else expected
             torch.testing.assert_close(got.to(want.dtype), want, rtol=tol, atol=tol)
             del got
-            row.update(time_call(fn, device, repeats=repeats))
-            row["gb_per_s"] = nbytes / row["median_s"] / 1e9
-            if memory:
-                peak = peak_extra_bytes(fn, device)
-                if peak is not None:
-                    row.update(peak_bytes=peak, extra_bytes=max(0, peak - out_bytes))
+            if is_cuda(device):
+                row.update(time_call(fn, device, repeats=repeats))
+            ok[name] = fn
         except Exception as exc:  # noqa: BLE001  (recorded in the results and the table)
-            row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            fail(row, exc)
+    if not is_cuda(device):
+        timed, errors = interleaved_times(ok, device, repeats)
+        for name, exc in errors.items():
+            fail(rows[name], exc)
+            del ok[name]
+        for name, t in timed.items():
+            rows[name].update(t)
+    for name in cases:
+        row = rows[name]
+        try:
+            if name in ok:
+                row["gb_per_s"] = nbytes / row["median_s"] / 1e9
+                if memory:
+                    peak = peak_extra_bytes(ok[name], device)
+                    if peak is not None:
+                        row.update(peak_bytes=peak, extra_bytes=max(0, peak - out_bytes))
+        except Exception as exc:  # noqa: BLE001
+            fail(row, exc)
         finally:
             if progress is not None:
                 progress(name)
-    return rows
+    return list(rows.values())
 
 
 def bench_segment(x: torch.Tensor, groups: int, device: str, repeats: int, *, methods=SEGMENT_METHODS,

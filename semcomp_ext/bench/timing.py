@@ -62,6 +62,35 @@ def median_time(fn, device: str = "cpu", repeats: int = 5, warmup: int = 1) -> d
     return summarize(times)
 
 
+def interleaved_times(fns: dict, device: str, repeats: int, warmup: int = 1) -> tuple[dict, dict]:
+    """Wall time of every fn in `fns` ({name: fn}), taken in rounds (one call of each per round,
+    after `warmup` calls of each), so that load from other processes on a shared machine falls
+    on every method alike. Returns ({name: timing record}, {name: exception}) — a method that
+    raises is dropped from the following rounds."""
+    live, errors = dict(fns), {}
+
+    def call(name):
+        try:
+            live[name]()
+        except Exception as exc:  # noqa: BLE001  (reported per method by the caller)
+            errors[name] = exc
+            del live[name]
+
+    for _ in range(warmup):
+        for name in list(live):
+            call(name)
+    sync(device)
+    times: dict[str, list] = {name: [] for name in live}
+    for _ in range(repeats):
+        for name in list(live):
+            t0 = time.perf_counter()
+            call(name)
+            sync(device)
+            if name in live:
+                times[name].append(time.perf_counter() - t0)
+    return {name: summarize(times[name]) for name in live}, errors
+
+
 def cuda_median_time(fn, sets=(None,), repeats: int = 10, warmup: int = 2) -> dict:
     """Seconds of fn(set) by CUDA events, cycling through `sets` (inputs rotated past L2)."""
     sets = list(sets)
@@ -169,8 +198,8 @@ def peak_extra_bytes(fn, device: str) -> int | None:
 
 def matmul_tflops(device: str, dtype: torch.dtype, n: int | None = None, min_call_s: float = 0.05,
                   max_n: int = 4096, repeats: int = 5) -> dict:
-    """Measured matrix-product throughput (2 n^3 FLOP per n x n product, random data) in the
-    dtype: the ceiling of FLOP-bound ops. Without n, n doubles from 512 until one product
+    """Measured matrix-product throughput (2 n^3 FLOP per n x n product, random data, best of
+    the repeats) in the dtype: the ceiling of FLOP-bound ops. Without n, n doubles from 512 until one product
     takes min_call_s (or reaches max_n), so the measurement stays short on slow machines."""
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -188,15 +217,17 @@ def matmul_tflops(device: str, dtype: torch.dtype, n: int | None = None, min_cal
             n *= 2
     a, b, c = mats(n)
     t = time_call(lambda: torch.mm(a, b, out=c), device, repeats=repeats, warmup=1 if not is_cuda(device) else 3)
-    return {"matmul_tflops": 2 * n**3 / t["median_s"] / 1e12, "matmul_n": n, "matmul_s": t["median_s"]}
+    # a ceiling is what the machine can reach: the best of the repeats
+    return {"matmul_tflops": 2 * n**3 / t["min_s"] / 1e12, "matmul_n": n, "matmul_s": t["min_s"]}
 
 
 def copy_gb_per_s(device: str, nbytes: int, repeats: int = 5) -> dict:
-    """Measured copy bandwidth, bytes read plus bytes written: the ceiling of memory-bound ops."""
+    """Measured copy bandwidth, bytes read plus bytes written (best of the repeats): the ceiling
+    of memory-bound ops."""
     x = torch.rand(nbytes // 4, device=device)
     y = torch.empty_like(x)
     t = time_call(lambda: y.copy_(x), device, repeats=repeats, warmup=1 if not is_cuda(device) else 3)
-    return {"copy_gb_per_s": 2 * x.numel() * 4 / t["median_s"] / 1e9, "copy_bytes": x.numel() * 4}
+    return {"copy_gb_per_s": 2 * x.numel() * 4 / t["min_s"] / 1e9, "copy_bytes": x.numel() * 4}
 
 
 def ceilings(device: str, dtype: torch.dtype, *, copy_bytes: int | None = None, matmul_n: int | None = None) -> dict:
