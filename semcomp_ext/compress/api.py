@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import atomic, manifest
+from . import atomic, fsio, manifest
 from .codecs import parse_codec
 from .readers import DEFAULT_BATCH_ROWS, concept_dtype, discover, open_concepts, validate
 
@@ -45,6 +45,7 @@ class CompressOptions:
     quiet: bool = False
     workers: int | None = None    # local engine: shards in parallel (None: the usable cores)
     modalities: list | None = None  # ["NAME=PATH", ...] instead of `inputs` (a file or folder each)
+    storage_options: dict | None = None  # fsspec options for URL inputs/outputs (never written or logged)
 
 
 def _prepare_out(opts: CompressOptions) -> dict | None:
@@ -52,21 +53,26 @@ def _prepare_out(opts: CompressOptions) -> dict | None:
     out = opts.out
     if opts.resume and opts.overwrite:
         raise ValueError("give --resume or --overwrite, not both")
-    if os.path.isdir(out) and os.listdir(out):
+    if fsio.is_url(out):
+        fsio.refresh(out)
+        names = fsio.listdir(out) if fsio.isdir(out) else []
+    else:
+        names = os.listdir(out) if os.path.isdir(out) else []
+    if names:
         if opts.resume:
-            if not os.path.exists(manifest.manifest_path(out)):
+            if not fsio.exists(manifest.manifest_path(out)):
                 raise FileExistsError(f"--resume: {out} has no {manifest.MANIFEST}; nothing to resume")
             atomic.remove_tmp_files(out)
             return manifest.load_state(out)
         if not opts.overwrite:
             raise FileExistsError(f"output folder {out} is not empty; pass --resume to continue or --overwrite to replace it")
-        foreign = [n for n in os.listdir(out) if n not in _OURS]
+        foreign = [n for n in names if n not in _OURS]
         if foreign:
             # refuse to delete files we did not write (a mistyped --out must not wipe a folder)
             raise FileExistsError(f"--overwrite: {out} holds files semcomp did not write ({foreign[:3]}); remove them yourself")
         for n in _OURS:
-            atomic.rmtree_if_exists(os.path.join(out, n))
-    os.makedirs(out, exist_ok=True)
+            atomic.rmtree_if_exists(fsio.join(out, n))
+    fsio.makedirs(out)
     return None
 
 
@@ -189,8 +195,9 @@ def build_plan(opts: CompressOptions) -> Plan:
         for d in ds:
             d.pop("bytes")
         mods_d.append({"name": m.name, "folder": m.folder, "shards": ds})
-    plan = Plan(os.path.abspath(opts.out), mods_d, dim, in_dtype, sel.index.tolist(), params, meta, concepts, parts)
+    plan = Plan(fsio.abspath(opts.out), mods_d, dim, in_dtype, sel.index.tolist(), params, meta, concepts, parts)
     plan.extra = {"rfs": sel.to_dict(), "version": __version__}
+    plan.storage_options = dict(opts.storage_options or {})
     return plan
 
 
@@ -220,17 +227,22 @@ def _sources(plan: Plan) -> list:
         src.append({"modality": "concepts", "path": c["path"], "rows": c["rows"], "bytes": c["size"],
                     "mtime_ns": c["mtime_ns"]})
     for p in plan.metadata or []:
-        st = os.stat(p)
-        src.append({"modality": "metadata", "path": p, "rows": None, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+        size, mtime_ns = fsio.stat(p)
+        src.append({"modality": "metadata", "path": p, "rows": None, "bytes": size, "mtime_ns": mtime_ns})
     return src
 
 
-def _files_present(out: str, rec: dict) -> bool:
+def _files_present(out: str, rec: dict, sizes: dict | None = None) -> bool:
     """A journal record is trusted if its files exist with the recorded sizes (a stat, no
-    hashing: `semcomp verify` re-hashes)."""
+    hashing: `semcomp verify` re-hashes). `sizes`: relative path -> size from one listing of
+    a URL output."""
     for key in ("centroids", "metadata", "concepts"):
         f = rec.get(key)
         if f:
+            if sizes is not None:
+                if sizes.get(f["file"]) != f["bytes"]:
+                    return False
+                continue
             try:
                 if os.path.getsize(os.path.join(out, f["file"])) != f["bytes"]:
                     return False
@@ -241,6 +253,10 @@ def _files_present(out: str, rec: dict) -> bool:
 
 def compress(opts: CompressOptions) -> dict:
     """Run (or resume) a compression job; returns the final manifest."""
+    import dataclasses
+
+    fsio.configure(opts.storage_options)
+    opts = dataclasses.replace(opts, out=fsio.local(opts.out))
     plan = build_plan(opts)  # validates every input before touching the output folder
     if plan.in_dtype == "float64" and not opts.quiet:
         print(f"semcomp compress: note: the inputs are float64; they are cast to float32 block by block "
@@ -271,9 +287,12 @@ def compress(opts: CompressOptions) -> dict:
         if old.get("sources") != m["sources"]:
             raise ValueError("--resume: the input files changed since the interrupted run (paths, rows, sizes or mtimes)")
         # trust the committed records whose files are still there (sizes only; verify re-hashes)
-        m["shards"] = [s for s in old.get("shards", []) if _files_present(opts.out, s)]
-        m["maps"] = [r for r in old.get("maps", []) if all(os.path.exists(os.path.join(
-            opts.out, ".spill", f"s{r['index']:05d}", f"p{q:05d}.npz")) for q in range(plan.partitions))]
+        sizes = fsio.sizes_under(opts.out) if fsio.is_url(opts.out) else None
+        spilled = (lambda rel: rel in sizes) if sizes is not None else \
+            (lambda rel: os.path.exists(os.path.join(opts.out, rel)))
+        m["shards"] = [s for s in old.get("shards", []) if _files_present(opts.out, s, sizes)]
+        m["maps"] = [r for r in old.get("maps", []) if all(spilled(os.path.join(
+            ".spill", f"s{r['index']:05d}", f"p{q:05d}.npz")) for q in range(plan.partitions))]
     m["codec"] = plan.extra["codec"] = _codec_entry(plan, old)
     manifest.save(opts.out, m)  # in_progress, the records resumed from folded in
     manifest.remove_journal(opts.out)  # ... so the journal restarts empty
@@ -330,7 +349,7 @@ def compress(opts: CompressOptions) -> dict:
     m["invalid_rows_skipped"] = sum(r["invalid_rows"] for r in src)
     if plan.concepts:
         m["num_concepts"] = m["rows_out"]
-        atomic.rmtree_if_exists(os.path.join(opts.out, ".spill"))
+        atomic.rmtree_if_exists(fsio.join(opts.out, ".spill"))
     m["status"] = "complete"
     manifest.save(opts.out, m)
     manifest.remove_journal(opts.out)  # folded in: the complete manifest is durable

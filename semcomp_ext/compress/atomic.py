@@ -1,6 +1,10 @@
 """Atomic, checksummed writes: a temp file in the destination folder, fsync, rename, fsync of
 the folder. A reader (or a resumed job) therefore sees either the old state or the complete
-new file, never a torn one; leftovers of a killed run are only ever `*.tmp-*` files."""
+new file, never a torn one; leftovers of a killed run are only ever `*.tmp-*` files.
+
+On an object store (a URL destination, see fsio.py) there is no rename: the file is written to
+a local temp file and uploaded whole once complete, so the object appears under its final key
+only when it is complete (a PUT / multipart upload is atomic); a kill leaves no object behind."""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import tempfile
 from contextlib import contextmanager
 
 import numpy as np
+
+from . import fsio
 
 TMP_MARK = ".tmp-"
 
@@ -51,7 +57,12 @@ def fsync_dir(path: str) -> None:
 @contextmanager
 def atomic_file(path: str):
     """Yield a binary file object writing to a temp file next to `path`; on success the file
-    is fsynced and renamed over `path`. On any error the temp file is removed."""
+    is fsynced and renamed over `path`. On any error the temp file is removed. A URL `path`
+    is uploaded whole from a local temp file (see the module docstring)."""
+    if fsio.is_url(path):
+        with _upload_file(path) as f:
+            yield f
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + TMP_MARK, dir=folder)
@@ -71,6 +82,37 @@ def atomic_file(path: str):
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise DiskFullError(errno.ENOSPC, f"disk full while writing {path}") from exc
         raise
+
+
+@contextmanager
+def _upload_file(url: str):
+    fd, tmp = tempfile.mkstemp(prefix="semcomp-upload" + TMP_MARK)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            yield f
+            f.flush()
+        fsio.put_file(tmp, url)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(errno.ENOSPC, f"local disk full while staging {url} for upload "
+                                              "(set TMPDIR to a larger disk)") from exc
+        raise
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def hash_back(f) -> dict:
+    """{"bytes", "sha256"} of everything written so far to the readable file `f`."""
+    f.flush()
+    f.seek(0)
+    sha, n = hashlib.sha256(), 0
+    while chunk := f.read(1 << 22):
+        sha.update(chunk)
+        n += len(chunk)
+    return {"bytes": n, "sha256": sha.hexdigest()}
 
 
 class HashingWriter:
@@ -135,7 +177,7 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def copy_atomic(src: str, dst: str) -> dict:
-    with open(src, "rb") as fin, atomic_file(dst) as f:
+    with fsio.open(src, "rb") as fin, atomic_file(dst) as f:
         w = HashingWriter(f)
         while chunk := fin.read(1 << 22):
             w.write(chunk)
@@ -144,7 +186,7 @@ def copy_atomic(src: str, dst: str) -> dict:
 
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fsio.open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
@@ -153,6 +195,8 @@ def sha256_file(path: str) -> str:
 def remove_tmp_files(folder: str) -> int:
     """Delete `*.tmp-*` leftovers of a killed run below `folder`; returns how many."""
     n = 0
+    if fsio.is_url(folder):  # temp files are local: nothing is ever left on the store
+        return 0
     for root, _, files in os.walk(folder):
         for name in files:
             if TMP_MARK in name:
@@ -162,6 +206,9 @@ def remove_tmp_files(folder: str) -> int:
 
 
 def rmtree_if_exists(path: str) -> None:
+    if fsio.is_url(path):
+        fsio.rm(path)
+        return
     if os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):

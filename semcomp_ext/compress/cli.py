@@ -49,6 +49,7 @@ def _compress(args) -> int:
 
     from .api import CompressOptions, compress, compression_ratio_bytes
     from .codecs import codec_from_manifest
+    from .fsio import parse_storage_options
 
     opts = CompressOptions(
         inputs=args.inputs, out=args.out, metadata=args.metadata, concepts=args.concepts,
@@ -58,7 +59,7 @@ def _compress(args) -> int:
         batch_size=args.batch_size, partitions=args.partitions,
         skip_invalid=args.skip_invalid, engine=args.engine, ray_address=args.ray_address,
         resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, workers=args.workers,
-        modalities=args.modality,
+        modalities=args.modality, storage_options=parse_storage_options(args.storage_options),
     )
     t0 = time.perf_counter()
     try:
@@ -81,7 +82,11 @@ def _compress(args) -> int:
 
 
 def _verify(args) -> int:
+    from .fsio import configure, local, parse_storage_options
     from .manifest import verify
+
+    configure(parse_storage_options(args.storage_options))
+    args.dir = local(args.dir)
 
     problems = verify(args.dir)
     for p in problems:
@@ -226,6 +231,9 @@ def _drop_rates(s: str) -> list:
 
 _INPUTS_HELP = ("embeddings: one file per modality (img_emb.npy text_emb.npy), a folder holding NAME_emb.npy "
                 "files, a clip-retrieval root (*_emb folders) or >= 2 modality folders; or use --modality")
+_STORAGE_HELP = ("fsspec options for URL inputs/outputs (s3://, gs://, ...), a JSON object, e.g. "
+                 "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}'; credentials otherwise come from the usual "
+                 "environment (AWS_*, ...); never written to the manifest or printed")
 _MODALITY_HELP = "NAME=PATH: a modality and its file or folder of shards (repeat; instead of positional inputs)"
 
 
@@ -301,12 +309,14 @@ def register(sub) -> None:
                    help="local engine: shards processed in parallel (default: the usable cores)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted (or failed) job from its manifest")
     c.add_argument("--overwrite", action="store_true", help="replace a previous semcomp output in --out")
+    c.add_argument("--storage-options", metavar="JSON", help=_STORAGE_HELP)
     c.add_argument("--json", action="store_true", help="print one JSON status line instead of the summary")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
     c.set_defaults(func=_compress, validate=_check_compress)
 
     v = sub.add_parser("verify", help="check a compressed folder against its manifest.json")
     v.add_argument("dir", help="output folder of `semcomp compress`")
+    v.add_argument("--storage-options", metavar="JSON", help=_STORAGE_HELP)
     v.add_argument("-q", "--quiet", action="store_true", help="print problems only")
     v.set_defaults(func=_verify)
 

@@ -6,6 +6,11 @@ complete is never mistaken for finished output. In between, each finished task i
 in O(1) by appending one JSON line (its record, hashes included) to `manifest.journal`,
 flushed and fsynced; `--resume` reads the manifest plus the journal to know which tasks are
 done. A kill can tear only the journal's last line, which is then ignored.
+
+On an object store (OUT a URL) nothing can be appended to: the journal is then a prefix,
+`manifest.journal/`, holding one small object per committed task (`shards-000012.json`,
+`maps-000003.json`: the same JSON as a journal line), each uploaded whole (atomic). It is read
+by listing the prefix and removed the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 
-from .atomic import fsync_dir, sha256_file, write_json_atomic
+from . import fsio
+from .atomic import fsync_dir, sha256_file, write_bytes_atomic, write_json_atomic
 
 FORMAT = "semcomp-compress/1"
 MANIFEST = "manifest.json"
@@ -22,15 +28,16 @@ INDEX_DIR = "index"  # written by `semcomp index` (compress --overwrite may repl
 
 
 def manifest_path(out: str) -> str:
-    return os.path.join(out, MANIFEST)
+    return fsio.join(out, MANIFEST)
 
 
 def load(out: str) -> dict:
     path = manifest_path(out)
-    if not os.path.exists(path):
+    fsio.refresh(out)  # another process (a killed or a running job) may have written there
+    if not fsio.exists(path):
         raise FileNotFoundError(f"no {MANIFEST} in {out}")
     try:
-        with open(path) as f:
+        with fsio.open(path, "rb") as f:
             m = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"corrupt manifest {path}: {exc}") from exc
@@ -57,13 +64,26 @@ def load_state(out: str) -> dict:
 
 
 def journal_path(out: str) -> str:
-    return os.path.join(out, JOURNAL)
+    return fsio.join(out, JOURNAL)
+
+
+def _entry(key: str, record: dict) -> bytes:
+    return (json.dumps({"key": key, "record": record}, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
 
 def read_journal(out: str) -> list:
     """(key, record) of every task committed to the journal, in commit order. A torn last
     line (a kill mid-append) is dropped; a bad line before the last means corruption: an error."""
     path = journal_path(out)
+    if fsio.is_url(out):
+        entries = []
+        for url, data in sorted(fsio.cat_many(fsio.find(path)).items()):
+            try:
+                e = json.loads(data)
+                entries.append((e["key"], e["record"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"corrupt journal object {url}: {exc}") from exc
+        return entries
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
@@ -85,6 +105,9 @@ class Journal:
     """Append-only commit log: one JSON line per finished task, fsynced before returning."""
 
     def __init__(self, out: str):
+        self.out, self.fd = out, -1
+        if fsio.is_url(out):
+            return  # one object per record (see the module docstring)
         path = journal_path(out)
         new = not os.path.exists(path)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
@@ -92,7 +115,10 @@ class Journal:
             fsync_dir(out)
 
     def append(self, key: str, record: dict) -> None:
-        data = (json.dumps({"key": key, "record": record}, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        data = _entry(key, record)
+        if fsio.is_url(self.out):
+            write_bytes_atomic(fsio.join(journal_path(self.out), f"{key}-{record['index']:06d}.json"), data)
+            return
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view):]
@@ -106,6 +132,9 @@ class Journal:
 
 def remove_journal(out: str) -> None:
     """Once its records are folded into a durable manifest.json, the journal goes."""
+    if fsio.is_url(out):
+        fsio.rm(journal_path(out))
+        return
     try:
         os.unlink(journal_path(out))
     except FileNotFoundError:
@@ -133,6 +162,30 @@ def _check_codes(rel: str, a, codec, rows: int, keep: int) -> list[str]:
     if x.shape != (min(rows, 256), keep) or not np.isfinite(x).all():
         return [f"{rel}: codes do not decode to finite ({min(rows, 256)}, {keep}) float32 rows with codec {codec.name!r}"]
     return []
+
+
+def _npy_head(url: str, rows: int):
+    """The first `rows` rows of a remote .npy (header + those rows only), shape of the whole."""
+    import numpy as np
+
+    with fsio.open(url, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        n = min(rows, shape[0]) if shape else 0
+        count = n * int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
+        head = np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype, count=count).reshape((n,) + tuple(shape[1:]))
+    return _Head(head, shape)
+
+
+class _Head:
+    """A .npy's first rows that reports the whole file's shape (for the checks of verify)."""
+
+    def __init__(self, head, shape):
+        self.head, self.shape, self.dtype = head, tuple(shape), head.dtype
+
+    def __getitem__(self, key):
+        return self.head[key]
 
 
 def verify(out: str) -> list[str]:
@@ -164,20 +217,25 @@ def verify(out: str) -> list[str]:
     except (ValueError, KeyError, ImportError) as exc:
         problems.append(f"codec: {exc}")
     total = 0
+    remote = fsio.is_url(out)
+    sizes = fsio.sizes_under(out) if remote else None  # one listing, not a request per file
+    size_of = (lambda rel: sizes.get(rel)) if remote else \
+        (lambda rel: os.path.getsize(os.path.join(out, rel)) if os.path.exists(os.path.join(out, rel)) else None)
     for rel, sha, nbytes in output_files(m):
-        path = os.path.join(out, rel)
-        if not os.path.exists(path):
+        path = fsio.join(out, rel)
+        size = size_of(rel)
+        if size is None:
             problems.append(f"missing file {rel}")
-        elif os.path.getsize(path) != nbytes:
-            problems.append(f"{rel}: size {os.path.getsize(path)} != manifest {nbytes}")
+        elif size != nbytes:
+            problems.append(f"{rel}: size {size} != manifest {nbytes}")
         elif sha256_file(path) != sha:
             problems.append(f"{rel}: sha256 mismatch")
     for sh in shards:
         c = sh["centroids"]
-        path = os.path.join(out, c["file"])
-        if os.path.exists(path):
+        path = fsio.join(out, c["file"])
+        if size_of(c["file"]) is not None:
             try:
-                a = np.load(path, mmap_mode="r")
+                a = _npy_head(path, 256) if remote else np.load(path, mmap_mode="r")
                 if codec is not None:
                     problems += _check_codes(c["file"], a, codec, sh["rows"], keep)
             except Exception as exc:

@@ -6,6 +6,10 @@ shard by shard (`iter_shards`) or in blocks of a fixed row count (`iter_batches`
 `vectors()` / `ids()` / `metadata()` load the whole set.
 pyarrow is imported only when metadata is read.
 
+A URL (`s3://bucket/out`, any fsspec URL) is opened the same way: sizes are checked against
+one listing when it is opened, and each shard is downloaded whole to a local cache folder
+(deleted with the set) the first time it is read, then memory-mapped from there.
+
     cs = semcomp_ext.open_compressed("out")
     cs.K, cs.D, cs.rfs_index, cs.normalize, cs.codec.name, len(cs)
     for b in cs.iter_batches(65536):          # b.ids, b.vectors (n, K) float32, b.metadata
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import fsio
 from . import manifest as _manifest
 from .codecs import codec_from_manifest
 
@@ -61,6 +66,9 @@ class CompressedSet:
         rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(rows)])  # shard i = rows starts[i]:starts[i+1]
         self.has_metadata = bool(self.shards) and all("metadata" in s for s in self.shards)
+        self.remote = fsio.is_url(path)
+        self._sizes = fsio.sizes_under(path) if self.remote else None
+        self._cache = None
 
     # ---- whole set -------------------------------------------------------------------------
 
@@ -95,15 +103,42 @@ class CompressedSet:
 
     # ---- one shard -------------------------------------------------------------------------
 
-    def _file(self, rec: dict) -> str:
-        """Path of a file the manifest records, after checking it exists with the recorded size."""
-        path = os.path.join(self.path, rec["file"])
-        if not os.path.exists(path):
+    def _check_size(self, rec: dict) -> None:
+        """The file the manifest records exists with the recorded size."""
+        if self.remote:
+            size = self._sizes.get(rec["file"])
+        else:
+            path = os.path.join(self.path, rec["file"])
+            size = os.path.getsize(path) if os.path.exists(path) else None
+        if size is None:
             raise CompressedFolderError(f"missing shard {rec['file']} in {self.path}")
-        if os.path.getsize(path) != rec["bytes"]:
-            raise CompressedFolderError(f"corrupt shard {rec['file']}: {os.path.getsize(path)} bytes, the manifest "
+        if size != rec["bytes"]:
+            raise CompressedFolderError(f"corrupt shard {rec['file']}: {size} bytes, the manifest "
                                         f"says {rec['bytes']} (truncated or overwritten; `semcomp verify` checks every file)")
-        return path
+
+    def _file(self, rec: dict) -> str:
+        """Local path of a file the manifest records, after checking it exists with the recorded
+        size (a URL's file is downloaded to the cache folder first)."""
+        self._check_size(rec)
+        if not self.remote:
+            return os.path.join(self.path, rec["file"])
+        if self._cache is None:
+            import shutil
+            import tempfile
+            import weakref
+
+            self._cache = tempfile.mkdtemp(prefix="semcomp-open-")
+            weakref.finalize(self, shutil.rmtree, self._cache, True)
+        local = os.path.join(self._cache, rec["file"])
+        if not os.path.exists(local):
+            from .atomic import atomic_file
+
+            with fsio.open(fsio.join(self.path, rec["file"]), "rb") as fin, atomic_file(local) as f:
+                while chunk := fin.read(1 << 24):
+                    f.write(chunk)
+            if os.path.getsize(local) != rec["bytes"]:
+                raise CompressedFolderError(f"corrupt shard {rec['file']}: changed while it was read")
+        return local
 
     def _mmap(self, rec: dict) -> np.ndarray:
         """Memory-map a recorded .npy file read-only."""
@@ -263,18 +298,24 @@ class CompressedSet:
         return np.ascontiguousarray(q)
 
 
-def open_compressed(path, *, verify: bool = False) -> CompressedSet:
-    """Open the output folder of `semcomp compress`.
+def open_compressed(path, *, verify: bool = False, storage_options: dict | None = None) -> CompressedSet:
+    """Open the output folder of `semcomp compress` (a path, or a URL: `s3://bucket/out`;
+    `storage_options`: fsspec options for it, e.g. credentials and endpoint_url).
 
     Checks that the folder and its manifest exist, that the job finished (status complete)
     and that every shard file has the size the manifest records and a readable header of
     the recorded row count. `verify=True` also re-hashes every file (`semcomp verify`).
     Raises FileNotFoundError (no folder / no manifest) or CompressedFolderError (a
     ValueError: unfinished job, missing or corrupt shard)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
+    path = fsio.local(os.fspath(path))
+    if storage_options is not None:
+        fsio.configure(storage_options)
+    if fsio.is_url(path):
+        path = path.rstrip("/")
+        fsio.refresh(path)
+    if not fsio.isdir(path):
         raise FileNotFoundError(f"open_compressed: path {path!r} is not a folder")
-    if not os.path.exists(_manifest.manifest_path(path)):
+    if not fsio.exists(_manifest.manifest_path(path)):
         raise FileNotFoundError(f"open_compressed: {path!r} has no {_manifest.MANIFEST}; "
                                 "is it the output folder of `semcomp compress`?")
     m = _manifest.load(path)
@@ -292,6 +333,12 @@ def open_compressed(path, *, verify: bool = False) -> CompressedSet:
     except (KeyError, ValueError) as exc:
         raise CompressedFolderError(f"open_compressed: {path!r}: unreadable codec entry in the manifest: {exc}") from exc
     cs = CompressedSet(path, m, codec)
+    if cs.remote:  # sizes against the listing; headers are checked as each shard is read
+        for sh in cs.shards:
+            for key in ("centroids", "concepts", "metadata"):
+                if key in sh:
+                    cs._check_size(sh[key])
+        return cs
     for i in range(len(cs.shards)):  # cheap checks: sizes and headers, no hashing
         cs.codes(i)
         cs.shard_ids(i)

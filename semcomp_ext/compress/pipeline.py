@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from . import atomic
+from . import atomic, fsio
 from .readers import iter_chunks
 
 # A test hook: sleep this many seconds after each finished task (kill -9 / resume tests).
@@ -42,6 +42,8 @@ class Plan:
     concepts: list | None = None  # concept-id Shard dicts per input shard
     partitions: int = 0
     extra: dict = field(default_factory=dict)
+    # fsspec options of URL inputs / outputs (credentials): to the workers, never to the manifest
+    storage_options: dict = field(default_factory=dict, repr=False)
 
 
 def _shard_obj(d: dict):
@@ -140,8 +142,13 @@ def _write_streamed(path: str, blocks, rows_max: int, keep: int, dtype, threaded
             while chunk := f.read(1 << 22):
                 sha.update(chunk)
             w.sha = sha
-    return {"file": os.path.relpath(path, os.path.dirname(os.path.dirname(path))), "rows": rows,
+    return {"file": _rel(path), "rows": rows,
             "bytes": w.nbytes, "sha256": w.sha.hexdigest()}
+
+
+def _rel(path: str) -> str:
+    """FOLDER/NAME of an output file, relative to the output root (what the manifest records)."""
+    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
 
 
 def _release_free_heap() -> None:
@@ -180,10 +187,14 @@ def _filter_metadata(src: str, dst: str, keep_rows: np.ndarray | None) -> dict:
     else:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(src).take(keep_rows)
+        if fsio.is_url(src):
+            with fsio.open(src, "rb") as fin:
+                table = pq.read_table(fin).take(keep_rows)
+        else:
+            table = pq.read_table(src).take(keep_rows)
         with atomic.atomic_file(dst) as f:
             pq.write_table(table, f)
-        rec = {"bytes": os.path.getsize(dst), "sha256": atomic.sha256_file(dst)}
+            rec = atomic.hash_back(f)
     rec["file"] = os.path.join("metadata", os.path.basename(dst))
     return rec
 
@@ -237,6 +248,7 @@ def _pair_blocks(plan: Plan, shards):
 
 def pair_task(plan: Plan, i: int) -> dict:
     """Output shard i from input shard i of every modality."""
+    fsio.configure(plan.storage_options)
     shards = [_shard_obj(m["shards"][i]) for m in plan.mods]
     paths = [s.path for s in shards]
     p = plan.params
@@ -315,6 +327,7 @@ def _segment_sums(x: torch.Tensor, ids: torch.Tensor, features=None, normalize=F
 def concept_map_task(plan: Plan, i: int) -> dict:
     """Per-concept partial sums (over all modalities, kept columns) of input shard i, spilled
     as OUT/.spill/s{i}/p{p}.npz for each partition p."""
+    fsio.configure(plan.storage_options)
     shards = [_shard_obj(m["shards"][i]) for m in plan.mods]
     cshard = _shard_obj(plan.concepts[i])
     paths = [s.path for s in shards]
@@ -362,9 +375,15 @@ def concept_map_task(plan: Plan, i: int) -> dict:
 
 def concept_reduce_task(plan: Plan, q: int) -> dict:
     """Merge partition q of every shard's spill into output shard q (concepts sorted by id)."""
+    fsio.configure(plan.storage_options)
     ids, sums, counts = [], [], []
     for i in range(len(plan.mods[0]["shards"])):
-        path = os.path.join(plan.out, ".spill", f"s{i:05d}", f"p{q:05d}.npz")
+        path = fsio.join(plan.out, ".spill", f"s{i:05d}", f"p{q:05d}.npz")
+        if fsio.is_url(path):
+            import io
+
+            with fsio.open(path, "rb") as f:
+                path = io.BytesIO(f.read())  # a partition's spill of one shard: small
         with np.load(path) as z:
             ids.append(z["ids"]), sums.append(z["sums"]), counts.append(z["counts"])
     u = torch.from_numpy(np.concatenate(ids))

@@ -14,10 +14,13 @@ shard size (an mmap's touched pages would count towards RSS until unmapped).
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import fsio
 
 EMB_EXTS = (".npy", ".parquet")
 
@@ -87,14 +90,15 @@ def natural_key(name: str) -> list:
 
 
 def list_shards(folder: str, exts=EMB_EXTS) -> list[str]:
-    if not os.path.isdir(folder):
+    folder = fsio.local(folder)
+    if not fsio.isdir(folder):
         raise FileNotFoundError(f"missing input folder: {folder}")
     # numeric order of the shard numbers: img_emb_10.npy is shard 10, not shard 2
-    files = sorted((f for f in os.listdir(folder) if f.endswith(exts) and not f.startswith(".")), key=natural_key)
+    files = sorted((f for f in fsio.listdir(folder) if f.endswith(exts) and not f.startswith(".")), key=natural_key)
     if not files:
         raise FileNotFoundError(f"no {'/'.join(exts)} shards in {folder}")
     # absolute paths: the manifest's source list must compare equal on --resume from any cwd
-    return [os.path.abspath(os.path.join(folder, f)) for f in files]
+    return [fsio.abspath(fsio.join(folder, f)) for f in files]
 
 
 # the header np.save writes (format 1.0), parsed without ast.literal_eval (~0.2 ms a file: the
@@ -122,12 +126,12 @@ def _npy_header(f) -> tuple:
 def open_npy(path: str, want_2d: bool = True) -> Shard:
     """Parse the header and check the file holds exactly the data it announces (a truncated
     or padded file is reported here, before any output is written)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"missing shard: {path}")
-    st = os.stat(path)
-    size = st.st_size
     try:
-        with open(path, "rb") as f:
+        size, mtime_ns = fsio.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing shard: {path}") from None
+    try:
+        with fsio.open(path, "rb") as f:
             shape, fortran, dtype, offset = _npy_header(f)
     except Exception as exc:  # numpy raises ValueError/EOFError/SyntaxError on garbage
         raise ValueError(f"corrupt .npy {path}: {exc}") from exc
@@ -148,17 +152,34 @@ def open_npy(path: str, want_2d: bool = True) -> Shard:
                          f"({expect} bytes), file has {size} bytes")
     # ids keep their exact dtype string ('<u8', '>i4'): byte order included, rebuildable by np.dtype
     return Shard(path, "npy", int(shape[0]), int(shape[1]) if want_2d else 0, dtype.name if want_2d else dtype.str,
-                 offset, size=size, mtime_ns=st.st_mtime_ns)
+                 offset, size=size, mtime_ns=mtime_ns)
 
 
 def open_parquet(path: str, column: str, want_2d: bool = True) -> Shard:
     pq = require_pyarrow("reading parquet shards")
     import pyarrow as pa
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"missing shard: {path}")
     try:
-        pf = pq.ParquetFile(path)
+        size, mtime_ns = fsio.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing shard: {path}") from None
+    with _parquet_source(path) as src:
+        return _open_parquet(path, src, column, want_2d, size, mtime_ns)
+
+
+def _parquet_source(path: str):
+    """What pyarrow opens: the local path itself, or an fsspec file for a URL."""
+    from contextlib import nullcontext
+
+    return fsio.open(path, "rb") if fsio.is_url(path) else nullcontext(path)
+
+
+def _open_parquet(path, src, column, want_2d, size, mtime_ns) -> Shard:
+    pq = require_pyarrow("reading parquet shards")
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(src)
         schema = pf.schema_arrow
     except Exception as exc:
         raise ValueError(f"truncated or corrupt parquet {path}: {exc}") from exc
@@ -186,8 +207,7 @@ def open_parquet(path: str, column: str, want_2d: bool = True) -> Shard:
         raise ValueError(f"{path}: concept column {column!r} must be integers, got {typ}")
     else:
         dtype = np.dtype(typ.to_pandas_dtype()).str
-    st = os.stat(path)
-    return Shard(path, "parquet", rows, dim, dtype, column=column, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    return Shard(path, "parquet", rows, dim, dtype, column=column, size=size, mtime_ns=mtime_ns)
 
 
 def open_shard(path: str, column: str = "embedding", want_2d: bool = True) -> Shard:
@@ -227,7 +247,7 @@ def _iter_npy(shard: Shard, batch: int):
     cap = min(batch, shard.rows)
     bufs = [np.empty((cap, width) if shard.dim else (cap,), dtype=dtype) for _ in range(min(2, len(starts)))]
     row_bytes = width * dtype.itemsize
-    with open(shard.path, "rb", buffering=0) as f:
+    with fsio.open_unbuffered(shard.path) as f:
         def read(k):
             start = starts[k]
             n = min(batch, shard.rows - start)
@@ -254,20 +274,21 @@ def _iter_parquet(shard: Shard, batch: int):
     import pyarrow.compute as pc
 
     try:
-        pf = pq.ParquetFile(shard.path)
-        for rb in pf.iter_batches(batch_size=batch, columns=[shard.column]):
-            col = rb.column(0)
-            if shard.dim == 0:
+        with _parquet_source(shard.path) as src:
+            pf = pq.ParquetFile(src)
+            for rb in pf.iter_batches(batch_size=batch, columns=[shard.column]):
+                col = rb.column(0)
+                if shard.dim == 0:
+                    if col.null_count:
+                        raise ValueError(f"{shard.path}: null concept id in column {shard.column!r}")
+                    yield col.to_numpy()  # the column's own integer dtype (uint64 stays uint64)
+                    continue
                 if col.null_count:
-                    raise ValueError(f"{shard.path}: null concept id in column {shard.column!r}")
-                yield col.to_numpy()  # the column's own integer dtype (uint64 stays uint64)
-                continue
-            if col.null_count:
-                raise ValueError(f"{shard.path}: null embedding in column {shard.column!r}")
-            flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
-            if flat.size != len(col) * shard.dim:
-                raise ValueError(f"{shard.path}: embeddings of differing lengths (expected dim {shard.dim})")
-            yield flat.reshape(len(col), shard.dim)
+                    raise ValueError(f"{shard.path}: null embedding in column {shard.column!r}")
+                flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+                if flat.size != len(col) * shard.dim:
+                    raise ValueError(f"{shard.path}: embeddings of differing lengths (expected dim {shard.dim})")
+                yield flat.reshape(len(col), shard.dim)
     except ValueError:
         raise
     except Exception as exc:
@@ -304,11 +325,12 @@ def _file_groups(paths: list, sort: bool = False) -> list:
     for p in paths:
         stem = os.path.splitext(os.path.basename(p))[0]
         m = _EMB_FILE.match(stem)
-        groups.setdefault(m.group("name") if m else stem, []).append(os.path.abspath(p))
+        groups.setdefault(m.group("name") if m else stem, []).append(fsio.abspath(p))
     mods = []
     for name, files in sorted(groups.items(), key=lambda kv: natural_key(kv[0])) if sort else groups.items():
         files = sorted(files, key=lambda f: natural_key(os.path.basename(f)))
-        mods.append(Modality(name, files[0] if len(files) == 1 else os.path.dirname(files[0]), files=files))
+        mods.append(Modality(name, files[0] if len(files) == 1 else posixpath.dirname(files[0]) if fsio.is_url(files[0])
+                             else os.path.dirname(files[0]), files=files))
     return mods
 
 
@@ -319,11 +341,12 @@ def _named(specs: list) -> list:
         name, sep, path = spec.partition("=") if isinstance(spec, str) else (spec[0], "=", spec[1])
         if not sep or not name or not path:
             raise ValueError(f"--modality must be NAME=PATH, got {spec!r}")
-        if not os.path.exists(path):
+        path = fsio.local(path)
+        if not fsio.exists(path):
             raise FileNotFoundError(f"--modality {name}: no such file or folder: {path}")
         if any(m.name == name for m in mods):
             raise ValueError(f"--modality {name} given twice")
-        mods.append(Modality(name, path, files=None if os.path.isdir(path) else [os.path.abspath(path)]))
+        mods.append(Modality(name, path, files=None if fsio.isdir(path) else [fsio.abspath(path)]))
     return mods
 
 
@@ -340,7 +363,8 @@ def discover(inputs: list, metadata: str | None = None, column: str = "embedding
     """Resolve CLI inputs to modalities (+ metadata folder), for the layouts in LAYOUTS:
     files (one per modality, or NAME_emb_N shards), --modality NAME=PATH, a folder of
     NAME_emb files, a clip-retrieval root (`*_emb` folders), or one folder per modality."""
-    inputs = list(inputs or [])
+    inputs = [fsio.local(p) for p in inputs or []]
+    metadata = fsio.local(metadata)
     if modalities:
         if inputs:
             raise ValueError("give the inputs as positional paths or as --modality NAME=PATH, not both")
@@ -348,10 +372,10 @@ def discover(inputs: list, metadata: str | None = None, column: str = "embedding
     if not inputs:
         raise LayoutError("no inputs given")
     for p in inputs:
-        if not os.path.exists(p):
+        if not fsio.exists(p):
             what = "clip-retrieval root" if len(inputs) == 1 else "input"
             raise FileNotFoundError(f"{what} does not exist: {p}")
-    files = [p for p in inputs if not os.path.isdir(p)]
+    files = [p for p in inputs if not fsio.isdir(p)]
     if files:
         for p in files:
             if not p.endswith(EMB_EXTS):
@@ -362,18 +386,18 @@ def discover(inputs: list, metadata: str | None = None, column: str = "embedding
                 raise LayoutError(f"need at least 2 modalities, got 1 ({mods[0].name}: {len(files)} file(s))")
             return mods, metadata
         # files and folders mixed: each path is one modality
-        return _dedupe([Modality(os.path.basename(os.path.normpath(p)), p,
-                                 files=None if os.path.isdir(p) else [os.path.abspath(p)]) for p in inputs]), metadata
+        return _dedupe([Modality(_base(p), p, files=None if fsio.isdir(p) else [fsio.abspath(p)]) for p in inputs]), metadata
     if len(inputs) == 1:
         root = inputs[0]
-        names = os.listdir(root)
-        subs = sorted(d for d in names if d.endswith("_emb") and os.path.isdir(os.path.join(root, d)))
+        names = fsio.listdir(root)
+        subs = sorted(d for d in names if d.endswith("_emb") and fsio.isdir(fsio.join(root, d)))
         if subs:
-            mods = [Modality(d[: -len("_emb")], os.path.join(root, d)) for d in subs]
-            meta = metadata or (os.path.join(root, "metadata") if os.path.isdir(os.path.join(root, "metadata")) else None)
+            mods = [Modality(d[: -len("_emb")], fsio.join(root, d)) for d in subs]
+            meta = metadata or (fsio.join(root, "metadata") if "metadata" in names and fsio.isdir(fsio.join(root, "metadata"))
+                                else None)
             return mods, meta
-        emb_files = [os.path.join(root, f) for f in names if f.endswith(EMB_EXTS) and not f.startswith(".")
-                     and _EMB_FILE.match(os.path.splitext(f)[0]) and os.path.isfile(os.path.join(root, f))]
+        emb_files = [fsio.join(root, f) for f in names if f.endswith(EMB_EXTS) and not f.startswith(".")
+                     and _EMB_FILE.match(os.path.splitext(f)[0]) and fsio.isfile(fsio.join(root, f))]
         if emb_files:
             mods = _file_groups(emb_files, sort=True)  # a folder: modalities by name, as clip-retrieval
             if len(mods) < 2:
@@ -381,8 +405,13 @@ def discover(inputs: list, metadata: str | None = None, column: str = "embedding
             return mods, metadata
         raise LayoutError(f"{root} holds no *_emb folders (clip-retrieval) and no NAME_emb.npy files; "
                           "for one folder per modality give at least 2 folders")
-    mods = [Modality(os.path.basename(os.path.normpath(p)), p) for p in inputs]
+    mods = [Modality(_base(p), p) for p in inputs]
     return _dedupe(mods), metadata
+
+
+def _base(path: str) -> str:
+    """Last component of a path or URL (a trailing slash ignored)."""
+    return posixpath.basename(path.rstrip("/")) if fsio.is_url(path) else os.path.basename(os.path.normpath(path))
 
 
 def validate(mods: list, metadata: str | None, column: str = "embedding"):
@@ -410,12 +439,13 @@ def validate(mods: list, metadata: str | None, column: str = "embedding"):
     meta = None
     if metadata:
         pq = require_pyarrow("metadata pass-through")
-        meta = [os.path.abspath(metadata)] if os.path.isfile(metadata) else list_shards(metadata, (".parquet",))
+        meta = [fsio.abspath(metadata)] if fsio.isfile(metadata) else list_shards(metadata, (".parquet",))
         if len(meta) != len(ref.shards):
             raise ValueError(f"metadata shard count {len(meta)} in {metadata} != embedding shard count {len(ref.shards)}")
         for p, s in zip(meta, ref.shards):
             try:
-                n = pq.ParquetFile(p).metadata.num_rows
+                with _parquet_source(p) as src:
+                    n = pq.ParquetFile(src).metadata.num_rows
             except Exception as exc:
                 raise ValueError(f"truncated or corrupt parquet {p}: {exc}") from exc
             if n != s.rows:
@@ -425,7 +455,8 @@ def validate(mods: list, metadata: str | None, column: str = "embedding"):
 
 def open_concepts(path: str, column: str, ref_shards: list) -> list:
     """Concept-id shards aligned with the embedding shards (a folder of .npy / .parquet)."""
-    files = list_shards(path) if os.path.isdir(path) else [path]
+    path = fsio.local(path)
+    files = list_shards(path) if fsio.isdir(path) else [path]
     shards = [open_shard(p, column, want_2d=False) for p in files]
     if len(shards) != len(ref_shards):
         raise ValueError(f"concept shard count {len(shards)} in {path} != embedding shard count {len(ref_shards)}")
