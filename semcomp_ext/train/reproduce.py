@@ -71,7 +71,7 @@ class ReproduceConfig:
 # --quick: every artefact and statistic, all five temperatures, 2 training seeds on a
 # stratified half of MNIST; within ~5 minutes on a quiet 2-core CPU. Verdicts whose interval
 # allows either outcome read "inconclusive".
-QUICK = {"datasets": ("mnist",), "limit": 2000, "steps": 150, "warmup": 10, "seeds": (0, 1), "rfs_seeds": tuple(range(5)),
+QUICK = {"datasets": ("mnist",), "limit": 2000, "steps": 120, "warmup": 10, "seeds": (0, 1), "rfs_seeds": tuple(range(5)),
          "codec_seeds": 2, "reps": 1000}
 FULL = {}
 
