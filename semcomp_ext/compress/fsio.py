@@ -174,7 +174,11 @@ def makedirs(path: str) -> None:
 def put_file(src: str, url: str) -> None:
     """Upload a local file whole: on object stores the object appears only when complete."""
     fs, p = get_fs(url)
-    fs.put_file(src, p)
+    try:
+        fs.put_file(src, p)
+    except FileNotFoundError:  # a filesystem with real folders (sftp, hdfs, ...): make the parent
+        fs.makedirs(fs._parent(p), exist_ok=True)
+        fs.put_file(src, p)
 
 
 def cat_many(urls: list) -> dict:
