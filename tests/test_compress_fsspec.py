@@ -161,6 +161,11 @@ def test_s3_concepts_and_overwrite(s3, tmp_path):
     remote.pop("manifest.json"), ref.pop("manifest.json")
     assert remote == ref and any(k.startswith("concepts/") for k in ref)
     assert not any(k.startswith((".spill", "manifest.journal")) for k in remote)
+    from semcomp_ext import open_compressed
+
+    r, l = open_compressed(out, storage_options=so), open_compressed(str(tmp_path / "ref"))
+    np.testing.assert_array_equal(r.ids(), l.ids())
+    np.testing.assert_array_equal(r.vectors(), l.vectors())
     m = compress(CompressOptions([f"{bucket}/in"], out, concepts=f"{bucket}/ids", storage_options=so, overwrite=True, **opts))
     assert m["status"] == "complete"
     fs.pipe(out.split("://")[1] + "/notes.txt", b"mine")
@@ -198,3 +203,10 @@ def test_storage_options_errors_do_not_echo(capsys):
     assert "--storage-options" in err and SECRET not in err and len(err.strip().splitlines()) == 1
     assert main(["verify", "s3://nowhere/x", "--storage-options", "[1]"]) == 2
     assert "JSON object" in capsys.readouterr().err
+    # an option the backend does not take, an unknown protocol: one line each, no traceback
+    assert main(["verify", "s3://nowhere/x", "--storage-options", '{"not_an_option": "' + SECRET + '"}']) == 2
+    err = capsys.readouterr().err
+    assert "not_an_option" in err and SECRET not in err and len(err.strip().splitlines()) == 1
+    assert main(["verify", "nosuchproto://x/y"]) == 2
+    err = capsys.readouterr().err
+    assert "nosuchproto" in err and len(err.strip().splitlines()) == 1

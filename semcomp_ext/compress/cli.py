@@ -44,6 +44,16 @@ def compress_summary(m: dict, out: str, seconds: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def _storage_error(exc: Exception) -> str:
+    """The one-line message of an I/O error; a TypeError only when an fsspec backend rejected a
+    --storage-options name (the message names the option, never a value), else re-raised."""
+    if isinstance(exc, TypeError):
+        if "unexpected keyword argument" not in str(exc):
+            raise exc
+        return f"--storage-options rejected by the storage backend: {exc}"
+    return str(exc)
+
+
 def _compress(args) -> int:
     import time
 
@@ -64,10 +74,10 @@ def _compress(args) -> int:
     t0 = time.perf_counter()
     try:
         m = compress(opts)
-    except (ImportError, OSError) as exc:
+    except (ImportError, OSError, TypeError) as exc:
         if isinstance(exc, (FileNotFoundError, FileExistsError)):
             raise
-        print(f"semcomp compress: error: {exc}", file=sys.stderr)
+        print(f"semcomp compress: error: {_storage_error(exc)}", file=sys.stderr)
         return 2
     if args.json:
         p = m["parameters"]
@@ -87,8 +97,13 @@ def _verify(args) -> int:
 
     configure(parse_storage_options(args.storage_options))
     args.dir = local(args.dir)
-
-    problems = verify(args.dir)
+    try:
+        problems = verify(args.dir)
+    except (ImportError, OSError, TypeError) as exc:  # no fsspec backend, an unreachable or forbidden store
+        if isinstance(exc, FileNotFoundError):
+            raise
+        print(f"semcomp verify: error: {_storage_error(exc)}", file=sys.stderr)
+        return 2
     for p in problems:
         print(f"semcomp verify: {p}", file=sys.stderr)
     if not problems and not args.quiet:

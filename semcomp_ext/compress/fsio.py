@@ -69,6 +69,10 @@ def get_fs(url: str):
         return fsspec.core.url_to_fs(url, **_OPTIONS)
     except ImportError as exc:
         raise ImportError(f"{url.split('://')[0]}:// URLs: {exc}") from None
+    except TypeError as exc:  # an option the backend does not take (the message names it, no value)
+        raise ValueError(f"{url}: --storage-options rejected by the storage backend: {exc}") from None
+    except ValueError as exc:  # e.g. an unknown protocol
+        raise ValueError(f"{url}: {exc}") from None
 
 
 def refresh(url: str) -> None:
