@@ -72,7 +72,8 @@ def _entry(key: str, record: dict) -> bytes:
 
 
 def read_journal(out: str) -> list:
-    """(key, record) of every task committed to the journal, in commit order. A torn last
+    """(key, record) of every task committed to the journal, in commit order (by name for the
+    one-object-per-task journal of a URL output; the order does not matter). A torn last
     line (a kill mid-append) is dropped; a bad line before the last means corruption: an error."""
     path = journal_path(out)
     if fsio.is_url(out):
