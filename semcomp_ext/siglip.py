@@ -50,13 +50,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_fake(op, a, b, logit_scale, logit_bias, negative_only):
-    torch._check(a.dim() == 2 and b.dim() == 2, lambda: f"{op}: a and b must be 2-D")
-    torch._check(a.dtype == b.dtype, lambda: f"{op}: dtypes differ: {a.dtype} vs {b.dtype}")
-    torch._check(a.shape[1] == b.shape[1], lambda: f"{op}: feature dimensions differ")
-    torch._check(logit_scale.numel() == 1, lambda: f"{op}: logit_scale must have one element")
-    torch._check(logit_bias.numel() == 1, lambda: f"{op}: logit_bias must have one element")
+    torch._check_value(a.dim() == 2 and b.dim() == 2, lambda: f"{op}: a and b must be 2-D")
+    torch._check_value(a.dtype == b.dtype, lambda: f"{op}: dtypes differ: {a.dtype} vs {b.dtype}")
+    torch._check_value(a.shape[1] == b.shape[1], lambda: f"{op}: feature dimensions differ")
+    torch._check_value(logit_scale.numel() == 1, lambda: f"{op}: logit_scale must have one element")
+    torch._check_value(logit_bias.numel() == 1, lambda: f"{op}: logit_bias must have one element")
     if not negative_only:
-        torch._check(a.shape[0] == b.shape[0], lambda: f"{op}: a and b row counts differ")
+        torch._check_value(a.shape[0] == b.shape[0], lambda: f"{op}: a and b row counts differ")
 
 
 @torch.library.register_fake("semcomp::sigmoid_fwd")
