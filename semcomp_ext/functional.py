@@ -102,16 +102,21 @@ def _number(fn: str, name: str, value) -> float:
     return float(value)
 
 
-def _check_scale_tensor(fn: str, name: str, t: torch.Tensor, like: torch.Tensor) -> None:
-    """A temperature or logit-scale tensor: one element, floating, on like's device, and (where
-    reading it costs no device sync: on the CPU, outside tracing) finite and > 0. On CUDA a bad
-    value is not checked here; the kernels turn the loss and gradients into NaN instead."""
+def _check_one_element(fn: str, name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    """A scalar parameter given as a tensor: one element, floating, on like's device."""
     if t.numel() != 1 or t.dim() > 1:
         raise ValueError(f"{fn}: {name} must be a one-element tensor of shape [] or [1], got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise ValueError(f"{fn}: {name} must be a floating tensor, got {t.dtype}")
     if t.device != like.device:
         raise ValueError(f"{fn}: {name} must be on {like.device} (where the embeddings are), got {t.device}")
+
+
+def _check_scale_tensor(fn: str, name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    """A temperature or logit-scale tensor: one element, floating, on like's device, and (where
+    reading it costs no device sync: on the CPU, outside tracing) finite and > 0. On CUDA a bad
+    value is not checked here; the kernels turn the loss and gradients into NaN instead."""
+    _check_one_element(fn, name, t, like)
     if t.device.type == "cpu" and not _is_tracing():
         v = float(t.detach().reshape(()))
         if not (math.isfinite(v) and v > 0):

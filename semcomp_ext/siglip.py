@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from ._ops import ops
+from .functional import _check_matrix, _check_one_element
 
 __all__ = ["SigLipLoss", "sigmoid_loss", "sigmoid_loss_reference"]
 
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _REDUCTIONS = ("mean", "sum", "none")
 _BACKWARDS = ("auto", "recompute", "onepass")
 
@@ -160,15 +160,6 @@ torch.library.register_autograd("semcomp::sigmoid_fwd_bwd", _onepass_backward, s
 # ---- validation ----------------------------------------------------------------------------
 
 
-def _check_matrix(fn: str, name: str, x) -> None:
-    if not torch.is_tensor(x):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{fn}: {name} must be 2-D (N, D), got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"{fn}: {name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
-
-
 def _param(fn: str, name: str, value, like: torch.Tensor) -> torch.Tensor:
     """logit_scale / logit_bias as a one-element floating tensor on like's device. Numbers
     become constants in the accumulation dtype; tensors are used as they are (learnable).
@@ -180,12 +171,7 @@ def _param(fn: str, name: str, value, like: torch.Tensor) -> torch.Tensor:
         if not math.isfinite(float(value)):
             raise ValueError(f"{fn}: {name} must be finite, got {value}")
         return torch.full((), float(value), dtype=_acc_dtype(like.dtype), device=like.device)
-    if value.numel() != 1 or value.dim() > 1:
-        raise ValueError(f"{fn}: {name} must be a one-element tensor of shape [] or [1], got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise ValueError(f"{fn}: {name} must be a floating tensor, got {value.dtype}")
-    if value.device != like.device:
-        raise ValueError(f"{fn}: {name} must be on {like.device} (where the embeddings are), got {value.device}")
+    _check_one_element(fn, name, value, like)
     if value.device.type == "cpu" and not torch.compiler.is_compiling():
         v = float(value.detach().reshape(()))
         if not math.isfinite(v):

@@ -8,7 +8,26 @@
 #include <cstring>
 #include <limits>
 
+// Kernels whose inner loops should use the widest vector unit the running CPU has: GCC builds
+// an AVX-512, an AVX2 and a baseline clone and picks one at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SEMCOMP_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SEMCOMP_CLONES
+#endif
+
 namespace semcomp::cpu {
+
+// Rows per chunk of the chunked logit GEMMs (InfoNCE, sigmoid): `requested` when > 0, else
+// ~4M workspace elements (16 MB in fp32): large GEMM blocks (fewer, bigger BLAS calls measured
+// ~10% faster than 1M at N=8192; for the sigmoid backward 512 rows at N=8192 beat 256, as the
+// db GEMM's K is the chunk height), still a small constant next to the N x N logits.
+inline int64_t gemm_chunk_rows(int64_t requested, int64_t rows, int64_t cols) {
+  if (requested > 0) return requested < rows ? requested : rows;
+  int64_t c = (int64_t{1} << 22) / (cols > 1 ? cols : 1);
+  c = (c < 16 ? 16 : (c > 1024 ? 1024 : c)) / 16 * 16;
+  return c < rows ? c : rows;
+}
 
 // exp(x) for float to ~2 ulp, written so a loop of it vectorises (no calls, no branches):
 // range reduction x = k ln2 + r, |r| <= ln2/2, a degree-6 minimax polynomial for e^r, and 2^k

@@ -39,21 +39,6 @@ using cpu::nan_max;
 
 constexpr int64_t kColBlock = 256;  // columns per task in the column statistics
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SEMCOMP_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SEMCOMP_CLONES
-#endif
-
-int64_t pick_chunk(int64_t requested, int64_t rows, int64_t cols) {
-  if (requested > 0) return std::min(requested, rows);
-  // ~4M workspace elements (16 MB in fp32): large GEMM blocks (fewer, bigger BLAS calls
-  // measured ~10% faster than 1M at N=8192), still a small constant next to N x N.
-  int64_t c = (int64_t{1} << 22) / std::max<int64_t>(cols, 1);
-  c = std::clamp<int64_t>(c, 16, 1024) / 16 * 16;
-  return std::min(c, rows);
-}
-
 // ---- fused loops (bodies are templates; float gets per-ISA clones) ---------------------
 // Written as `omp simd` loops over a row with explicit reductions and a branch-free exp, so
 // GCC vectorises them in every clone (-fopenmp enables the pragma; no -ffast-math needed).
@@ -173,7 +158,7 @@ std::vector<at::Tensor> fwd_impl(const char* op, const at::Tensor& q_in, const a
   const at::Tensor q = as_acc(q_in), k = as_acc(k_in);
   const T s = static_cast<T>(read_scale(op, logit_scale));
   const int64_t nq = q.size(0), nk = k.size(0);
-  const int64_t C = pick_chunk(chunk, nq, nk);
+  const int64_t C = cpu::gemm_chunk_rows(chunk, nq, nk);
   const auto opts = q.options();
   at::Tensor ws = at::empty({C, nk}, opts);
   at::Tensor loss = at::empty({nq}, opts), rlse = at::empty({nq}, opts);
@@ -236,7 +221,7 @@ std::vector<at::Tensor> bwd_impl(const char* op, const at::Tensor& q_in, const a
     clse = clse_in.to(opts).contiguous();
     ccoef = ccoef_in.to(opts).contiguous();
   }
-  const int64_t C = pick_chunk(chunk, nq, nk);
+  const int64_t C = cpu::gemm_chunk_rows(chunk, nq, nk);
   at::Tensor ws = at::empty({C, nk}, opts);
   at::Tensor gq = at::empty_like(q), gk = at::zeros_like(k);
   std::vector<T> ds_rows(nq);

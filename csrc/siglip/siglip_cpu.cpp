@@ -36,22 +36,6 @@ namespace {
 
 using cpu::fast_exp;
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SEMCOMP_SIGLIP_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SEMCOMP_SIGLIP_CLONES
-#endif
-
-int64_t pick_chunk(int64_t requested, int64_t rows, int64_t cols) {
-  if (requested > 0) return std::min(requested, rows);
-  // ~4M workspace elements (16 MB in fp32): at N=8192 that is 512 rows per chunk, measured
-  // faster than 256 (the db GEMM's K is the chunk height, and every chunk re-reads and
-  // re-writes db), still small next to the N x N logits it replaces.
-  int64_t c = (int64_t{1} << 22) / std::max<int64_t>(cols, 1);
-  c = std::clamp<int64_t>(c, 16, 1024) / 16 * 16;
-  return std::min(c, rows);
-}
-
 // log1p(e) for e in [0, 1], vectorisable: u = 1 + e rounded, log(u) from u = 2^k m with
 // m in [1/sqrt2, sqrt2] and the series log m = 2 atanh(t), t = (m - 1)/(m + 1), |t| <= 0.172
 // (5 terms: relative error < 1e-8); the rounding of 1 + e is added back as (e - (u - 1)) / u.
@@ -101,13 +85,13 @@ inline __attribute__((always_inline)) RowSums row_body(T* w, int64_t n, T s, T t
   return {static_cast<double>(l), static_cast<double>(ds), static_cast<double>(db)};
 }
 
-SEMCOMP_SIGLIP_CLONES RowSums row_loss(float* w, int64_t n, float s, float t) {
+SEMCOMP_CLONES RowSums row_loss(float* w, int64_t n, float s, float t) {
   return row_body<true, false>(w, n, s, t, 0.0f);
 }
-SEMCOMP_SIGLIP_CLONES RowSums row_grad(float* w, int64_t n, float s, float t, float g) {
+SEMCOMP_CLONES RowSums row_grad(float* w, int64_t n, float s, float t, float g) {
   return row_body<false, true>(w, n, s, t, g);
 }
-SEMCOMP_SIGLIP_CLONES RowSums row_both(float* w, int64_t n, float s, float t, float g) {
+SEMCOMP_CLONES RowSums row_both(float* w, int64_t n, float s, float t, float g) {
   return row_body<true, true>(w, n, s, t, g);
 }
 RowSums row_loss(double* w, int64_t n, double s, double t) {
@@ -178,7 +162,7 @@ Outputs run(const char* op, const at::Tensor& a_in, const at::Tensor& b_in,
   if (GRAD && grad_rows.defined()) g_rows = grad_rows.to(opts).contiguous();
   const T* gp = g_rows.defined() ? g_rows.data_ptr<T>() : nullptr;
 
-  const int64_t C = pick_chunk(chunk, na, nb);
+  const int64_t C = cpu::gemm_chunk_rows(chunk, na, nb);
   at::Tensor ws = at::empty({C, nb}, opts);
   std::vector<RowSums> rows(na);
   Outputs out;
