@@ -24,14 +24,15 @@ SMALL = dict(dataset="digits", limit=256, batch_size=64, lr=2e-3, warmup=2, quie
 
 
 def test_tiny_training_decreases_loss(tmp_path):
-    # 128 pairs, 2 batches an epoch: 40 steps are enough to start fitting them.
-    s = train(TrainConfig(out_dir=str(tmp_path), steps=40, temperature=0.1, **(SMALL | {"limit": 128, "lr": 3e-3})))
+    # 128 pairs, 2 batches an epoch: 60 steps are enough to start fitting them. (With the 64-d
+    # tiny model, lr >= 2e-3 collapses the embeddings here: the loss settles at log 64.)
+    s = train(TrainConfig(out_dir=str(tmp_path), steps=60, temperature=0.1, **(SMALL | {"limit": 128, "lr": 1e-3})))
     h = s["history"]
-    assert len(h) == 40 and s["done"]
+    assert len(h) == 60 and s["done"]
     assert sum(h[-4:]) / 4 < sum(h[:4]) / 4 - 0.2, h
     assert s["logit_scale"] == pytest.approx(10.0)  # fixed temperature stays fixed
     ck = load_checkpoint(str(tmp_path / CHECKPOINT))
-    assert ck["step"] == 40 and ck["done"]
+    assert ck["step"] == 60 and ck["done"]
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
