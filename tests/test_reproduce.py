@@ -110,3 +110,19 @@ def test_wide_embedding_config_refused(tmp_path):
     open_clip().add_model_config(str(tmp_path))
     with pytest.raises(ValueError, match="wider than the image tower"):
         check_config(ReproduceConfig(out_dir=str(tmp_path / "o"), model="semcomp-wide"))
+
+
+def test_report_marks_a_tau_whose_training_loss_is_at_chance(runs, tmp_path):
+    import math
+
+    from semcomp_ext.train.report import write_report
+
+    res = json.loads((runs[0] / "results.json").read_text())
+    timings = json.loads((runs[0] / "timings.json").read_text())
+    D = res["datasets"]["digits"]
+    chance = math.log(res["config"]["batch_size"])
+    D["temperatures"]["0.05"]["train"]["final_loss"]["mean"] = chance + 0.001
+    D["temperatures"]["0.4"]["train"]["final_loss"]["mean"] = chance - 0.5
+    write_report(res, timings, str(tmp_path))
+    marked = [ln for ln in (tmp_path / "report.md").read_text().splitlines() if "(≈ chance)" in ln]
+    assert len(marked) == 1 and marked[0].startswith("| 0.05 |"), marked

@@ -12,6 +12,8 @@ equal bytes instead of taking a maximum."""
 
 from __future__ import annotations
 
+import math
+
 import os
 
 COMPARABLE = 0.01
@@ -213,12 +215,23 @@ def write_report(results, timings: dict, out_dir: str) -> None:
         parts += [f"## {ds}: {D['num_train']} train / {D['num_test']} test pairs, D = {D['dim']}", ""]
         parts += [line + "\n" for line in claim_lines(ds, D)]
         taus = sorted(D["temperatures"], key=float)
-        geo = [[t, f"{r['train']['final_loss']['mean']:.3f}", f"{r['geometry']['modality_gap']['mean']:.3f} "
+        chance = math.log(conf["batch_size"])  # InfoNCE of embeddings that tell no pair apart
+
+        def loss_cell(r):
+            v = r["train"]["final_loss"]["mean"]
+            return f"{v:.3f}" + (" (≈ chance)" if v > chance - 0.05 else "")
+
+        geo = [[t, loss_cell(r), f"{r['geometry']['modality_gap']['mean']:.3f} "
                 f"[{r['geometry']['modality_gap']['lo']:.3f}, {r['geometry']['modality_gap']['hi']:.3f}]",
                 f"{r['geometry']['true_pair_cosine']['mean']:.3f}", f"{r['recovery_r2']['image']['mean']:.3f}",
                 f"{r['recovery_r2']['text']['mean']:.3f}"] for t, r in ((t, D["temperatures"][t]) for t in taus)]
         parts += [f"### Geometry ({ds})", "", _md(["τ", "final loss", "modality gap [95%]", "true-pair cosine",
                                                    "R² image ← centroid", "R² text ← centroid"], geo), "",
+                  f"Final loss: training InfoNCE averaged over the last steps and the training seeds; log {conf['batch_size']} "
+                  f"= {chance:.3f} is chance (embeddings that tell no pair apart), and a τ whose loss is within 0.05 of it "
+                  "is marked: its encoders did not train, so what is measured at that τ speaks about the training "
+                  "recipe, not about the method.",
+                  "",
                   "R²: held-out linear recovery of each modality from the centroid (1.000 = the centroid is an "
                   "invertible code of both embeddings).", ""]
         if "forms" in D["temperatures"][taus[0]]:
