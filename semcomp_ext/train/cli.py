@@ -192,7 +192,7 @@ def register(subparsers) -> None:
     _add_common(r, out_required=False)
     r.add_argument("--quick", action="store_true",
                    help="small settings: MNIST only (2000 / 500 pairs, stratified), 2 training seeds, 120 steps per temperature, "
-                        "5 RFS seeds; about 5 min on 2 CPU cores; verdicts the interval cannot decide read 'inconclusive'")
+                        "5 RFS seeds; about 3 min on 2 idle CPU cores, up to 5 when shared; verdicts the interval cannot decide read 'inconclusive'")
     r.add_argument("--temperatures", type=_floats, default=None, help="comma list (default 0.01,0.07,0.1,0.2,0.4)")
     r.add_argument("--datasets", type=lambda s: tuple(v.strip() for v in s.split(",") if v.strip()), default=None,
                    help="comma list of datasets (default mnist,digits; --quick mnist)")
