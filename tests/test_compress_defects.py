@@ -117,3 +117,33 @@ def test_output_files_follow_the_umask(tmp_path):
     code = "import os, sys; os.umask(0o027); from semcomp_ext.cli import main; sys.exit(main(sys.argv[1:]))"
     subprocess.run([sys.executable, "-c", code, "compress", str(tmp_path / "in"), "-o", str(out2), "-q"], check=True)
     assert set(_modes(out2).values()) == {0o640}
+
+
+
+def test_abandoned_reader_closes_inside_threading_bookkeeping(tmp_path):
+    # A consumer that stops early leaves a block reader to the garbage collector, which can run
+    # while threading holds its internal shutdown-locks lock (seen as a hang in the suite). The
+    # reader's clean-up must not join its read-ahead thread there. Old code: hangs (timeout).
+    import subprocess
+    import sys
+    import textwrap
+    import threading
+
+    if not hasattr(threading, "_shutdown_locks_lock"):
+        pytest.fail("this Python has no threading._shutdown_locks_lock: adapt the test")
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(4000 * 8, dtype=np.float32).reshape(4000, 8))
+    src = textwrap.dedent(f"""
+        import threading
+        from semcomp_ext.compress import readers
+        gen = readers.iter_chunks(readers.open_npy({str(path)!r}), 1000)
+        first = next(gen)          # the read-ahead thread is now running
+        with threading._shutdown_locks_lock:
+            gen.close()            # as the collector would, inside threading's bookkeeping
+        print("closed", first.shape)
+    """)
+    try:
+        r = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("closing an abandoned reader deadlocked")
+    assert r.returncode == 0 and "closed (1000, 8)" in r.stdout, r.stderr[-2000:]

@@ -12,6 +12,8 @@ bounded by the chunk size (map) and the partition size (reduce), not by the conc
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import os
 import time
@@ -222,12 +224,13 @@ def codec_sample(plan: Plan, rows: int) -> np.ndarray:
     got, n = [], 0
     for i in range(len(plan.mods[0]["shards"])):
         shards = [_shard_obj(m["shards"][i]) for m in plan.mods]
-        for _, mask, out in _pair_blocks(plan, shards):
-            out = out if mask is None else out[mask]
-            got.append(out[: rows - n].numpy().copy())
-            n += got[-1].shape[0]
-            if n >= rows:
-                return np.concatenate(got)
+        with contextlib.closing(_pair_blocks(plan, shards)) as blocks:  # closed on the early return
+            for _, mask, out in blocks:
+                out = out if mask is None else out[mask]
+                got.append(out[: rows - n].numpy().copy())
+                n += got[-1].shape[0]
+                if n >= rows:
+                    return np.concatenate(got)
     return np.concatenate(got) if got else np.zeros((0, len(plan.index)), np.float32)
 
 
@@ -239,11 +242,16 @@ def _pair_blocks(plan: Plan, shards):
     keep_all = len(plan.index) == plan.dim
     paths = [s.path for s in shards]
     start = 0
-    for chunk in zip(*(iter_chunks(s, p["batch_size"]) for s in shards)):
-        zs = [_as_tensor(c) for c in chunk]
-        mask = _check_finite(zs, paths, start, p["skip_invalid"])
-        yield start, mask, _pair_block(zs, index, keep_all, p["normalize"])
-        start += zs[0].shape[0]
+    readers = [iter_chunks(s, p["batch_size"]) for s in shards]
+    try:
+        for chunk in zip(*readers):
+            zs = [_as_tensor(c) for c in chunk]
+            mask = _check_finite(zs, paths, start, p["skip_invalid"])
+            yield start, mask, _pair_block(zs, index, keep_all, p["normalize"])
+            start += zs[0].shape[0]
+    finally:  # close every reader now (files, read-ahead threads), not when collected
+        for r in readers:
+            r.close()
 
 
 def pair_task(plan: Plan, i: int) -> dict:

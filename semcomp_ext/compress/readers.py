@@ -224,6 +224,9 @@ class InlineExecutor:
     def __exit__(self, *exc) -> bool:
         return False
 
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
     def submit(self, fn, *args):
         from concurrent.futures import Future
 
@@ -260,13 +263,23 @@ def _iter_npy(shard: Shard, batch: int):
         f.seek(shard.offset)
         if not starts:
             return
-        with ThreadPoolExecutor(1) if len(starts) > 1 else InlineExecutor() as pool:
+        # Not `with pool:` — its exit joins the thread. A consumer that stops early leaves this
+        # generator to be closed by the garbage collector, which may run inside threading's own
+        # bookkeeping (holding its lock); a join there deadlocks. So: wait only for the read in
+        # flight (it must finish before the file closes) and let the idle thread exit unjoined.
+        pool = ThreadPoolExecutor(1) if len(starts) > 1 else InlineExecutor()
+        nxt = None
+        try:
             nxt = pool.submit(read, 0)
             for k in range(len(starts)):
                 view = nxt.result()
                 # the consumer is done with buffer (k+1)%2 once it asks for block k: safe to refill
                 nxt = pool.submit(read, k + 1) if k + 1 < len(starts) else None
                 yield view  # reused after the next request: consumers must not keep it
+        finally:
+            if nxt is not None:
+                nxt.exception()  # waits for the read without raising its error again
+            pool.shutdown(wait=False)
 
 
 def _iter_parquet(shard: Shard, batch: int):
