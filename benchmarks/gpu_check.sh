@@ -6,18 +6,19 @@
 #   tests    the kernel test files with CUDA parametrisation on, then the CUDA-graph tests
 #   sanitize compute-sanitizer memcheck / racecheck / synccheck over benchmarks/gpu_smoke.py
 #   bench    benchmarks/run_all.py --device cuda (JSON under benchmarks/results/ and $OUT)
+#   benchcli `semcomp bench all --device cuda --dtype bfloat16` (JSON and plot in $OUT)
 # Every stage runs whatever the previous ones did (a failing test does not stop the
 # benchmarks); each stage's exit status goes to $OUT/summary.txt, the full log to
 # $OUT/gpu_check.log.
 #
-#   benchmarks/gpu_check.sh [OUTDIR] [--stages "env build tests sanitize bench"] [--dry-run]
+#   benchmarks/gpu_check.sh [OUTDIR] [--stages "env build tests sanitize bench benchcli"] [--dry-run]
 #
 # --dry-run prints the commands without running them (CI runs it to keep the script valid).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUTDIR="${OUT:-gpu_out}"
-STAGES="env wheels build tests sanitize bench"
+STAGES="env wheels build tests sanitize bench benchcli"
 DRY=0
 BENCH_ARGS="${SEMCOMP_BENCH_ARGS:-}"
 while [ $# -gt 0 ]; do
@@ -77,7 +78,7 @@ ARCH="${SEMCOMP_CUDA_ARCH:-$($PY -c 'import torch; p=torch.cuda.get_device_capab
 run_stage build 420 "SEMCOMP_CUDA=ON CMAKE_ARGS='-DCMAKE_CUDA_ARCHITECTURES=$ARCH' CMAKE_BUILD_PARALLEL_LEVEL=\$(nproc) $PY -m pip install -q --no-build-isolation --no-deps -e . && $PY -c 'import semcomp_ext, json; print(json.dumps(semcomp_ext.build_info()))' && $PY -m benchmarks.native_error_check"
 
 # ---- tests: every op test over cpu and cuda, then the CUDA-graph capture tests -------------
-KERNEL_TESTS="tests/test_infonce.py tests/test_segment_gather.py tests/test_clip_loss.py tests/test_cuda.py tests/test_distributed.py"
+KERNEL_TESTS="tests/test_infonce.py tests/test_segment_gather.py tests/test_clip_loss.py tests/test_cuda.py tests/test_distributed.py tests/test_siglip.py tests/test_api_defects.py"
 run_stage tests 420 "$PY -m pytest -q -p no:cacheprovider -o addopts='-ra' $KERNEL_TESTS"
 
 # ---- sanitize: small cases of every kernel (only semcomp's kernels are instrumented) -------
@@ -88,5 +89,8 @@ done
 
 # ---- bench ---------------------------------------------------------------------------------
 run_stage bench 600 "$PY benchmarks/run_all.py --device cuda $BENCH_ARGS && cp benchmarks/results/*_cuda*.json '$OUTDIR/' 2>/dev/null; true"
+
+# ---- benchcli: the user-facing command on the GPU --------------------------------------------
+run_stage benchcli 300 "$PY -m semcomp_cli bench all --device cuda --dtype bfloat16 -q --json '$OUTDIR/bench_cli_cuda.json' --plot '$OUTDIR/bench_cli_cuda.png'"
 
 [ "$DRY" = 1 ] || { echo "===== summary ====="; cat "$SUMMARY"; }

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_gpu_check_dry_run_lists_every_stage(tmp_path):
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--dry-run"],
                          capture_output=True, text=True, check=True).stdout
-    for stage in ("env", "build", "tests", "memcheck", "racecheck", "synccheck", "bench"):
+    for stage in ("env", "build", "tests", "memcheck", "racecheck", "synccheck", "bench", "benchcli"):
         assert f"[dry-run] {stage} " in out, out
     assert "SEMCOMP_CUDA=ON" in out and "native_error_check" in out and "tests/test_cuda.py" in out
     summary = (tmp_path / "summary.txt").read_text().split("\n")
