@@ -12,17 +12,17 @@ over ranks can be compared with a single-process reference on the global batch.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .distributed.verify import _data as _clip_data
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 BACKWARDS = ("auto", "recompute")
 
 
 def _data(world, n, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    img = F.normalize(torch.randn(world * n, d, generator=g, dtype=torch.float64), dim=1)
-    txt = F.normalize(torch.randn(world * n, d, generator=g, dtype=torch.float64), dim=1)
-    return img.to(dtype), txt.to(dtype), torch.tensor(3.0, dtype=dtype), torch.tensor(-2.0, dtype=dtype)
+    """The distributed checks' embeddings (same generator stream), with a scale and a bias."""
+    (img, txt), _ = _clip_data(world, n, d, dtype, seed)
+    return img, txt, torch.tensor(3.0, dtype=dtype), torch.tensor(-2.0, dtype=dtype)
 
 
 def _run(loss_mod, img, txt, s, t, upstream):
