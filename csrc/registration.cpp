@@ -40,6 +40,10 @@ TORCH_LIBRARY(semcomp, m) {
   m.def("gather_columns(Tensor x, Tensor index) -> Tensor");
   // Its backward: scatter-add of grad (N, K) into zeros (N, dim).
   m.def("gather_columns_bwd(Tensor grad, Tensor index, SymInt dim) -> Tensor");
+  // Row-aligned mean over M modalities with the column gather fused (csrc/gather/pair_mean.h):
+  // (N, K) means in the accumulation dtype and (N,) bool, true where every column of every
+  // modality is finite.
+  m.def("pair_mean(Tensor[] zs, Tensor? features=None) -> (Tensor, Tensor)");
   // Sigmoid (SigLIP) loss, z = logit_scale * a b^T + logit_bias, positives on the diagonal
   // unless negative_only (csrc/siglip/siglip.h): per-row loss (Na,) in the accumulation dtype.
   m.def("sigmoid_fwd(Tensor a, Tensor b, Tensor logit_scale, Tensor logit_bias, bool negative_only=False, int chunk_size=0) -> Tensor");

@@ -126,6 +126,19 @@ def _gather_columns_bwd_fake(grad, index, dim):
     return grad.new_empty(grad.shape[0], dim)
 
 
+@torch.library.register_fake("semcomp::pair_mean")
+def _pair_mean_fake(zs, features=None):
+    torch._check_value(len(zs) > 0, lambda: "pair_mean: zs must hold at least one (N, D) tensor")
+    z = zs[0]
+    torch._check_value(z.dim() == 2, lambda: "pair_mean: zs[0] must be 2-D")
+    for m, t in enumerate(zs):
+        torch._check_value(t.shape == z.shape and t.dtype == z.dtype, lambda: f"pair_mean: zs[{m}] must match zs[0]")
+    torch._check_value(features is None or features.dim() == 1, lambda: "pair_mean: features must be 1-D")
+    k = features.shape[0] if features is not None else z.shape[1]
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return z.new_empty(z.shape[0], k, dtype=acc), z.new_empty(z.shape[0], dtype=torch.bool)
+
+
 # ---- autograd ----------------------------------------------------------------------------
 # The forward ops return per-row losses and log-sum-exps; gradients may arrive for any of
 # them. They enter the backward kernels as per-row coefficients:
@@ -209,3 +222,28 @@ def _gather_backward(ctx, g_out):
 
 
 torch.library.register_autograd("semcomp::gather_columns", _gather_backward, setup_context=_gather_setup)
+
+
+def _pair_mean_setup(ctx, inputs, output):
+    zs, features = inputs
+    ctx.shape_dtypes = [(z.shape[1], z.dtype) for z in zs]
+    ctx.save_for_backward(features)
+
+
+def _pair_mean_backward(ctx, g_out, _g_finite):
+    # out = sum_m zs[m][:, f] / M: each zs[m] receives g / M in the kept columns (scattered,
+    # duplicates summed, when features is given)
+    (features,) = ctx.saved_tensors
+    g = g_out / len(ctx.shape_dtypes)
+    grads = []
+    for need, (dim, dtype) in zip(ctx.needs_input_grad[0], ctx.shape_dtypes):
+        if not need:
+            grads.append(None)
+            continue
+        gz = g if features is None else ops.gather_columns_bwd(g.contiguous(), features, dim)
+        grads.append(gz.to(dtype))
+    # a features argument left at its default is not among the op's inputs here
+    return (grads, None)[: len(ctx.needs_input_grad)]
+
+
+torch.library.register_autograd("semcomp::pair_mean", _pair_mean_backward, setup_context=_pair_mean_setup)
