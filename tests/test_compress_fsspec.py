@@ -210,3 +210,103 @@ def test_storage_options_errors_do_not_echo(capsys):
     assert main(["verify", "nosuchproto://x/y"]) == 2
     err = capsys.readouterr().err
     assert "nosuchproto" in err and len(err.strip().splitlines()) == 1
+
+
+def test_s3_ray_engine_bucket_to_bucket(s3, capfd):
+    """--engine ray, bucket -> bucket: the storage options reach the Ray workers with the plan
+    (never the manifest or a log); every object equals the local engine's, manifest included."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    so, fs, bucket = s3["so"], s3["fs"], s3["bucket"]
+    started = not ray.is_initialized()
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False) if started else None
+    try:
+        for engine in ("local", "ray"):
+            m = compress(CompressOptions([f"{bucket}/in"], f"{bucket}/out-{engine}", drop_rate=0.5, batch_size=16,
+                                         engine=engine, quiet=True, storage_options=so))
+            assert m["status"] == "complete" and m["rows_out"] == sum(ROWS)
+        from semcomp_ext.compress.manifest import verify
+
+        fsio.configure(so)
+        assert verify(f"{bucket}/out-ray") == []
+        ray_objs, local_objs = _remote_tree_sha(fs, f"{bucket}/out-ray"), _remote_tree_sha(fs, f"{bucket}/out-local")
+        assert ray_objs == local_objs and len(ray_objs) == 1 + 2 * len(ROWS)  # manifest, centroids and metadata
+        _no_secret(fs.cat(k) for k in fs.find("semcomp-test/out-ray"))
+        cap = capfd.readouterr()
+        _no_secret([cap.out, cap.err])  # Ray Data's progress lines on the driver
+        if ctx is not None:  # the Ray session's own log files
+            logs = os.path.join(ctx.address_info["session_dir"], "logs")
+            _no_secret(open(os.path.join(d, f), "rb").read() for d, _, fl in os.walk(logs) for f in fl)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def test_s3_index_and_search(s3, tmp_path, monkeypatch, capsys):
+    """`semcomp index` / `search` on a bucket: the index is written under OUT/index/ on the
+    store (whole objects, nothing on local disk), loaded from there, and gives the same hits
+    as on the same folder locally; a URL without an index is a one-line error; the storage
+    options never appear in any output."""
+    pytest.importorskip("faiss")
+    from semcomp_ext.cli import main
+
+    so, fs, bucket = s3["so"], s3["fs"], s3["bucket"]
+    sojson = json.dumps(so)
+    monkeypatch.chdir(tmp_path)  # a path mistaken for local would land here
+    out, ref = f"{bucket}/out-search", str(tmp_path / "ref")
+    opts = dict(drop_rate=0.5, batch_size=16, normalize="output", codec="int8", quiet=True)
+    compress(CompressOptions([f"{bucket}/in"], out, storage_options=so, **opts))
+    compress(CompressOptions([str(s3["local"] / "in")], ref, **opts))
+    q = np.random.default_rng(5).standard_normal((6, 16)).astype(np.float32)
+    np.save(tmp_path / "q.npy", q)
+    capsys.readouterr()
+
+    def search_json(folder, *extra):
+        assert main(["search", folder, "--query", str(tmp_path / "q.npy"), "-k", "10", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    # no index yet: on the URL a clear one-line error (exact search only when asked for)
+    assert main(["search", out, "--query", str(tmp_path / "q.npy"), "--storage-options", sojson]) == 2
+    err = capsys.readouterr().err
+    assert "no index in s3://semcomp-test/out-search/index" in err and "semcomp index" in err
+    assert len(err.strip().splitlines()) == 1
+    _no_secret([err])
+    assert search_json(out, "--exact", "--storage-options", sojson) == search_json(ref)  # exact, both
+
+    for folder, extra in ((out, ["--storage-options", sojson]), (ref, [])):
+        assert main(["index", folder, "--index-factory", "IVF4,Flat", "--nprobe", "1", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["factory"] == "IVF4,Flat"
+    assert sorted(os.listdir(tmp_path)) == ["q.npy", "ref"]  # nothing written locally for the URL
+    fs.invalidate_cache()
+    keys = fs.find("semcomp-test/out-search/index")
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["ids.npy", "index.faiss", "index.json"]
+    remote_ix = _remote_tree_sha(fs, f"{out}/index")
+    local_ix = tree_sha(tmp_path / "ref" / "index")
+    for name in ("ids.npy", "index.faiss"):
+        assert remote_ix[name] == local_ix[name]  # the same index, byte for byte
+
+    hits = search_json(out, "--storage-options", sojson)
+    assert hits == search_json(ref) and len(hits) == 6 and all(len(h) == 10 for h in hits)
+    assert {h["metadata"]["caption"] for h in hits[0]} <= {f"s{i}r{j}" for i, n in enumerate(ROWS) for j in range(n)}
+    # the saved IVF index (1 of 4 lists probed) is what was searched, not an exact search
+    from semcomp_ext.compress.index import search
+
+    res = search(out, q, 10, storage_options=so)
+    assert res.method == "IVF4,Flat"
+    np.testing.assert_array_equal(res.ids, [[h["id"] for h in hs] for hs in hits])
+    # a damaged object of the index is found (size, then sha256) and named in one line
+    key = "semcomp-test/out-search/index/index.faiss"
+    data = bytearray(fs.cat(key))
+    data[-1] ^= 1
+    fs.pipe(key, bytes(data))
+    assert main(["search", out, "--query", str(tmp_path / "q.npy"), "--storage-options", sojson]) == 2
+    err = capsys.readouterr().err
+    assert "damaged index" in err and "sha256" in err and len(err.strip().splitlines()) == 1
+    # errors of index / search name the problem, never a storage option's value
+    assert main(["index", f"{bucket}/nothing-here", "--storage-options", sojson]) == 2
+    assert main(["index", out, "--storage-options", '{"not_an_option": "' + SECRET + '"}']) == 2
+    assert main(["search", out, "--query", str(tmp_path / "q.npy"), "--storage-options", '{"key": "' + SECRET]) == 2
+    cap = capsys.readouterr()
+    _no_secret([cap.out, cap.err])
+    assert len(cap.err.strip().splitlines()) == 3 and "not_an_option" in cap.err
+    _no_secret(fs.cat(k) for k in fs.find("semcomp-test/out-search"))

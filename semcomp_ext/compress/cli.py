@@ -194,12 +194,17 @@ def _eval(args) -> int:
 
 
 def _index(args) -> int:
+    from .fsio import parse_storage_options
     from .index import build_index
 
+    so = parse_storage_options(args.storage_options)
     try:
-        info = build_index(args.dir, index_factory=args.index_factory, nprobe=args.nprobe, seed=args.seed, quiet=args.quiet)
-    except ImportError as exc:
-        print(f"semcomp index: error: {exc}", file=sys.stderr)
+        info = build_index(args.dir, index_factory=args.index_factory, nprobe=args.nprobe, seed=args.seed,
+                           quiet=args.quiet, storage_options=so)
+    except (ImportError, OSError, TypeError) as exc:  # no faiss / fsspec backend, an unreachable store
+        if isinstance(exc, FileNotFoundError):
+            raise
+        print(f"semcomp index: error: {_storage_error(exc)}", file=sys.stderr)
         return 2
     if not args.quiet:
         print(json.dumps({k: info[k] for k in ("factory", "ntotal", "dim", "nprobe", "train_rows", "build_seconds")}))
@@ -209,16 +214,20 @@ def _index(args) -> int:
 def _search(args) -> int:
     import numpy as np
 
+    from .fsio import parse_storage_options
     from .index import format_table, search
 
+    so = parse_storage_options(args.storage_options)
     try:
         queries = np.load(args.query, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--query: cannot read {args.query!r} as a .npy array: {exc}") from exc
     try:
-        res = search(args.dir, queries, args.k, nprobe=args.nprobe, exact=args.exact)
-    except ImportError as exc:
-        print(f"semcomp search: error: {exc}", file=sys.stderr)
+        res = search(args.dir, queries, args.k, nprobe=args.nprobe, exact=args.exact, storage_options=so)
+    except (ImportError, OSError, TypeError) as exc:  # no faiss / fsspec backend, an unreachable store
+        if isinstance(exc, FileNotFoundError):
+            raise
+        print(f"semcomp search: error: {_storage_error(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(res.to_records(), default=str) if args.json else format_table(res))
     return 0
@@ -374,6 +383,7 @@ def register(sub) -> None:
                                             "RR,IVF,PQ sized as autofaiss does; see docs/compress.md)")
     ix.add_argument("--nprobe", type=_positive_int, help="IVF lists searched per query (default: nlist // 16)")
     ix.add_argument("--seed", type=int, default=0, help="seed of the training sample")
+    ix.add_argument("--storage-options", metavar="JSON", help=_STORAGE_HELP)
     ix.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
     ix.set_defaults(func=_index)
 
@@ -382,6 +392,8 @@ def register(sub) -> None:
     se.add_argument("--query", required=True, help=".npy of query embeddings (Q, D) or (D,), D = input dimension")
     se.add_argument("-k", "--k", type=_positive_int, default=10, help="neighbours per query (default 10)")
     se.add_argument("--nprobe", type=_positive_int, help="IVF lists searched (default: the index's)")
-    se.add_argument("--exact", action="store_true", help="exact streamed search, ignoring DIR/index/")
+    se.add_argument("--exact", action="store_true", help="exact streamed search, ignoring DIR/index/ (on a URL: "
+                                                         "downloads every shard; without it a URL needs an index)")
+    se.add_argument("--storage-options", metavar="JSON", help=_STORAGE_HELP)
     se.add_argument("--json", action="store_true", help="JSON output: per query a list of {rank, id, row, score, metadata}")
     se.set_defaults(func=_search)

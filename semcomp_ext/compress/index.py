@@ -4,12 +4,16 @@
 index (inner product) and saves it in FOLDER/index/ atomically: `index.faiss` (faiss row
 labels 0..N-1 = row numbers of the compressed set), `ids.npy` (row -> id), and last
 `index.json` (factory, nprobe, sizes and sha256 of both files, sha256 of the manifest it was
-built from), which marks a complete index.
+built from), which marks a complete index. FOLDER may be a URL (`s3://bucket/out`, any fsspec
+URL; `storage_options` as for `open_compressed`): each file of the index is then written to a
+local temp file and uploaded whole (an object exists complete or not at all), index.json last.
 
 `search(folder, queries, k)` takes full-dimensional query embeddings (Q, D), applies the
 compression's normalisation and RFS (`CompressedSet.prepare_queries`) and searches the saved
 index, or, when the folder has none (or exact=True), runs an exact streamed inner-product
-search over the shards (numpy; faiss is not needed).
+search over the shards (numpy; faiss is not needed). On a URL the saved index is downloaded
+(and checked against the sizes and sha256 of index.json); a URL folder without an index is an
+error unless exact=True, since an exact search downloads every shard.
 
 Index choice without --index-factory (`default_index_factory`), after autofaiss's
 `get_optimal_index_keys_v2` / `get_optimal_quantization` without a memory budget:
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import atomic
+from . import atomic, fsio
 from . import manifest as _manifest
 from .open import CompressedSet, open_compressed
 
@@ -102,7 +106,7 @@ def _set_nprobe(index, nprobe: int) -> None:
 
 
 def _index_dir(folder: str) -> str:
-    return os.path.join(folder, INDEX_DIR)
+    return fsio.join(folder, INDEX_DIR)
 
 
 def _check_positive(name: str, value) -> None:
@@ -125,12 +129,13 @@ def _training_sample(cs: CompressedSet, size: int, seed: int) -> np.ndarray:
 
 
 def build_index(folder, *, index_factory: str | None = None, nprobe: int | None = None, seed: int = 0,
-                quiet: bool = True) -> dict:
-    """Build and save FOLDER/index/ (see the module doc); returns the contents of index.json."""
+                quiet: bool = True, storage_options: dict | None = None) -> dict:
+    """Build and save FOLDER/index/ (see the module doc; FOLDER a path or a URL, with fsspec
+    `storage_options`); returns the contents of index.json."""
     faiss = _faiss()
-    folder = os.fspath(folder)
     _check_positive("nprobe", nprobe)
-    cs = open_compressed(folder)
+    cs = open_compressed(folder, storage_options=storage_options)
+    folder = cs.path
     n, dim = len(cs), cs.K
     if n == 0:
         raise ValueError(f"index: {folder!r} holds no rows")
@@ -161,12 +166,11 @@ def build_index(folder, *, index_factory: str | None = None, nprobe: int | None 
     build_s = time.perf_counter() - t0
 
     out = _index_dir(folder)
-    os.makedirs(out, exist_ok=True)
-    info_path = os.path.join(out, INFO_FILE)
-    if os.path.exists(info_path):  # invalidate the old index first: a crash below leaves none
-        os.unlink(info_path)
-    rec_index = atomic.write_bytes_atomic(os.path.join(out, INDEX_FILE), faiss.serialize_index(index).tobytes())
-    rec_ids = atomic.write_npy_atomic(os.path.join(out, IDS_FILE),
+    fsio.makedirs(out)
+    info_path = fsio.join(out, INFO_FILE)
+    fsio.rm(info_path)  # invalidate the old index first: a crash below leaves none
+    rec_index = atomic.write_bytes_atomic(fsio.join(out, INDEX_FILE), faiss.serialize_index(index).tobytes())
+    rec_ids = atomic.write_npy_atomic(fsio.join(out, IDS_FILE),
                                       (np.asarray(b.ids, np.int64) for b in cs.iter_shards(decode=False, metadata=False)),
                                       (n,), np.int64)
     rec_ids.pop("rows")
@@ -181,22 +185,50 @@ def build_index(folder, *, index_factory: str | None = None, nprobe: int | None 
 
 
 def load_index(folder: str):
-    """(faiss index, index.json dict) of FOLDER/index/, or None when there is no index.
-    A stale index (the manifest changed since) or a damaged one is an error."""
-    info_path = os.path.join(_index_dir(folder), INFO_FILE)
-    if not os.path.exists(info_path):
+    """(faiss index, index.json dict) of FOLDER/index/ (a path, or a URL: the index is
+    downloaded), or None when there is no index. A stale index (the manifest changed since)
+    or a damaged one is an error."""
+    folder = fsio.local(os.fspath(folder))
+    remote = fsio.is_url(folder)
+    if remote:
+        folder = folder.rstrip("/")
+    d = _index_dir(folder)
+    info_path = fsio.join(d, INFO_FILE)
+    if remote:
+        fsio.refresh(d)
+    if not fsio.exists(info_path):
         return None
-    with open(info_path) as f:
+    with fsio.open(info_path, "rb") as f:
         info = json.load(f)
     if atomic.sha256_file(_manifest.manifest_path(folder)) != info["manifest_sha256"]:
-        raise ValueError(f"the index in {_index_dir(folder)} is stale: {folder}/manifest.json changed since it "
+        raise ValueError(f"the index in {d} is stale: {folder}/manifest.json changed since it "
                          "was built; rerun `semcomp index`")
+    sizes = fsio.sizes_under(d) if remote else None
     for name, rec in info["files"].items():
-        path = os.path.join(_index_dir(folder), name)
-        if not os.path.exists(path) or os.path.getsize(path) != rec["bytes"]:
+        path = fsio.join(d, name)
+        if remote:
+            size = sizes.get(name)
+        else:
+            size = os.path.getsize(path) if os.path.exists(path) else None
+        if size != rec["bytes"]:
             raise ValueError(f"damaged index: {path} is missing or not {rec['bytes']} bytes; rerun `semcomp index`")
-    index = _faiss().read_index(os.path.join(_index_dir(folder), INDEX_FILE))
-    return index, info
+    path = fsio.join(d, INDEX_FILE)
+    if not remote:
+        return _faiss().read_index(path), info
+    import hashlib
+    import tempfile
+
+    # downloaded whole to a local temp file (hashed on the way), read by faiss, deleted
+    with tempfile.TemporaryDirectory(prefix="semcomp-index-") as tmp:
+        local = os.path.join(tmp, INDEX_FILE)
+        sha = hashlib.sha256()
+        with fsio.open(path, "rb") as fin, open(local, "wb") as f:
+            while chunk := fin.read(1 << 24):
+                sha.update(chunk)
+                f.write(chunk)
+        if sha.hexdigest() != info["files"][INDEX_FILE]["sha256"]:
+            raise ValueError(f"damaged index: {path} does not match the sha256 in {info_path}; rerun `semcomp index`")
+        return _faiss().read_index(local), info
 
 
 @dataclass
@@ -242,17 +274,22 @@ def exact_search(cs: CompressedSet, q: np.ndarray, k: int) -> tuple[np.ndarray, 
     return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_r, order, 1)
 
 
-def search(folder, queries, k: int = 10, *, nprobe: int | None = None, exact: bool = False) -> SearchResult:
+def search(folder, queries, k: int = 10, *, nprobe: int | None = None, exact: bool = False,
+           storage_options: dict | None = None) -> SearchResult:
     """k nearest compressed rows (inner product) of each full-dimensional query (Q, D) or (D,),
     with their ids, scores and metadata. Uses FOLDER/index/ when present (`semcomp index`),
-    else (or with exact=True) an exact streamed search."""
-    folder = os.fspath(folder)
+    else (or with exact=True) an exact streamed search. FOLDER may be a URL (fsspec
+    `storage_options`); a URL without an index is an error unless exact=True."""
     _check_positive("k", k)
     _check_positive("nprobe", nprobe)
-    cs = open_compressed(folder)
+    cs = open_compressed(folder, storage_options=storage_options)
+    folder = cs.path
     q = cs.prepare_queries(queries)
     k_eff = min(k, len(cs))
     loaded = None if exact else load_index(folder)
+    if loaded is None and not exact and cs.remote and k_eff:
+        raise FileNotFoundError(f"no index in {_index_dir(folder)}; build it with `semcomp index {folder}`, "
+                                "or search with --exact (exact=True: downloads every shard)")
     if k_eff == 0:
         scores, rows, method = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), "exact"
     elif loaded is None:
