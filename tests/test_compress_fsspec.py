@@ -306,7 +306,13 @@ def test_s3_index_and_search(s3, tmp_path, monkeypatch, capsys):
     assert main(["index", f"{bucket}/nothing-here", "--storage-options", sojson]) == 2
     assert main(["index", out, "--storage-options", '{"not_an_option": "' + SECRET + '"}']) == 2
     assert main(["search", out, "--query", str(tmp_path / "q.npy"), "--storage-options", '{"key": "' + SECRET]) == 2
+    # an endpoint nobody listens on (botocore's error is no OSError): one line, not a traceback
+    dead = json.dumps(dict(so, endpoint_url=f"http://127.0.0.1:{_free_port()}",
+                           config_kwargs={"retries": {"max_attempts": 1}}))
+    assert main(["index", out, "--storage-options", dead]) == 2
+    assert main(["search", out, "--query", str(tmp_path / "q.npy"), "--storage-options", dead]) == 2
     cap = capsys.readouterr()
     _no_secret([cap.out, cap.err])
-    assert len(cap.err.strip().splitlines()) == 3 and "not_an_option" in cap.err
+    assert len(cap.err.strip().splitlines()) == 5 and "not_an_option" in cap.err
+    assert cap.err.count("Could not connect to the endpoint") == 2
     _no_secret(fs.cat(k) for k in fs.find("semcomp-test/out-search"))

@@ -194,14 +194,14 @@ def _eval(args) -> int:
 
 
 def _index(args) -> int:
-    from .fsio import parse_storage_options
+    from .fsio import parse_storage_options, storage_errors
     from .index import build_index
 
     so = parse_storage_options(args.storage_options)
     try:
         info = build_index(args.dir, index_factory=args.index_factory, nprobe=args.nprobe, seed=args.seed,
                            quiet=args.quiet, storage_options=so)
-    except (ImportError, OSError, TypeError) as exc:  # no faiss / fsspec backend, an unreachable store
+    except (ImportError, TypeError, *storage_errors()) as exc:  # no faiss / fsspec backend, an unreachable store
         if isinstance(exc, FileNotFoundError):
             raise
         print(f"semcomp index: error: {_storage_error(exc)}", file=sys.stderr)
@@ -214,7 +214,7 @@ def _index(args) -> int:
 def _search(args) -> int:
     import numpy as np
 
-    from .fsio import parse_storage_options
+    from .fsio import parse_storage_options, storage_errors
     from .index import format_table, search
 
     so = parse_storage_options(args.storage_options)
@@ -224,7 +224,7 @@ def _search(args) -> int:
         raise ValueError(f"--query: cannot read {args.query!r} as a .npy array: {exc}") from exc
     try:
         res = search(args.dir, queries, args.k, nprobe=args.nprobe, exact=args.exact, storage_options=so)
-    except (ImportError, OSError, TypeError) as exc:  # no faiss / fsspec backend, an unreachable store
+    except (ImportError, TypeError, *storage_errors()) as exc:  # no faiss / fsspec backend, an unreachable store
         if isinstance(exc, FileNotFoundError):
             raise
         print(f"semcomp search: error: {_storage_error(exc)}", file=sys.stderr)

@@ -23,6 +23,23 @@ def configure(storage_options: dict | None) -> None:
         _OPTIONS = opts
 
 
+def storage_errors() -> tuple:
+    """Exception types of an unreachable or refusing store, for a one-line CLI error: OSError,
+    and botocore's / aiohttp's errors (an S3 endpoint that cannot be reached is not an
+    OSError) when those packages are loaded — looked up, never imported here. Evaluate it in
+    the `except` clause, after the backend has been loaded."""
+    import sys
+
+    errors = [OSError]
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None:
+        errors += [botocore.BotoCoreError, botocore.ClientError]
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None and hasattr(aiohttp, "ClientError"):
+        errors.append(aiohttp.ClientError)
+    return tuple(errors)
+
+
 def parse_storage_options(text: str | None) -> dict:
     """--storage-options JSON -> dict. The error never echoes the text (it may hold secrets)."""
     if not text:
