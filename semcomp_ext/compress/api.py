@@ -46,6 +46,7 @@ class CompressOptions:
     workers: int | None = None    # local engine: shards in parallel (None: the usable cores)
     modalities: list | None = None  # ["NAME=PATH", ...] instead of `inputs` (a file or folder each)
     storage_options: dict | None = None  # fsspec options for URL inputs/outputs (never written or logged)
+    device: str = "cpu"  # cpu | cuda | cuda:N: where the centroid + RFS runs (same bytes; not in the manifest)
 
 
 def _prepare_out(opts: CompressOptions) -> dict | None:
@@ -257,7 +258,12 @@ def compress(opts: CompressOptions) -> dict:
 
     fsio.configure(opts.storage_options)
     opts = dataclasses.replace(opts, out=fsio.local(opts.out))
+    from .device import resolve_device
+
+    device = resolve_device(getattr(opts, "device", "cpu"), opts.engine)  # before any input is opened
     plan = build_plan(opts)  # validates every input before touching the output folder
+    if device.type != "cpu":  # outside plan.params: the bytes and the manifest do not depend on it
+        plan.extra["device"] = str(device)
     if plan.in_dtype == "float64" and not opts.quiet:
         print(f"semcomp compress: note: the inputs are float64; they are cast to float32 block by block "
               f"(accumulation is float32) and stored as {plan.params['codec']}", file=sys.stderr)

@@ -70,6 +70,7 @@ def _compress(args) -> int:
         skip_invalid=args.skip_invalid, engine=args.engine, ray_address=args.ray_address,
         resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, workers=args.workers,
         modalities=args.modality, storage_options=parse_storage_options(args.storage_options),
+        device=args.device,
     )
     t0 = time.perf_counter()
     try:
@@ -331,6 +332,11 @@ def register(sub) -> None:
     c.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     c.add_argument("--workers", type=_positive_int, default=None,
                    help="local engine: shards processed in parallel (default: the usable cores)")
+    c.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
+                   help="where the centroid + RFS runs (default cpu). cuda: blocks staged in pinned host "
+                        "buffers, copies overlapped with compute; byte-identical output for every mode "
+                        "(--normalize input/both: row norms on the CPU; concepts: sums in the CPU's order); "
+                        "--engine local only; see docs/compress.md")
     c.add_argument("--resume", action="store_true", help="continue an interrupted (or failed) job from its manifest")
     c.add_argument("--overwrite", action="store_true", help="replace a previous semcomp output in --out")
     c.add_argument("--storage-options", metavar="JSON", help=_STORAGE_HELP)

@@ -237,6 +237,11 @@ def codec_sample(plan: Plan, rows: int) -> np.ndarray:
 def _pair_blocks(plan: Plan, shards):
     """(first row, finite-row mask or None, centroid + RFS block) for each block of rows of
     one input shard per modality."""
+    if plan.extra.get("device"):  # --device cuda: the same blocks, from the GPU pipeline
+        from .device import pair_blocks
+
+        yield from pair_blocks(plan, shards)
+        return
     p = plan.params
     index = torch.tensor(plan.index, dtype=torch.int64)
     keep_all = len(plan.index) == plan.dim
@@ -346,7 +351,13 @@ def concept_map_task(plan: Plan, i: int) -> dict:
     u_all, s_all, c_all = [], [], []
     invalid, start = 0, 0
     b = p["batch_size"]
-    for chunk in zip(iter_chunks(cshard, b), *(iter_chunks(s, b) for s in shards)):
+    chunks = zip(iter_chunks(cshard, b), *(iter_chunks(s, b) for s in shards))
+    if plan.extra.get("device"):  # --device cuda: the same per-block partials, from the GPU pipeline
+        from .device import concept_partials
+
+        u_all, s_all, c_all, invalid = concept_partials(plan, shards, cshard)
+        chunks = ()
+    for chunk in chunks:
         ids = torch.from_numpy(encode_ids(chunk[0]))  # a copy: chunk[0] is a reused buffer
         zs = [_as_tensor(c) for c in chunk[1:]]
         mask = _check_finite(zs, paths, start, p["skip_invalid"])
