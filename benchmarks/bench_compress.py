@@ -6,7 +6,9 @@
   read once first so they are in the page cache): pair centroids + RFS at drop 0.5 for each
   `--workers` N, each in a fresh child process. Wall time is measured from the call of
   compress() (which opens the first shard) to its return (manifest complete and fsynced);
-  CPU time (user+sys of the child, every thread) over the same span; peak RSS from wait4.
+  CPU time (user+sys of the child, every thread) over the same span; peak RSS is the child's
+  own VmHWM. Then the same job on `--rss-scale` times the input (hard links, no extra disk):
+  its peak RSS must not grow with the input.
   In the same run: a plain numpy load of the same files (np.load of each shard, one process)
   for the CPU-time-per-GB reference, and the PyPI peer `embedding-reader` reading the same
   folders if it is installed.
@@ -14,6 +16,7 @@
   (default workers) — flat in N means O(1) per shard. Run once per `--tiny-storage` folder
   (input and output there): on a disk each shard costs three fsyncs (its file, its folder,
   its journal line); on a tmpfs (/dev/shm) what remains is the software overhead.
+* **Start-up** (`--startup` repeats): `semcomp compress --help` and the whole job on a 2-row input.
 * `--concept-gb`: concept mode (≈4 rows per id), optional.
 
 Writes benchmarks/results/compress_cpu.json (`--json`) and deletes the data.
@@ -42,16 +45,22 @@ GIB = 1 << 30
 
 
 def make_input(root: str, gb: float, dim: int, rows: int = ROWS_PER_SHARD, concepts: bool = False,
-               n_shards: int | None = None) -> int:
+               n_shards: int | None = None, link_from: str | None = None) -> int:
     """Two modalities; the shard contents repeat one random block (content does not matter
-    for throughput, only that it is finite). `gb` is the total input in GiB."""
+    for throughput, only that it is finite). `gb` is the total input in GiB. With `link_from`
+    (a folder made by this function) every shard is a hard link to that folder's first shard
+    of its modality: a large input that costs no disk and no extra page cache."""
     shard_bytes = rows * dim * 4
     n_shards = n_shards or max(1, round(gb * GIB / (2 * shard_bytes)))
     block = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
     for mod in ("img_emb", "text_emb"):
         os.makedirs(os.path.join(root, mod), exist_ok=True)
         for i in range(n_shards):
-            np.save(os.path.join(root, mod, f"{mod}_{i:05d}.npy"), block)
+            path = os.path.join(root, mod, f"{mod}_{i:05d}.npy")
+            if link_from:
+                os.link(os.path.join(link_from, mod, f"{mod}_00000.npy"), path)
+            else:
+                np.save(path, block)
     if concepts:
         os.makedirs(os.path.join(root, "concepts"), exist_ok=True)
         rng = np.random.default_rng(1)
@@ -80,8 +89,21 @@ def _cpu() -> float:
     return t.user + t.system
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM, since its exec; every thread). Not wait4's
+    ru_maxrss: Linux starts a child's ru_maxrss from its parent's resident set at fork."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def worker(args) -> None:
     """Runs in a fresh child: one measured job, result as a JSON line on stdout."""
+    import atexit
+
+    atexit.register(lambda: print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True))
     if args.task == "numpy":
         t, c = time.perf_counter(), _cpu()
         n = 0
@@ -130,14 +152,39 @@ def run_child(root: str, out: str | None, task: str = "compress", engine: str = 
         cmd.append("--concept")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     stdout = p.stdout.read()
-    _, status, ru = os.wait4(p.pid, 0)
+    _, status, _ = os.wait4(p.pid, 0)
     if status != 0:
         raise RuntimeError(f"worker failed: {cmd}")
-    res = json.loads(stdout.strip().splitlines()[-1])
-    res["peak_rss_mb"] = ru.ru_maxrss / 1024  # KiB on Linux; Ray workers are not children-of-wait4
+    lines = stdout.strip().splitlines()
+    res = json.loads(lines[-2])
+    res.update(json.loads(lines[-1]))  # peak_rss_mb of the child (Ray's worker processes not included)
     if out:
         shutil.rmtree(out, ignore_errors=True)
     return res
+
+
+def startup(tmp: str, repeats: int) -> dict:
+    """Wall time of `semcomp compress --help` and of the whole CLI job on a 2-row input
+    (median of `repeats` runs each, fresh processes)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "semcomp")
+    root = os.path.join(tmp, "two-rows")
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for m in ("img", "text"):
+        np.save(os.path.join(root, f"{m}.npy"), rng.standard_normal((2, 512), dtype=np.float32))
+    ins = [os.path.join(root, "img.npy"), os.path.join(root, "text.npy")]
+
+    def wall(cmd):
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - t
+
+    helps = sorted(wall([exe, "compress", "--help"]) for _ in range(repeats))
+    jobs = sorted(wall([exe, "compress", *ins, "-o", os.path.join(root, "out"), "--drop-rate", "0.5", "--overwrite", "-q"])
+                  for _ in range(repeats))
+    shutil.rmtree(root)
+    return {"kind": "startup", "repeats": repeats, "help_s_median": helps[len(helps) // 2],
+            "two_row_job_s_median": jobs[len(jobs) // 2], "help_s": helps, "two_row_job_s": jobs}
 
 
 def _peer_available() -> str | None:
@@ -161,6 +208,8 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["local"])
     ap.add_argument("--tiny", type=int, nargs="*", default=[1000, 10000], help="shard counts of the 10-row runs")
     ap.add_argument("--concept-gb", type=float, default=0.0)
+    ap.add_argument("--rss-scale", type=int, default=10, help="also run on this many times the input (hard links); 1: skip")
+    ap.add_argument("--startup", type=int, default=5, help="repeats of the start-up timings (--help, 2-row job); 0: skip")
     ap.add_argument("--tmp", default="/tmp", help="where inputs and outputs are written")
     ap.add_argument("--tiny-storage", nargs="+", default=["/tmp", "/dev/shm"], help="folders for the tiny-shard runs")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "compress_cpu.json"))
@@ -193,6 +242,15 @@ def main() -> None:
                 r.update(kind="compress", mode="pairs", engine=engine, workers=w, input_gb=gb, gb_per_s=gb / r["seconds"],
                          cpu_s_per_gb=r["cpu_seconds"] / gb, cpu_vs_numpy_load=r["cpu_seconds"] / ref["cpu_seconds"])
                 record(r)
+        if args.rss_scale > 1:  # peak RSS must not grow with the input: the same job on N x the shards
+            big = os.path.join(tmp, "large_x")
+            n = make_input(big, args.gb * args.rss_scale, args.dim, link_from=root)
+            r = run_child(big, out, workers=args.workers[-1])
+            r.update(kind="compress", mode="pairs", engine="local", workers=args.workers[-1], input_gb=gb * args.rss_scale,
+                     input_note=f"{n} shards per modality, hard links to the first shard (page cache)",
+                     gb_per_s=gb * args.rss_scale / r["seconds"], cpu_s_per_gb=r["cpu_seconds"] / (gb * args.rss_scale))
+            record(r)
+            shutil.rmtree(big)
         why = _peer_available()
         if why is None:
             warm(root)
@@ -217,6 +275,9 @@ def main() -> None:
                     shutil.rmtree(root)
             finally:
                 shutil.rmtree(tiny, ignore_errors=True)
+
+        if args.startup:
+            record(startup(tmp, args.startup))
 
         if args.concept_gb:
             root = os.path.join(tmp, "concept")

@@ -100,8 +100,8 @@ def test_resume_trusts_journal_and_tolerates_torn_line(tmp_path, monkeypatch):
     ran = []
     real = pipeline.pair_task
     monkeypatch.setattr(pipeline, "pair_task", lambda plan, i: (ran.append(i), real(plan, i))[1])
-    monkeypatch.setattr(atomic, "sha256_file", lambda p: pytest.fail(f"resume re-hashed {p}"))
-    monkeypatch.setattr(manifest, "sha256_file", lambda p: pytest.fail(f"resume re-hashed {p}"))
+    monkeypatch.setattr(atomic, "file_checksum", lambda p, a: pytest.fail(f"resume re-hashed {p}"))
+    monkeypatch.setattr(manifest, "file_checksum", lambda p, a: pytest.fail(f"resume re-hashed {p}"))
     compress(_opts(tmp_path, out, workers=1, resume=True))
     assert sorted(ran) == [3, 4, 5, 6]
     monkeypatch.undo()

@@ -19,7 +19,7 @@ import json
 import os
 
 from . import fsio
-from .atomic import fsync_dir, sha256_file, write_bytes_atomic, write_json_atomic
+from .atomic import file_checksum, fsync_dir, record_checksum, write_bytes_atomic, write_json_atomic
 
 FORMAT = "semcomp-compress/1"
 MANIFEST = "manifest.json"
@@ -144,12 +144,13 @@ def remove_journal(out: str) -> None:
 
 
 def output_files(m: dict):
-    """(relative path, expected sha256, expected bytes) of every file the manifest vouches for."""
+    """(relative path, (checksum algorithm, expected digest), expected bytes) of every file the
+    manifest vouches for."""
     for sh in m.get("shards", []):
         for key in ("centroids", "metadata", "concepts"):
             f = sh.get(key)
             if f:
-                yield f["file"], f["sha256"], f["bytes"]
+                yield f["file"], record_checksum(f), f["bytes"]
 
 
 def _check_codes(rel: str, a, codec, rows: int, keep: int) -> list[str]:
@@ -222,15 +223,15 @@ def verify(out: str) -> list[str]:
     sizes = fsio.sizes_under(out) if remote else None  # one listing, not a request per file
     size_of = (lambda rel: sizes.get(rel)) if remote else \
         (lambda rel: os.path.getsize(os.path.join(out, rel)) if os.path.exists(os.path.join(out, rel)) else None)
-    for rel, sha, nbytes in output_files(m):
+    for rel, (algo, digest), nbytes in output_files(m):
         path = fsio.join(out, rel)
         size = size_of(rel)
         if size is None:
             problems.append(f"missing file {rel}")
         elif size != nbytes:
             problems.append(f"{rel}: size {size} != manifest {nbytes}")
-        elif sha256_file(path) != sha:
-            problems.append(f"{rel}: sha256 mismatch")
+        elif file_checksum(path, algo) != digest:
+            problems.append(f"{rel}: {algo} mismatch")
     for sh in shards:
         c = sh["centroids"]
         path = fsio.join(out, c["file"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 
-import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .._ops import ops
 from . import atomic, fsio
 from .readers import iter_chunks
 
@@ -83,18 +83,26 @@ def _as_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
+def _finite_rows(finite: torch.Tensor, zs, paths, start: int, skip: bool) -> torch.Tensor | None:
+    """_check_finite's result from the per-row flags of pair_mean: the keep-mask, or None when
+    every row is finite; the same error names the first modality with a bad value."""
+    if bool(finite.all()):
+        return None
+    if not skip:
+        row = int((~finite).nonzero()[0])
+        path = next(p for z, p in zip(zs, paths) if not bool(torch.isfinite(z[row]).all()))
+        raise ValueError(f"non-finite values (NaN/Inf) in {path} at row {start + row} "
+                         f"({int((~finite).sum())} such rows in this block); rerun with --skip-invalid --resume to drop "
+                         "them (keeping the shards already written)")
+    return finite
+
+
 def _pair_block(zs, index, keep_all: bool, normalize: str) -> torch.Tensor:
-    """Centroid of M row-aligned blocks, RFS fused into the read: each modality is gathered to
-    the kept columns first (select_features), so the mean touches K, not D, columns."""
+    """Centroid of M row-aligned blocks with normalisation, RFS fused into the read: each
+    modality is gathered to the kept columns first (select_features), so the mean touches K,
+    not D, columns. (Without normalisation, _pair_blocks uses the fused pair_mean op.)"""
     from .. import pair_centroids, select_features
 
-    if normalize == "none" and zs[0].dtype == torch.float32:
-        # fast path (the common case): gather, then accumulate in place — one output buffer,
-        # no temporaries; the same arithmetic as pair_centroids (sum in order, then / M)
-        out = zs[0].clone() if keep_all else select_features(zs[0], index)
-        for z in zs[1:]:
-            out.add_(z if keep_all else select_features(z, index))
-        return out.div_(len(zs))
     parts = []
     for z in zs:
         g = z if keep_all else select_features(z, index)
@@ -140,12 +148,10 @@ def _write_streamed(path: str, blocks, rows_max: int, keep: int, dtype, threaded
             f.write(h)
             f.flush()
             f.seek(0)
-            sha = hashlib.sha256()
+            w.hasher = atomic.new_hasher(w.algo)
             while chunk := f.read(1 << 22):
-                sha.update(chunk)
-            w.sha = sha
-    return {"file": _rel(path), "rows": rows,
-            "bytes": w.nbytes, "sha256": w.sha.hexdigest()}
+                w.hasher.update(chunk)
+    return {"file": _rel(path), "rows": rows, **w.record()}
 
 
 def _rel(path: str) -> str:
@@ -248,12 +254,19 @@ def _pair_blocks(plan: Plan, shards):
     paths = [s.path for s in shards]
     start = 0
     readers = [iter_chunks(s, p["batch_size"]) for s in shards]
+    fused = p["normalize"] == "none"
     try:
         for chunk in zip(*readers):
             zs = [_as_tensor(c) for c in chunk]
-            mask = _check_finite(zs, paths, start, p["skip_invalid"])
-            yield start, mask, _pair_block(zs, index, keep_all, p["normalize"])
-            start += zs[0].shape[0]
+            if fused:  # the common case: one pass over each row (mean, RFS gather, finite flags)
+                out, finite = ops.pair_mean(zs, None if keep_all else index)
+                mask = _finite_rows(finite, zs, paths, start, p["skip_invalid"])
+            else:
+                mask = _check_finite(zs, paths, start, p["skip_invalid"])
+                out = _pair_block(zs, index, keep_all, p["normalize"])
+            del chunk, zs  # drop the input blocks (maps) before the consumer asks for the next
+            yield start, mask, out
+            start += out.shape[0]
     finally:  # close every reader now (files, read-ahead threads), not when collected
         for r in readers:
             r.close()

@@ -6,9 +6,11 @@ Layouts:
 - embedding-reader style: one folder per modality of `.npy` shards, or parquet shards with an
   `embedding` list column.
 
-Rows are read in fixed-size chunks into reusable buffers (`readinto` from the page cache), not
-through a long-lived mmap: resident memory then stays bounded by the chunk size whatever the
-shard size (an mmap's touched pages would count towards RSS until unmapped).
+Rows are read in fixed-size blocks. A local `.npy` block is a private memory map of just its
+rows (no copy out of the page cache; the map is dropped when the consumer lets go of the block,
+so resident memory stays bounded by the block size whatever the shard size); the next block is
+announced to the kernel (POSIX_FADV_WILLNEED) so a cold file is read ahead while this one is
+used. URL shards are read with `readinto` into two reusable buffers, one block ahead.
 """
 
 from __future__ import annotations
@@ -308,8 +310,42 @@ def _iter_parquet(shard: Shard, batch: int):
         raise ValueError(f"truncated or corrupt parquet {shard.path}: {exc}") from exc
 
 
+def _iter_npy_mapped(shard: Shard, batch: int):
+    """Blocks of a local .npy as private (copy-on-write) maps of their rows: no copy, no thread.
+    Each block is a fresh map, unmapped once the consumer drops it (a consumer may keep a
+    block: it stays valid). The file's size is rechecked before each block, so a file that
+    shrank since it was validated is an error, not a fault."""
+    import mmap
+
+    width = max(shard.dim, 1)
+    dtype = np.dtype(shard.dtype)
+    row_bytes = width * dtype.itemsize
+    tail = (shard.dim,) if shard.dim else ()
+    end = shard.offset + shard.rows * row_bytes
+    fd = os.open(shard.path, os.O_RDONLY)
+    try:
+        for start in range(0, shard.rows, batch):
+            n = min(batch, shard.rows - start)
+            lo = shard.offset + start * row_bytes
+            hi = lo + n * row_bytes
+            if os.fstat(fd).st_size < hi:
+                raise ValueError(f"truncated .npy {shard.path}: short read at row {start}")
+            if hi < end and hasattr(os, "posix_fadvise"):  # start reading the next block now
+                os.posix_fadvise(fd, hi, min(hi + n * row_bytes, end) - hi, os.POSIX_FADV_WILLNEED)
+            base = lo - lo % mmap.ALLOCATIONGRANULARITY
+            mm = mmap.mmap(fd, hi - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+            view = np.frombuffer(mm, dtype=dtype, count=n * width, offset=lo - base).reshape((n,) + tail)
+            del mm  # the block holds the map
+            yield view
+    finally:
+        os.close(fd)
+
+
 def iter_chunks(shard: Shard, batch: int):
     """Yield consecutive row blocks of exactly `batch` rows (the last may be shorter)."""
+    if shard.kind == "npy" and not fsio.is_url(shard.path):
+        yield from _iter_npy_mapped(shard, batch)
+        return
     gen = _iter_npy(shard, batch) if shard.kind == "npy" else _iter_parquet(shard, batch)
     if shard.kind == "npy":
         yield from gen
