@@ -146,7 +146,7 @@ def test_s3_bucket_to_bucket_kill9_resume_and_bucket_to_local(s3, tmp_path, caps
     data[-1] ^= 1
     fs.pipe(key, bytes(data))
     assert main(["verify", out, "--storage-options", sojson]) == 1
-    assert "sha256 mismatch" in capsys.readouterr().err
+    assert "xxh3_128 mismatch" in capsys.readouterr().err
 
 
 def test_s3_concepts_and_overwrite(s3, tmp_path):
