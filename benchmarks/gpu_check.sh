@@ -3,7 +3,8 @@
 #   env      device, driver, torch/CUDA versions, measured bf16 matmul and copy ceilings
 #   wheels   open_clip / inf-cl and their missing dependencies from .whl/ (no network there)
 #   build    the extension with SEMCOMP_CUDA=ON for the local GPU's architecture
-#   tests    the kernel test files with CUDA parametrisation on, then the CUDA-graph tests
+#   tests    the kernel test files with CUDA parametrisation on, then the CUDA-graph tests,
+#            and `semcomp compress --device cuda` against --device cpu (byte identity)
 #   sanitize compute-sanitizer memcheck / racecheck / synccheck over benchmarks/gpu_smoke.py
 #   bench    benchmarks/run_all.py --device cuda (JSON under benchmarks/results/ and $OUT)
 #   benchcli `semcomp bench all --device cuda --dtype bfloat16` (JSON and plot in $OUT)
@@ -78,7 +79,7 @@ ARCH="${SEMCOMP_CUDA_ARCH:-$($PY -c 'import torch; p=torch.cuda.get_device_capab
 run_stage build 420 "SEMCOMP_CUDA=ON CMAKE_ARGS='-DCMAKE_CUDA_ARCHITECTURES=$ARCH' CMAKE_BUILD_PARALLEL_LEVEL=\$(nproc) $PY -m pip install -q --no-build-isolation --no-deps -e . && $PY -c 'import semcomp_ext, json; print(json.dumps(semcomp_ext.build_info()))' && $PY -m benchmarks.native_error_check"
 
 # ---- tests: every op test over cpu and cuda, then the CUDA-graph capture tests -------------
-KERNEL_TESTS="tests/test_infonce.py tests/test_segment_gather.py tests/test_clip_loss.py tests/test_cuda.py tests/test_distributed.py tests/test_siglip.py tests/test_api_defects.py"
+KERNEL_TESTS="tests/test_infonce.py tests/test_segment_gather.py tests/test_clip_loss.py tests/test_cuda.py tests/test_distributed.py tests/test_siglip.py tests/test_api_defects.py tests/test_compress_device.py"
 run_stage tests 420 "$PY -m pytest -q -p no:cacheprovider -o addopts='-ra' $KERNEL_TESTS"
 
 # ---- sanitize: small cases of every kernel (only semcomp's kernels are instrumented) -------

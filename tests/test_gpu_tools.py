@@ -16,6 +16,7 @@ def test_gpu_check_dry_run_lists_every_stage(tmp_path):
     for stage in ("env", "build", "tests", "memcheck", "racecheck", "synccheck", "bench", "benchcli"):
         assert f"[dry-run] {stage} " in out, out
     assert "SEMCOMP_CUDA=ON" in out and "native_error_check" in out and "tests/test_cuda.py" in out
+    assert "tests/test_compress_device.py" in out  # compress --device cuda vs cpu, byte for byte
     summary = (tmp_path / "summary.txt").read_text().split("\n")
     assert "bench dry-run" in summary
 

@@ -333,7 +333,8 @@ def _concept_layout(ids, m_count: int) -> dict:
     (M*n, K) stack (modality-major, as the CPU path's torch.cat) are grouped by concept in
     row order (a stable sort); groups are ranked by size, largest first, so the groups that
     have a j-th row are a prefix of the ranking; `rows` lists the stack's rows position by
-    position (all first rows, then all second rows, ...), `prefix[j]` groups long."""
+    position (all first rows, then all second rows, ...), `prefix[j]` groups long; `rank[g]`
+    is group g's place in the ranking (sums in ranking order -> id order)."""
     import torch
 
     uniq, inv = torch.unique(ids, sorted=True, return_inverse=True)
@@ -358,7 +359,7 @@ def _concept_layout(ids, m_count: int) -> dict:
     rows[pos[j] + rank[grp]] = order
     sizes_f = sizes.astype(np.float32)
     return {"uniq": uniq, "counts": torch.from_numpy(counts), "prefix": prefix.tolist(), "pos": pos.tolist(),
-            "arrays": [torch.from_numpy(rows), torch.from_numpy(rank_order),
+            "arrays": [torch.from_numpy(rows), torch.from_numpy(rank),
                        torch.from_numpy(np.float32(1) / sizes_f), torch.from_numpy(sizes_f)]}
 
 
@@ -409,7 +410,7 @@ def concept_partials(plan, shards, cshard, device=None, lag: int = DEFAULT_LAG):
         index, _ = consts.get()
         zs = dev[:m_count]
         denom = dev[m_count] if norm_in else None
-        rows, rank_order, inv, sizes = dev[m_count + int(norm_in):]
+        rows, rank, inv, sizes = dev[m_count + int(norm_in):]
         parts = []
         for z in zs:
             g = select_features(z, index) if features else z
@@ -422,7 +423,7 @@ def concept_partials(plan, shards, cshard, device=None, lag: int = DEFAULT_LAG):
         for j, nj in enumerate(lay["prefix"]):  # one add per position: each group's sum in row order
             acc[:nj].add_(xs[lay["pos"][j]: lay["pos"][j] + nj])
         sums = (acc * inv.unsqueeze(1)) * sizes.unsqueeze(1)  # the kernel's mean, then * count
-        return {"sums": torch.empty_like(sums).index_copy_(0, rank_order, sums), "finite": _finite_rows(zs)}
+        return {"sums": sums.index_select(0, rank), "finite": _finite_rows(zs)}  # back to id order
 
     u_all, s_all, c_all, invalid = [], [], [], 0
     with _closing(pipe.run(source(), compute)) as blocks:
