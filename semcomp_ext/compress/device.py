@@ -265,12 +265,9 @@ def pair_blocks(plan, shards, device=None, lag: int = DEFAULT_LAG):
     import torch.nn.functional as F
 
     from .. import select_features
-    from . import pipeline
     from .pipeline import _as_tensor, _check_finite
+    from .pipeline import _finite_rows as _finite_rows_cpu  # the CPU path's check of pair_mean's flags
     from .readers import iter_chunks
-
-    # the check the CPU path applies to its fused pair_mean op's flags (normalize none), where present
-    _finite_rows_cpu = getattr(pipeline, "_finite_rows", None)
 
     p = plan.params
     m_count = len(shards)
@@ -315,7 +312,7 @@ def pair_blocks(plan, shards, device=None, lag: int = DEFAULT_LAG):
         for meta, host, got in blocks:
             mask = None
             if not bool(got["finite"].all()):  # rare: the CPU path's check gives the mask or the error
-                if p["normalize"] == "none" and _finite_rows_cpu is not None:  # the CPU path's fused op's flags
+                if p["normalize"] == "none":  # the CPU path checks its fused pair_mean op's flags
                     mask = _finite_rows_cpu(got["finite"], host[:m_count], paths, meta["start"], p["skip_invalid"])
                 else:
                     mask = _check_finite(host[:m_count], paths, meta["start"], p["skip_invalid"])
