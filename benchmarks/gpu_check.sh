@@ -79,7 +79,7 @@ ARCH="${SEMCOMP_CUDA_ARCH:-$($PY -c 'import torch; p=torch.cuda.get_device_capab
 run_stage build 420 "SEMCOMP_CUDA=ON CMAKE_ARGS='-DCMAKE_CUDA_ARCHITECTURES=$ARCH' CMAKE_BUILD_PARALLEL_LEVEL=\$(nproc) $PY -m pip install -q --no-build-isolation --no-deps -e . && $PY -c 'import semcomp_ext, json; print(json.dumps(semcomp_ext.build_info()))' && $PY -m benchmarks.native_error_check"
 
 # ---- tests: every op test over cpu and cuda, then the CUDA-graph capture tests -------------
-KERNEL_TESTS="tests/test_infonce.py tests/test_segment_gather.py tests/test_clip_loss.py tests/test_cuda.py tests/test_distributed.py tests/test_siglip.py tests/test_api_defects.py tests/test_compress_device.py"
+KERNEL_TESTS="tests/test_infonce.py tests/test_segment_gather.py tests/test_pair_mean.py tests/test_clip_loss.py tests/test_cuda.py tests/test_distributed.py tests/test_siglip.py tests/test_api_defects.py tests/test_compress_device.py"
 run_stage tests 420 "$PY -m pytest -q -p no:cacheprovider -o addopts='-ra' $KERNEL_TESTS"
 
 # ---- sanitize: small cases of every kernel (only semcomp's kernels are instrumented) -------
