@@ -14,8 +14,116 @@
 #include "common/cpu_index.h"
 #include "gather/pair_mean.h"
 
+#include <cstdlib>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SEMCOMP_PAIR_MEAN_AVX512 1
+#endif
+
 namespace semcomp {
 namespace {
+
+#ifdef SEMCOMP_PAIR_MEAN_AVX512
+// The common case of offline compression — float32 rows with unit column stride and a sorted,
+// duplicate-free RFS index — with AVX-512 (chosen at run time): each row is read 16 columns
+// at a time; the kept columns of a chunk are packed by one register compress (mask[c]) and
+// stored, or added, at the chunk's output offset (pos[c]). The same additions in the same
+// order, then the same division (or the multiplication by 1/M when M is a power of two, which
+// rounds identically), as the generic loop: the results are bit-identical.
+// SEMCOMP_PAIR_MEAN_GENERIC=1 in the environment forces the generic loop (tests compare both).
+bool use_avx512() {
+  static const bool supported = __builtin_cpu_supports("avx512f");
+  const char* off = std::getenv("SEMCOMP_PAIR_MEAN_GENERIC");
+  return supported && !(off && off[0] && off[0] != '0');
+}
+
+__attribute__((target("avx512f"))) void pair_mean_rows_avx512(
+    const std::vector<const float*>& base, const std::vector<int64_t>& sr, int64_t d, int64_t k,
+    const std::vector<uint16_t>& masks, const std::vector<int32_t>& pos, float* out, bool* fl, int64_t lo,
+    int64_t hi) {
+  const int64_t m_count = static_cast<int64_t>(base.size());
+  const int64_t chunks = (d + 15) / 16;
+  const __mmask16 tail = (d % 16) ? static_cast<__mmask16>((1u << (d % 16)) - 1u) : static_cast<__mmask16>(0xFFFF);
+  const bool pow2 = (m_count & (m_count - 1)) == 0;
+  const __m512 inv = _mm512_set1_ps(1.0f / static_cast<float>(m_count));
+  const __m512 den = _mm512_set1_ps(static_cast<float>(m_count));
+  for (int64_t i = lo; i < hi; ++i) {
+    float* dst = out + i * k;
+    __m512 bad = _mm512_setzero_ps();
+    for (int64_t m = 0; m < m_count; ++m) {
+      const float* row = base[m] + i * sr[m];
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __m512 v = _mm512_maskz_loadu_ps(c == chunks - 1 ? tail : static_cast<__mmask16>(0xFFFF), row + 16 * c);
+        bad = _mm512_add_ps(bad, _mm512_sub_ps(v, v));  // +0 for finite values, NaN otherwise
+        const __mmask16 km = masks[c];
+        if (km == 0) continue;
+        const __m512 packed = _mm512_maskz_compress_ps(km, v);
+        const __mmask16 sm = static_cast<__mmask16>((1u << __builtin_popcount(km)) - 1u);
+        float* o = dst + pos[c];
+        if (m == 0) {
+          _mm512_mask_storeu_ps(o, sm, packed);
+        } else {
+          _mm512_mask_storeu_ps(o, sm, _mm512_add_ps(_mm512_maskz_loadu_ps(sm, o), packed));
+        }
+      }
+    }
+    if (m_count > 1) {
+      for (int64_t c = 0; c < k; c += 16) {
+        const __mmask16 lm = (k - c >= 16) ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (k - c)) - 1u);
+        const __m512 v = _mm512_maskz_loadu_ps(lm, dst + c);
+        _mm512_mask_storeu_ps(dst + c, lm, pow2 ? _mm512_mul_ps(v, inv) : _mm512_div_ps(v, den));
+      }
+    }
+    fl[i] = _mm512_reduce_add_ps(bad) == 0.0f;
+  }
+}
+
+// Per 16-column chunk of [0, d): the bit mask of the kept columns and the output offset of the
+// chunk's first kept column. Returns false unless idx is strictly increasing (sorted, no repeats).
+bool chunk_masks(const int64_t* ip, int64_t k, int64_t d, std::vector<uint16_t>& masks, std::vector<int32_t>& pos) {
+  const int64_t chunks = (d + 15) / 16;
+  masks.assign(chunks, 0);
+  pos.assign(chunks, 0);
+  for (int64_t c = 1; c < k; ++c)
+    if (ip[c] <= ip[c - 1]) return false;
+  int64_t j = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    pos[c] = static_cast<int32_t>(j);
+    for (; j < k && ip[j] < 16 * (c + 1); ++j) masks[c] |= static_cast<uint16_t>(1u << (ip[j] - 16 * c));
+  }
+  return true;
+}
+#endif
+
+// The AVX-512 path where it applies (float32, see above); false: use the generic loop.
+template <typename T, typename A>
+bool pair_mean_fast(const std::vector<const T*>&, const std::vector<int64_t>&, int64_t, int64_t, int64_t,
+                    const int64_t*, A*, bool*) {
+  return false;
+}
+
+#ifdef SEMCOMP_PAIR_MEAN_AVX512
+template <>
+bool pair_mean_fast<float, float>(const std::vector<const float*>& base, const std::vector<int64_t>& sr, int64_t n,
+                                  int64_t d, int64_t k, const int64_t* ip, float* out, bool* fl) {
+  if (d >= (int64_t(1) << 31) || !use_avx512()) return false;
+  std::vector<int64_t> all;
+  if (ip == nullptr) {
+    all.resize(d);
+    for (int64_t c = 0; c < d; ++c) all[c] = c;
+    ip = all.data();
+  }
+  std::vector<uint16_t> masks;
+  std::vector<int32_t> pos;
+  if (!chunk_masks(ip, k, d, masks, pos)) return false;
+  const int64_t m_count = static_cast<int64_t>(base.size());
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d * m_count, 1)), [&](int64_t lo, int64_t hi) {
+    pair_mean_rows_avx512(base, sr, d, k, masks, pos, out, fl, lo, hi);
+  });
+  return true;
+}
+#endif
 
 std::tuple<at::Tensor, at::Tensor> pair_mean_cpu(at::TensorList zs, const c10::optional<at::Tensor>& features) {
   constexpr const char* op = "pair_mean";
@@ -44,6 +152,7 @@ std::tuple<at::Tensor, at::Tensor> pair_mean_cpu(at::TensorList zs, const c10::o
     }
     A* o = out.data_ptr<A>();
     bool* fl = finite.data_ptr<bool>();
+    if (unit && pair_mean_fast(base, sr, n, d, k, gather ? ip : nullptr, o, fl)) return;
     const A denom = static_cast<A>(m_count);
     at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d * m_count, 1)), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {

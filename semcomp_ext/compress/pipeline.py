@@ -126,8 +126,11 @@ def _write_streamed(path: str, blocks, rows_max: int, keep: int, dtype, threaded
 
     dtype = np.dtype(dtype)
     header = atomic.npy_header((rows_max, keep), dtype)
+    # a large local file goes to the disk directly (atomic.DirectWriter); small ones and the
+    # local temp files of URL uploads through the page cache
+    direct = threaded and not fsio.is_url(path) and rows_max * keep * dtype.itemsize >= _DIRECT_MIN_BYTES
     with atomic.atomic_file(path) as f, (ThreadPoolExecutor(1) if threaded else InlineExecutor()) as pool:
-        w = atomic.HashingWriter(f)
+        w = atomic.DirectWriter(f) if direct else atomic.HashingWriter(f)
         w.write(header)
         rows, pending = 0, None
         for b in blocks:
@@ -138,6 +141,8 @@ def _write_streamed(path: str, blocks, rows_max: int, keep: int, dtype, threaded
             rows += b.shape[0]
         if pending is not None:
             pending.result()
+        if direct:
+            w.finish()
         if rows != rows_max:
             h = atomic.npy_header((rows, keep), dtype)
             # pad the dict with spaces before the final newline so the data offset is unchanged
@@ -152,6 +157,9 @@ def _write_streamed(path: str, blocks, rows_max: int, keep: int, dtype, threaded
             while chunk := f.read(1 << 22):
                 w.hasher.update(chunk)
     return {"file": _rel(path), "rows": rows, **w.record()}
+
+
+_DIRECT_MIN_BYTES = 4 << 20  # output files at least this large are written with O_DIRECT
 
 
 def _rel(path: str) -> str:
