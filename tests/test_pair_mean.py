@@ -82,10 +82,15 @@ def test_matches_fp64_reference(m, feat_kind, device):
     torch.testing.assert_close(out32.double(), _reference_fp64(zs32, feats)[0], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 9, 12])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 9, 12])
 @pytest.mark.parametrize("feat_kind", [None, "subset", "dups", "int32", "empty"])
-def test_bit_identical_to_gather_add_div_fp32(m, feat_kind):
-    for n, d in ((65, 48), (3, 1000), (8, 1)):
+@pytest.mark.parametrize("generic", [False, True])
+def test_bit_identical_to_gather_add_div_fp32(m, feat_kind, generic, monkeypatch):
+    # fp32 rows with a sorted duplicate-free index (or none) take the CPU's AVX-512 path where
+    # the machine has it; SEMCOMP_PAIR_MEAN_GENERIC=1 forces the generic loop: both must match
+    if generic:
+        monkeypatch.setenv("SEMCOMP_PAIR_MEAN_GENERIC", "1")
+    for n, d in ((65, 48), (3, 1000), (8, 1), (5, 37)):
         zs = _data(m, n, d)
         feats = _features(feat_kind, d)
         out, finite = ops.pair_mean(zs, feats)
@@ -149,7 +154,8 @@ def test_strided_inputs(kind, feat_kind):
 def test_finite_flags_cover_kept_and_dropped_columns(dtype, strided, device):
     n, d, m = 24, 300, 3
     zs = [(torch.randn(d, n).T if strided else torch.randn(n, d)).to(dtype).to(device) for _ in range(m)]
-    feats = torch.tensor([3, 10, 10, 250, 0], device=device)
+    # sorted and duplicate-free (the CPU's AVX-512 path for fp32 rows), or with a repeat
+    feats = torch.tensor([0, 3, 10, 250] if dtype == torch.float32 else [3, 10, 10, 250, 0], device=device)
     dropped = [1, 2, 299, 150]
     kept = [3, 10, 250, 0]
     bad_rows = {}
