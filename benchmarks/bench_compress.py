@@ -2,7 +2,7 @@
 
     python benchmarks/bench_compress.py [--gb 2] [--workers 1 2] [--tiny 1000 10000] [--engines local ray]
 
-* **Large input** (`--gb`, GiB; M=2 modality folders of fp32 D=512 `.npy` shards of 65536 rows,
+* **Large input** (`--gb`, GiB; `--repeats` interleaved rounds, medians; M=2 modality folders of fp32 D=512 `.npy` shards of 65536 rows,
   read once first so they are in the page cache): pair centroids + RFS at drop 0.5 for each
   `--workers` N, each in a fresh child process. Wall time is measured from the call of
   compress() (which opens the first shard) to its return (manifest complete and fsynced);
@@ -208,6 +208,7 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["local"])
     ap.add_argument("--tiny", type=int, nargs="*", default=[1000, 10000], help="shard counts of the 10-row runs")
     ap.add_argument("--concept-gb", type=float, default=0.0)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the large-input runs (medians reported)")
     ap.add_argument("--rss-scale", type=int, default=10, help="also run on this many times the input (hard links); 1: skip")
     ap.add_argument("--startup", type=int, default=5, help="repeats of the start-up timings (--help, 2-row job); 0: skip")
     ap.add_argument("--tmp", default="/tmp", help="where inputs and outputs are written")
@@ -232,16 +233,33 @@ def main() -> None:
         make_input(root, args.gb, args.dim)
         nbytes = warm(root)
         gb = nbytes / 1e9
-        ref = run_child(root, None, task="numpy")
+        # rounds of (numpy load, compress for each engine/worker count), interleaved so that each
+        # round's jobs share the machine's conditions; the medians over rounds are reported
+        configs = [(e, w) for e in args.engines for w in (args.workers if e == "local" else [None])]
+        runs = {("numpy", None): [], **{c: [] for c in configs}}
+        for _ in range(args.repeats):
+            runs[("numpy", None)].append(run_child(root, None, task="numpy"))
+            for engine, w in configs:
+                warm(root)
+                runs[(engine, w)].append(run_child(root, out, engine=engine, workers=w))
+
+        def summary(rs: list) -> dict:
+            med = lambda key: float(np.median([r[key] for r in rs]))  # noqa: E731
+            out = {k: med(k) for k in ("seconds", "cpu_seconds", "peak_rss_mb")}
+            out.update(rounds=len(rs), all_seconds=[r["seconds"] for r in rs], all_cpu_seconds=[r["cpu_seconds"] for r in rs],
+                       all_peak_rss_mb=[r["peak_rss_mb"] for r in rs])
+            return out
+
+        ref = summary(runs[("numpy", None)])
         ref.update(kind="numpy-load", input_gb=gb, gb_per_s=gb / ref["seconds"], cpu_s_per_gb=ref["cpu_seconds"] / gb)
         record(ref)
-        for engine in args.engines:
-            for w in args.workers if engine == "local" else [None]:
-                warm(root)
-                r = run_child(root, out, engine=engine, workers=w)
-                r.update(kind="compress", mode="pairs", engine=engine, workers=w, input_gb=gb, gb_per_s=gb / r["seconds"],
-                         cpu_s_per_gb=r["cpu_seconds"] / gb, cpu_vs_numpy_load=r["cpu_seconds"] / ref["cpu_seconds"])
-                record(r)
+        for engine, w in configs:
+            r = summary(runs[(engine, w)])
+            per_round = [c["cpu_seconds"] / n["cpu_seconds"] for c, n in zip(runs[(engine, w)], runs[("numpy", None)])]
+            r.update(kind="compress", mode="pairs", engine=engine, workers=w, input_gb=gb, gb_per_s=gb / r["seconds"],
+                     cpu_s_per_gb=r["cpu_seconds"] / gb, cpu_vs_numpy_load=r["cpu_seconds"] / ref["cpu_seconds"],
+                     cpu_vs_numpy_load_per_round=per_round)
+            record(r)
         if args.rss_scale > 1:  # peak RSS must not grow with the input: the same job on N x the shards
             big = os.path.join(tmp, "large_x")
             n = make_input(big, args.gb * args.rss_scale, args.dim, link_from=root)

@@ -126,6 +126,17 @@ def _gather_columns_bwd_fake(grad, index, dim):
     return grad.new_empty(grad.shape[0], dim)
 
 
+def _pair_mean_no_tensor(zs, features=None):
+    # reached when no backend kernel takes the call: an empty zs and no features (no argument
+    # carries a device, so the backends' own checks never run), or a device without a kernel
+    if len(zs) == 0:
+        raise ValueError("pair_mean: zs must hold at least one (N, D) tensor")
+    raise NotImplementedError(f"pair_mean: no kernel for {zs[0].device} tensors in this build of semcomp_ext")
+
+
+torch.library.impl("semcomp::pair_mean", "CompositeExplicitAutograd")(_pair_mean_no_tensor)
+
+
 @torch.library.register_fake("semcomp::pair_mean")
 def _pair_mean_fake(zs, features=None):
     torch._check_value(len(zs) > 0, lambda: "pair_mean: zs must hold at least one (N, D) tensor")

@@ -282,9 +282,6 @@ def test_bad_input_raises_value_error_naming_the_argument(case):
         ops.pair_mean(zs, feats)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="an empty zs with features=None carries no tensor to dispatch on: the dispatcher "
-                          "raises NotImplementedError before the op's check runs")
 def test_empty_list_without_features_raises_value_error():
     with pytest.raises(ValueError, match="zs must hold at least one"):
         ops.pair_mean([])

@@ -199,7 +199,7 @@ class DirectWriter(HashingWriter):
 
     ALIGN = 4096
 
-    def __init__(self, f, stage_bytes: int = 8 << 20):
+    def __init__(self, f, stage_bytes: int = 4 << 20):
         import fcntl
         import mmap
 

@@ -337,6 +337,7 @@ def _iter_npy_mapped(shard: Shard, batch: int):
             view = np.frombuffer(mm, dtype=dtype, count=n * width, offset=lo - base).reshape((n,) + tail)
             del mm  # the block holds the map
             yield view
+            del view  # the consumer may keep it; this frame does not (the map goes when they let go)
     finally:
         os.close(fd)
 
