@@ -212,6 +212,26 @@ def test_storage_options_errors_do_not_echo(capsys):
     assert "nosuchproto" in err and len(err.strip().splitlines()) == 1
 
 
+def test_unreachable_endpoint_is_one_line(tmp_path, capsys):
+    """compress and verify against an S3 endpoint nobody listens on: botocore's connection
+    error (not an OSError) is one line, exit code 2, no secret."""
+    from semcomp_ext.cli import main
+
+    for m in ("a", "b"):
+        np.save(tmp_path / f"{m}.npy", np.ones((4, 8), np.float32))
+    so = json.dumps({"endpoint_url": f"http://127.0.0.1:{_free_port()}", "key": KEY, "secret": SECRET,
+                     "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}})
+    assert main(["compress", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "-o", "s3://nobucket/out",
+                 "--drop-rate", "0.5", "--storage-options", so]) == 2
+    err = capsys.readouterr().err
+    assert "could not connect" in err.lower() and len(err.strip().splitlines()) == 1
+    _no_secret([err])
+    assert main(["verify", "s3://nobucket/out", "--storage-options", so]) == 2
+    err = capsys.readouterr().err
+    assert "could not connect" in err.lower() and len(err.strip().splitlines()) == 1
+    _no_secret([err])
+
+
 def test_s3_ray_engine_bucket_to_bucket(s3, capfd):
     """--engine ray, bucket -> bucket: the storage options reach the Ray workers with the plan
     (never the manifest or a log); every object equals the local engine's, manifest included."""

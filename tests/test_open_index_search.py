@@ -258,7 +258,7 @@ def test_corrupt_shards(small):
     flipped[-1] ^= 1  # same size, valid header: only re-hashing notices
     open(f, "wb").write(bytes(flipped))
     assert len(open_compressed(small)) == 108
-    with pytest.raises(CompressedFolderError, match="sha256"):
+    with pytest.raises(CompressedFolderError, match="xxh3_128 mismatch"):
         open_compressed(small, verify=True)
     os.unlink(f)
     with pytest.raises(CompressedFolderError, match="missing shard centroids/centroids_00001.npy"):

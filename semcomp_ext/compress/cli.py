@@ -73,9 +73,11 @@ def _compress(args) -> int:
         device=args.device,
     )
     t0 = time.perf_counter()
+    from .fsio import storage_errors
+
     try:
         m = compress(opts)
-    except (ImportError, OSError, TypeError) as exc:
+    except (ImportError, TypeError, *storage_errors()) as exc:  # storage_errors: evaluated after the backend loaded
         if isinstance(exc, (FileNotFoundError, FileExistsError)):
             raise
         print(f"semcomp compress: error: {_storage_error(exc)}", file=sys.stderr)
@@ -93,14 +95,14 @@ def _compress(args) -> int:
 
 
 def _verify(args) -> int:
-    from .fsio import configure, local, parse_storage_options
+    from .fsio import configure, local, parse_storage_options, storage_errors
     from .manifest import verify
 
     configure(parse_storage_options(args.storage_options))
     args.dir = local(args.dir)
     try:
         problems = verify(args.dir)
-    except (ImportError, OSError, TypeError) as exc:  # no fsspec backend, an unreachable or forbidden store
+    except (ImportError, TypeError, *storage_errors()) as exc:  # no fsspec backend, an unreachable or forbidden store
         if isinstance(exc, FileNotFoundError):
             raise
         print(f"semcomp verify: error: {_storage_error(exc)}", file=sys.stderr)
