@@ -16,6 +16,14 @@
 
 #include <cstdlib>
 
+// Rows per parallel task: about 2^22 input values (16 MiB of fp32). The op is bound by memory
+// reads, so a second thread gains little on a block of that size and only adds hand-off and
+// wake-up costs; the compressor's blocks (4096 rows x 512 x 2) therefore run on the calling
+// thread, and the parallelism comes from its workers. Large in-memory inputs still split.
+int64_t pair_mean_grain(int64_t d, int64_t m_count) {
+  return std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(d * m_count, 1));
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define SEMCOMP_PAIR_MEAN_AVX512 1
@@ -118,7 +126,7 @@ bool pair_mean_fast<float, float>(const std::vector<const float*>& base, const s
   std::vector<int32_t> pos;
   if (!chunk_masks(ip, k, d, masks, pos)) return false;
   const int64_t m_count = static_cast<int64_t>(base.size());
-  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d * m_count, 1)), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, n, pair_mean_grain(d, m_count), [&](int64_t lo, int64_t hi) {
     pair_mean_rows_avx512(base, sr, d, k, masks, pos, out, fl, lo, hi);
   });
   return true;
@@ -154,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> pair_mean_cpu(at::TensorList zs, const c10::o
     bool* fl = finite.data_ptr<bool>();
     if (unit && pair_mean_fast(base, sr, n, d, k, gather ? ip : nullptr, o, fl)) return;
     const A denom = static_cast<A>(m_count);
-    at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d * m_count, 1)), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, n, pair_mean_grain(d, m_count), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         A* dst = o + i * k;
         A bad = 0;
