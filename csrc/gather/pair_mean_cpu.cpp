@@ -6,6 +6,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/Storage.h>
+
+#include <mutex>
+#include <utility>
 #include <torch/library.h>
 
 #include <tuple>
@@ -15,6 +19,71 @@
 #include "gather/pair_mean.h"
 
 #include <cstdlib>
+
+// Outputs of 1 MiB or more start on a page boundary (posix_memalign), so that the compressor can
+// hand whole blocks to the disk with O_DIRECT, which needs aligned memory, without a copy. Such
+// allocations bypass the heap (glibc maps each one afresh: page faults and zeroing for every
+// block), so the few most recently freed ones are kept for reuse: at most kCachedBuffers,
+// kCachedBytes in all; a block stream of one size then runs on the same warm pages.
+constexpr size_t kAlign = 4096;
+constexpr size_t kCachedBuffers = 8;
+constexpr size_t kCachedBytes = size_t(64) << 20;
+
+struct AlignedCache {
+  std::mutex mu;
+  std::vector<std::pair<void*, size_t>> free_list;
+  size_t bytes = 0;
+
+  void* take(size_t n) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t i = 0; i < free_list.size(); ++i) {
+      if (free_list[i].second == n) {
+        void* p = free_list[i].first;
+        free_list.erase(free_list.begin() + static_cast<std::ptrdiff_t>(i));
+        bytes -= n;
+        return p;
+      }
+    }
+    return nullptr;
+  }
+  void give(void* p, size_t n) {
+    std::lock_guard<std::mutex> lock(mu);
+    while (!free_list.empty() && (free_list.size() >= kCachedBuffers || bytes + n > kCachedBytes)) {
+      std::free(free_list.front().first);  // the oldest goes first
+      bytes -= free_list.front().second;
+      free_list.erase(free_list.begin());
+    }
+    if (n > kCachedBytes) {
+      std::free(p);
+      return;
+    }
+    free_list.emplace_back(p, n);
+    bytes += n;
+  }
+};
+
+AlignedCache& aligned_cache() {
+  static auto* cache = new AlignedCache();  // never destroyed: deleters may run at exit
+  return *cache;
+}
+
+at::Tensor page_aligned_empty(int64_t n, int64_t k, const at::TensorOptions& options) {
+  const size_t bytes = static_cast<size_t>(n) * static_cast<size_t>(k) *
+                       c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (bytes < (size_t(1) << 20)) return at::empty({n, k}, options);
+  void* p = aligned_cache().take(bytes);
+  if (p == nullptr && (posix_memalign(&p, kAlign, bytes) != 0 || p == nullptr)) return at::empty({n, k}, options);
+  // the deleter's context carries the size (from_blob's deleter sees only the pointer)
+  auto* ctx = new std::pair<void*, size_t>(p, bytes);
+  at::DataPtr data(p, ctx, [](void* c) {
+    auto* pc = static_cast<std::pair<void*, size_t>*>(c);
+    aligned_cache().give(pc->first, pc->second);
+    delete pc;
+  }, at::Device(at::kCPU));
+  c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(data), /*allocator=*/nullptr,
+                       /*resizable=*/false);
+  return at::empty({0}, options).set_(storage, 0, {n, k}, {k, 1});
+}
 
 // Rows per parallel task: about 2^22 input values (16 MiB of fp32). The op is bound by memory
 // reads, so a second thread gains little on a block of that size and only adds hand-off and
@@ -144,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor> pair_mean_cpu(at::TensorList zs, const c10::o
   const int64_t k = gather ? idx.numel() : d;
   const int64_t* ip = gather ? idx.data_ptr<int64_t>() : nullptr;
   const at::ScalarType acc_type = zs[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({n, k}, zs[0].options().dtype(acc_type));
+  at::Tensor out = page_aligned_empty(n, k, zs[0].options().dtype(acc_type));
   at::Tensor finite = at::empty({n}, zs[0].options().dtype(at::kBool));
   if (n == 0) return {out, finite};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs[0].scalar_type(), op, [&] {

@@ -232,6 +232,26 @@ class DirectWriter(HashingWriter):
         self.hasher.update(mv)
         self.nbytes += mv.nbytes
         src = np.frombuffer(mv, dtype=np.uint8)
+        if self.fill % self.ALIGN == 0 and src.size % self.ALIGN == 0 and src.ctypes.data % self.ALIGN == 0:
+            # whole aligned pages at an aligned file offset: straight from the caller's memory
+            # (after what is staged, itself whole pages: e.g. a page-sized header)
+            if self.fill:
+                self._flush(self.fill)
+                if not self.direct:
+                    self.f.write(mv)
+                    return
+            done = 0
+            try:
+                while done < src.size:
+                    done += os.write(self.fd, mv[done:])
+                self.flushed += src.size
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or self.flushed or done:
+                    raise
+                self._plain()  # this filesystem takes no direct writes (see _flush)
+                self.f.write(mv)
+                return
         pos = 0
         while pos < src.size:
             if not self.direct:  # fell back while writing this block: the rest goes plain
@@ -292,12 +312,18 @@ class DirectWriter(HashingWriter):
         os.lseek(self.fd, self.nbytes, os.SEEK_SET)
 
 
-def npy_header(shape: tuple, dtype: np.dtype) -> bytes:
-    """A version-1.0 .npy header for a C-ordered array (what np.save writes)."""
+def npy_header(shape: tuple, dtype: np.dtype, align: int | None = None) -> bytes:
+    """A version-1.0 .npy header for a C-ordered array (what np.save writes). With `align`, the
+    header is padded (spaces, as the format allows) to exactly `align` bytes, so the data starts
+    at that file offset: a page boundary for align=4096 (direct writes, page-aligned maps)."""
     buf = _BytesSink()
     np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                                "fortran_order": False, "shape": tuple(shape)})
-    return buf.data
+    h = buf.data
+    if align and len(h) < align:
+        h = h[:-1] + b" " * (align - len(h)) + b"\n"
+        h = h[:8] + np.uint16(len(h) - 10).tobytes() + h[10:]
+    return h
 
 
 class _BytesSink:

@@ -125,10 +125,13 @@ def _write_streamed(path: str, blocks, rows_max: int, keep: int, dtype, threaded
     from .readers import InlineExecutor
 
     dtype = np.dtype(dtype)
-    header = atomic.npy_header((rows_max, keep), dtype)
-    # a large local file goes to the disk directly (atomic.DirectWriter); small ones and the
-    # local temp files of URL uploads through the page cache
-    direct = threaded and not fsio.is_url(path) and rows_max * keep * dtype.itemsize >= _DIRECT_MIN_BYTES
+    # A large shard's data starts on a page boundary (a 4096-byte header, whatever the
+    # destination, so the bytes never depend on it); a large local file goes to the disk
+    # directly (atomic.DirectWriter), blocks that are whole aligned pages without a copy. Small
+    # files, and the local temp files of URL uploads, go through the page cache.
+    large = rows_max * keep * dtype.itemsize >= _DIRECT_MIN_BYTES
+    header = atomic.npy_header((rows_max, keep), dtype, align=atomic.DirectWriter.ALIGN if large else None)
+    direct = large and threaded and _DIRECT_WRITES and not fsio.is_url(path)
     with atomic.atomic_file(path) as f, (ThreadPoolExecutor(1) if threaded else InlineExecutor()) as pool:
         w = atomic.DirectWriter(f) if direct else atomic.HashingWriter(f)
         w.write(header)
@@ -159,7 +162,8 @@ def _write_streamed(path: str, blocks, rows_max: int, keep: int, dtype, threaded
     return {"file": _rel(path), "rows": rows, **w.record()}
 
 
-_DIRECT_MIN_BYTES = 4 << 20  # output files at least this large are written with O_DIRECT
+_DIRECT_MIN_BYTES = 4 << 20  # output files this large: 4096-byte header, written with O_DIRECT
+_DIRECT_WRITES = True  # False: large files through the page cache too (same bytes; tests compare)
 
 
 def _rel(path: str) -> str:
