@@ -338,3 +338,39 @@ def test_s3_index_and_search(s3, tmp_path, monkeypatch, capsys):
     assert len(cap.err.strip().splitlines()) == 5 and "not_an_option" in cap.err
     assert cap.err.count("Could not connect to the endpoint") == 2
     _no_secret(fs.cat(k) for k in fs.find("semcomp-test/out-search"))
+
+
+def test_s3_header_checks_fetch_only_headers(s3, tmp_path, monkeypatch):
+    """Validating a URL input reads its .npy header / parquet footer, not the whole shard (a
+    header read through fsspec's default 50 MiB block fetched every shard twice)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import s3fs.core
+
+    from semcomp_ext.compress import readers
+
+    so, fs, bucket = s3["so"], s3["fs"], s3["bucket"]
+    x = np.random.default_rng(0).standard_normal((4096, 256)).astype(np.float32)  # 4 MiB
+    np.save(tmp_path / "big.npy", x)
+    pq.write_table(pa.table({"embedding": pa.array(list(x), type=pa.list_(pa.float32()))}), tmp_path / "big.parquet")
+    fs.put(str(tmp_path / "big.npy"), "semcomp-test/big/big.npy")
+    fs.put(str(tmp_path / "big.parquet"), "semcomp-test/big/big.parquet")
+    fetched = []
+    real = s3fs.core.S3File._fetch_range
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", lambda self, start, end: (fetched.append(end - start), real(self, start, end))[1])
+    fsio.configure(so)
+    try:
+        shard = readers.open_npy(f"{bucket}/big/big.npy")
+        assert (shard.rows, shard.dim) == (4096, 256)
+        assert 0 < sum(fetched) <= 2 * fsio.HEAD_BLOCK
+        fetched.clear()
+        shard = readers.open_parquet(f"{bucket}/big/big.parquet", "embedding")
+        assert (shard.rows, shard.dim) == (4096, 256)
+        # the footer, and the first row group's column to learn the dimension: not the file twice
+        assert sum(fetched) <= os.path.getsize(tmp_path / "big.parquet") + 2 * fsio.HEAD_BLOCK
+        fetched.clear()
+        # (URL blocks live in two reused buffers: copy each before asking for the next)
+        blocks = [b.copy() for b in readers.iter_chunks(readers.open_npy(f"{bucket}/big/big.npy"), 1000)]
+        assert np.array_equal(np.concatenate(blocks), x)
+    finally:
+        fsio.configure(None)

@@ -165,13 +165,19 @@ def getsize(path: str) -> int:
     return stat(path)[0]
 
 
-def open(path: str, mode: str = "rb"):  # noqa: A001 - the builtin for local paths
+# Read-ahead of a URL file opened to read a header or a footer: fsspec's default block (s3fs:
+# 50 MiB) would fetch a whole shard only to check its .npy header, and the job reads it again.
+HEAD_BLOCK = 1 << 16
+
+
+def open(path: str, mode: str = "rb", block_size: int | None = None):  # noqa: A001 - the builtin for local paths
+    """A file object for a local path or a URL; `block_size` (URLs): the read-ahead block."""
     if not is_url(path):
         import builtins
 
         return builtins.open(path, mode)
     fs, p = get_fs(path)
-    return fs.open(p, mode)
+    return fs.open(p, mode) if block_size is None else fs.open(p, mode, block_size=block_size)
 
 
 def open_unbuffered(path: str):

@@ -133,7 +133,7 @@ def open_npy(path: str, want_2d: bool = True) -> Shard:
     except FileNotFoundError:
         raise FileNotFoundError(f"missing shard: {path}") from None
     try:
-        with fsio.open(path, "rb") as f:
+        with fsio.open(path, "rb", block_size=fsio.HEAD_BLOCK) as f:  # the header only, not the shard
             shape, fortran, dtype, offset = _npy_header(f)
     except Exception as exc:  # numpy raises ValueError/EOFError/SyntaxError on garbage
         raise ValueError(f"corrupt .npy {path}: {exc}") from exc
@@ -165,15 +165,15 @@ def open_parquet(path: str, column: str, want_2d: bool = True) -> Shard:
         size, mtime_ns = fsio.stat(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"missing shard: {path}") from None
-    with _parquet_source(path) as src:
+    with _parquet_source(path, block_size=fsio.HEAD_BLOCK) as src:  # the footer and schema only
         return _open_parquet(path, src, column, want_2d, size, mtime_ns)
 
 
-def _parquet_source(path: str):
+def _parquet_source(path: str, block_size: int | None = None):
     """What pyarrow opens: the local path itself, or an fsspec file for a URL."""
     from contextlib import nullcontext
 
-    return fsio.open(path, "rb") if fsio.is_url(path) else nullcontext(path)
+    return fsio.open(path, "rb", block_size=block_size) if fsio.is_url(path) else nullcontext(path)
 
 
 def _open_parquet(path, src, column, want_2d, size, mtime_ns) -> Shard:
