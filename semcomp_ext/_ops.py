@@ -127,11 +127,16 @@ def _gather_columns_bwd_fake(grad, index, dim):
 
 
 def _pair_mean_no_tensor(zs, features=None):
-    # reached when no backend kernel takes the call: an empty zs and no features (no argument
-    # carries a device, so the backends' own checks never run), or a device without a kernel
+    # Reached when no backend kernel takes the call, so the backends' own checks never ran:
+    # an empty zs and no features (no argument carries a device), a sparse or mkldnn layout
+    # (dispatched to its own key), or a device this build has no kernel for.
     if len(zs) == 0:
         raise ValueError("pair_mean: zs must hold at least one (N, D) tensor")
-    raise NotImplementedError(f"pair_mean: no kernel for {zs[0].device} tensors in this build of semcomp_ext")
+    for m, z in enumerate(zs):
+        if z.layout != torch.strided:
+            raise ValueError(f"pair_mean: zs[{m}] must be a dense (strided) tensor, got layout {z.layout}")
+    raise NotImplementedError(f"pair_mean: this build of semcomp_ext has no {zs[0].device.type} kernel "
+                              "(CUDA kernels are compiled when torch has CUDA, or with SEMCOMP_CUDA=ON)")
 
 
 torch.library.impl("semcomp::pair_mean", "CompositeExplicitAutograd")(_pair_mean_no_tensor)

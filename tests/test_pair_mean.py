@@ -287,6 +287,17 @@ def test_empty_list_without_features_raises_value_error():
         ops.pair_mean([])
 
 
+def test_non_strided_layouts_raise_value_error():
+    """Sparse (and mkldnn) tensors dispatch to keys with no semcomp kernel: a clear error
+    naming the argument and its layout, not a claim that the device has no kernel."""
+    z = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"zs\[0\] must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        ops.pair_mean([z.to_sparse(), z.to_sparse()])
+    if torch.backends.mkldnn.is_available():
+        with pytest.raises(ValueError, match="got layout torch._mkldnn"):
+            ops.pair_mean([z.to_mkldnn(), z.to_mkldnn()])
+
+
 # ---- CUDA: bit for bit the CPU result --------------------------------------------------------------
 
 

@@ -188,14 +188,15 @@ class HashingWriter:
 
 class DirectWriter(HashingWriter):
     """HashingWriter for large local files whose bytes go to the disk with O_DIRECT, past the
-    page cache: they are gathered in a page-aligned staging buffer and written a full buffer
-    at a time; `finish()` writes the padded tail and truncates the file to its size. Copying
-    into the page cache was the largest kernel cost of a compress job (and the dirty pages'
-    writeback at fsync the next); direct writes cost one memcpy into a reused buffer.
+    page cache. A block that is whole aligned pages (at an aligned file offset) is written
+    straight from the caller's memory; anything else is gathered in a page-aligned staging
+    buffer and written a full buffer at a time. `finish()` writes the padded tail and cuts the
+    file to its size. Copying into the page cache was the largest kernel cost of a compress
+    job (and the dirty pages' writeback at fsync the next).
     Where the filesystem refuses O_DIRECT (when it is set or at the first write), the
     writer falls back to ordinary buffered writes, silently: the bytes are the same.
-    Call finish() before anything else uses the file; the file object must be unbuffered-clean
-    (nothing pending) when the writer is created."""
+    Call finish() before anything else uses the file; the file object must have nothing
+    pending when the writer is created."""
 
     ALIGN = 4096
 
@@ -208,7 +209,8 @@ class DirectWriter(HashingWriter):
         self.fd = f.fileno()
         self.cap = max(self.ALIGN, stage_bytes // self.ALIGN * self.ALIGN)
         self.stage = None
-        self.fill = self.flushed = 0
+        self.fill = 0
+        self.started = False  # a direct write has reached the file (no fallback after that)
         try:
             flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
             fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_DIRECT)
@@ -237,21 +239,9 @@ class DirectWriter(HashingWriter):
             # (after what is staged, itself whole pages: e.g. a page-sized header)
             if self.fill:
                 self._flush(self.fill)
-                if not self.direct:
-                    self.f.write(mv)
-                    return
-            done = 0
-            try:
-                while done < src.size:
-                    done += os.write(self.fd, mv[done:])
-                self.flushed += src.size
-                return
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or self.flushed or done:
-                    raise
-                self._plain()  # this filesystem takes no direct writes (see _flush)
+            if not self.direct or not self._write_direct(mv):
                 self.f.write(mv)
-                return
+            return
         pos = 0
         while pos < src.size:
             if not self.direct:  # fell back while writing this block: the rest goes plain
@@ -264,24 +254,30 @@ class DirectWriter(HashingWriter):
             if self.fill == self.cap:
                 self._flush(self.cap)
 
-    def _flush(self, n: int) -> None:
-        """Write the first n (aligned) staged bytes at the file's offset. A refusal (EINVAL)
-        of the very first write switches to buffered writes, starting with what is staged."""
-        mv = memoryview(self.stage)[:n]
+    def _write_direct(self, mv) -> bool:
+        """Write mv (aligned) at the file's offset. False, with the writer switched to buffered
+        writes, when the filesystem refuses (EINVAL) the very first direct write; the caller
+        then writes mv through the file object."""
+        done = 0
         try:
-            done = 0
-            while done < n:
+            while done < mv.nbytes:
                 done += os.write(self.fd, mv[done:])
         except OSError as exc:
-            if exc.errno != errno.EINVAL or self.flushed:
+            if exc.errno != errno.EINVAL or self.started or done:
                 raise
-            staged = bytes(mv[:self.fill])
-            del mv
             self._plain()
-            self.f.write(staged)
-        else:
-            self.flushed += n
-        self.fill = 0
+            return False
+        self.started = True
+        return True
+
+    def _flush(self, n: int) -> None:
+        """Write the first n (aligned) staged bytes; on a fallback the staged bytes (without
+        the padding) go through the file object."""
+        staged = memoryview(self.stage)[:n]
+        fill, self.fill = self.fill, 0
+        if self._write_direct(staged):
+            return
+        self.f.write(bytes(staged[:fill]))
 
     def _plain(self) -> None:
         import fcntl

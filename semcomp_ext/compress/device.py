@@ -15,10 +15,13 @@ With device="cpu" the same code runs with plain host buffers and no streams (wha
 tests exercise); the plain CPU path of `semcomp compress` does not go through this file.
 
 Byte identity with the CPU path (what each device step may and may not do):
-- the column gather (select_features), the fp16/bf16 -> fp32 casts, the additions in modality
-  order and the division by M are correctly rounded elementwise operations: the same bits on
-  any device. The division is by a device tensor, never by a Python number: CUDA turns a
-  division by a host scalar into a multiplication by its reciprocal, which differs for M = 3.
+- without input normalisation, pairs mode runs the CPU path's own op, semcomp::pair_mean: its
+  CUDA kernel makes the same fp32 additions in modality order and the same division by M as
+  the CPU kernel (bit-identical on the CUDA emulator), with the finite flags from the same read.
+- with it, the column gather (select_features), the fp16/bf16 -> fp32 casts, the additions in
+  modality order and the division by M are correctly rounded elementwise operations: the same
+  bits on any device. The division is by a device tensor, never by a Python number: CUDA turns
+  a division by a host scalar into a multiplication by its reciprocal, which differs for M = 3.
 - reductions whose order is an implementation detail are not done on the device: the L2 norms
   of --normalize input/both (full-D rows) are computed on the host with the CPU path's own
   expression and uploaded; --normalize output/both normalises the downloaded centroids on the
@@ -63,7 +66,7 @@ def resolve_device(spec, engine: str = "local"):
         raise ValueError(f"--device {spec}: CUDA is not available ({why}; torch {torch.__version__})")
     from .._ops import has_kernel
 
-    if not (has_kernel("gather_columns", "cuda")):
+    if not (has_kernel("gather_columns", "cuda") and has_kernel("pair_mean", "cuda")):
         raise ValueError(f"--device {spec}: semcomp_ext was built without its CUDA kernels "
                          "(rebuild with SEMCOMP_CUDA=ON)")
     count = torch.cuda.device_count()
@@ -265,6 +268,7 @@ def pair_blocks(plan, shards, device=None, lag: int = DEFAULT_LAG):
     import torch.nn.functional as F
 
     from .. import select_features
+    from .._ops import ops
     from .pipeline import _as_tensor, _check_finite
     from .pipeline import _finite_rows as _finite_rows_cpu  # the CPU path's check of pair_mean's flags
     from .readers import iter_chunks
@@ -296,15 +300,15 @@ def pair_blocks(plan, shards, device=None, lag: int = DEFAULT_LAG):
     def compute(meta, dev):
         index, div = consts.get()
         zs, norms = dev[:m_count], dev[m_count:]
+        if not norm_in:
+            # the CPU path's own op (CUDA kernel: the same additions in the same order, then the
+            # division by M; the finite flags in the same read of each row)
+            out, finite = ops.pair_mean(zs, None if keep_all else index)
+            return {"out": out, "finite": finite}
         out = None
         for m, z in enumerate(zs):
             g = z if keep_all else select_features(z, index)
-            if g.dtype != torch.float32:
-                g = g.float()
-            elif g is z and out is None and not norm_in:
-                g = g.clone()  # never accumulate into the staged input
-            if norm_in:
-                g = g / norms[m]
+            g = g.float() / norms[m]  # a new tensor: the staged input is never written
             out = g if out is None else out.add_(g)
         return {"out": out.div_(div), "finite": _finite_rows(zs)}
 

@@ -68,9 +68,7 @@ def _check_finite(zs, paths, start: int, skip: bool) -> torch.Tensor | None:
         if rows.numel() == 0:
             continue
         if not skip:
-            raise ValueError(f"non-finite values (NaN/Inf) in {path} at row {start + int(rows[0])} "
-                             f"({rows.numel()} such rows in this block); rerun with --skip-invalid --resume to drop "
-                             "them (keeping the shards already written)")
+            raise _nonfinite_error(path, start + int(rows[0]), rows.numel())
         if bad is None:
             bad = torch.zeros(z.shape[0], dtype=torch.bool)
         bad[rows] = True
@@ -91,10 +89,14 @@ def _finite_rows(finite: torch.Tensor, zs, paths, start: int, skip: bool) -> tor
     if not skip:
         row = int((~finite).nonzero()[0])
         path = next(p for z, p in zip(zs, paths) if not bool(torch.isfinite(z[row]).all()))
-        raise ValueError(f"non-finite values (NaN/Inf) in {path} at row {start + row} "
-                         f"({int((~finite).sum())} such rows in this block); rerun with --skip-invalid --resume to drop "
-                         "them (keeping the shards already written)")
+        raise _nonfinite_error(path, start + row, int((~finite).sum()))
     return finite
+
+
+def _nonfinite_error(path: str, row: int, count: int) -> ValueError:
+    """The error of a NaN/Inf row when --skip-invalid is not given (one wording for every path)."""
+    return ValueError(f"non-finite values (NaN/Inf) in {path} at row {row} ({count} such rows in this block); "
+                      "rerun with --skip-invalid --resume to drop them (keeping the shards already written)")
 
 
 def _pair_block(zs, index, keep_all: bool, normalize: str) -> torch.Tensor:
