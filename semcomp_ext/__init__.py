@@ -19,6 +19,7 @@ from .functional import (
 )
 from .losses import ClipLoss, InfoNCELoss, multimodal_infonce_loss  # with its distributed form
 from .siglip import SigLipLoss, sigmoid_loss
+from .grad_cache import grad_cache_step
 from .metrics import (
     ExplainedVariance,
     compression_ratio,
@@ -44,6 +45,7 @@ __all__ = [
     "explained_variance",
     "fisher_ratio",
     "get_infonce_cuda_impl",
+    "grad_cache_step",
     "infonce_loss",
     "infonce_rect_loss",
     "modality_gap",
