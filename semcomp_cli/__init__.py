@@ -39,7 +39,14 @@ def _parsers_only():
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # while torch is imported (the command itself answers its own)
+        print("semcomp: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     with _parsers_only():
         try:
             cli = importlib.import_module(_PKG + ".cli")

@@ -17,7 +17,7 @@ except ImportError:
 pytest.importorskip("matplotlib")
 
 ARGS = ["--datasets", "digits", "--temperatures", "0.05,0.4", "--steps", "6", "--warmup", "1", "--limit", "320",
-        "--batch-size", "64", "--drop-rates", "0,0.9", "--seeds", "0,1", "--rfs-seeds", "0,1", "--reps", "200", "--quiet"]
+        "--batch-size", "64", "--drop-rates", "0,0.9", "--train-seeds", "0,1", "--rfs-seeds", "0,1", "--reps", "200", "--quiet"]
 ARTEFACTS = ["results.json", "timings.json", "report.md", "geometry.csv", "classification.csv", "rfs.csv", "baselines.csv",
              "retrieval.csv", "gap_vs_tau.png", "gap_vs_tau.svg", "acc_vs_kept.png", "acc_vs_kept.svg",
              "acc_vs_bytes_digits.png", "acc_vs_bytes_digits.svg"]

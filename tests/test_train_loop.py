@@ -57,10 +57,14 @@ def test_train_on_coco_folder(tmp_path):
 def test_cli_train_nproc2(tmp_path, capsys):
     out = tmp_path / "ddp"
     rc = main(["train", "--out", str(out), "--dataset", "digits", "--limit", "128", "--batch-size", "32",
-               "--steps", "3", "--warmup", "1", "--temperature", "0.1", "--nproc", "2", "--quiet"])
+               "--steps", "3", "--warmup", "1", "--temperature", "0.1", "--nproc", "2", "--quiet", "--json",
+               "--export-embeddings", "test"])
     assert rc == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads(capsys.readouterr().out)
     assert summary["world_size"] == 2 and summary["step"] == 3
+    # the embeddings come from the checkpoint the two processes wrote (this process never held the model)
+    ex = summary["embeddings"]
+    assert ex["folder"] == str(out / "embeddings" / "test") and ex["files"] == ["img_emb.npy", "labels.npy", "text_emb.npy"]
     ck = load_checkpoint(str(out / CHECKPOINT))
     assert ck["step"] == 3 and len(ck["history"]) == 3
     # The model loads back as a --pretrained start point for a one-process run.
@@ -99,3 +103,52 @@ def test_fixed_pixel_image_tower(tmp_path):
     assert all(torch.isfinite(torch.tensor(h))) and sum(h[-3:]) / 3 < sum(h[:3]) / 3, h
     with pytest.raises(ValueError, match="image-tower pixels needs --text-tower open_clip"):
         train(TrainConfig(out_dir=str(tmp_path / "x"), image_tower="pixels", text_tower="minilm", steps=1, **SMALL))
+
+
+def _cli_train(capsys, out, *extra):
+    rc = main(["train", "-o", str(out), "--dataset", "digits", "--limit", "128", "--batch-size", "32", "--warmup", "1",
+               "--temperature", "0.1", "--checkpoint-every", "2", "-q", "--json", *extra])
+    captured = capsys.readouterr()
+    return rc, (json.loads(captured.out) if rc == 0 else None), captured.err
+
+
+def test_finished_run_is_extended_with_resume(tmp_path, capsys):
+    rc, first, _ = _cli_train(capsys, tmp_path / "r", "--steps", "4")
+    assert rc == 0 and first["step"] == 4
+    h4 = load_checkpoint(str(tmp_path / "r" / CHECKPOINT))["history"]
+    # the same --out again without --resume is refused in one line, before anything is built
+    rc, _, err = _cli_train(capsys, tmp_path / "r", "--steps", "6")
+    assert rc == 2 and err.startswith("semcomp train: error: --out") and "--resume" in err
+    rc, ext, _ = _cli_train(capsys, tmp_path / "r", "--steps", "6", "--resume")
+    assert rc == 0 and ext["step"] == 6 and ext["steps"] == 6
+    ck = load_checkpoint(str(tmp_path / "r" / CHECKPOINT))
+    assert ck["step"] == 6 and ck["done"] and ck["history"][:4] == h4 and len(ck["history"]) == 6
+    assert ck["history"][4:] != h4[2:4]  # new batches were trained, not replayed numbers
+    rc, _, err = _cli_train(capsys, tmp_path / "r", "--steps", "5", "--resume")
+    assert rc == 2 and "--steps 5" in err and "already at step 6" in err
+    rc, _, err = _cli_train(capsys, tmp_path / "new", "--steps", "2", "--resume")
+    assert rc == 2 and "--resume: no checkpoint.pt" in err
+
+
+def test_exported_embeddings_are_the_models_and_compress(tmp_path, capsys):
+    import numpy as np
+
+    from semcomp_ext.train.data import PairDataset, load_pairs
+    from semcomp_ext.train.models import embed, image_size
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "r"), steps=2, temperature=0.1, **(SMALL | {"limit": 128}))
+    s = train(cfg)
+    rc, rep, _ = _cli_train(capsys, tmp_path / "r", "--steps", "2", "--batch-size", "64",
+                            "--lr", "2e-3", "--warmup", "2", "--resume", "--export-embeddings", "train")
+    # (same settings as cfg: --resume of a finished run trains nothing and exports)
+    assert rc == 0 and rep["step"] == 2, rep
+    folder = tmp_path / "r" / "embeddings" / "train"
+    img, txt, y = (np.load(folder / f) for f in ("img_emb.npy", "text_emb.npy", "labels.npy"))
+    train_data, _ = load_pairs("digits", None, 128)
+    want_img, want_txt = embed(s["model"], PairDataset(train_data, s["tokenizer"], s["preprocess"], image_size(s["model"])))
+    assert img.dtype == np.float32 and img.shape == tuple(want_img.shape) == (len(train_data), rep["embeddings"]["dim"])
+    np.testing.assert_allclose(img, want_img.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(txt, want_txt.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(y, train_data.labels.numpy())
+    assert main(["compress", str(folder), "-o", str(tmp_path / "c"), "--drop-rate", "0.5", "-q"]) == 0
+    assert (tmp_path / "c" / "manifest.json").is_file()

@@ -7,6 +7,7 @@ imported when the command runs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,10 +18,14 @@ _SUFFIX = {"k": 1 << 10, "m": 1 << 20}
 
 EPILOG = """\
 examples:
-  semcomp bench all --device cpu --json bench.json --plot bench.png
+  semcomp bench all --device cpu -o bench.json --plot bench.png
+  semcomp bench infonce --sizes 4096 --json > bench.json   # the same JSON on stdout, no table
   semcomp bench infonce --device cuda --dtype bfloat16 --sizes 4096 16k 32k
   semcomp bench segment --sizes 1M 4M --groups 10 1000 --d 512
   semcomp bench --markdown bench.json        # the JSON as a markdown table
+
+--json prints the JSON on stdout instead of the table; -o/--out PATH writes it to a file
+(before 0.2 that was `--json PATH`, which is refused now with a pointer to -o).
 
 Methods. infonce: semcomp (fused), open_clip's ClipLoss, Inf-CL (CUDA, when installed), the
 pure-PyTorch reference, torch.compile of it (--compile; on by default on CUDA). segment:
@@ -72,7 +77,9 @@ def parse_options(args) -> dict:
 
     what = args.what
     if what not in (*OPS, "all"):
-        raise ValueError(f"unknown benchmark {what!r}; expected one of {', '.join(OPS)}, all")
+        hint = (f"; --json takes no value (it prints JSON on stdout): write the file with -o {what}"
+                if args.json and what.endswith(".json") else "")
+        raise ValueError(f"unknown benchmark {what!r}; expected one of {', '.join(OPS)}, all{hint}")
     from ..train.cli import check_device  # cpu, cuda or cuda:N; cuda refused at once on a CPU build of torch
 
     device = args.device
@@ -121,7 +128,7 @@ def _validate(args) -> None:
 
 
 def _check_outputs(args) -> None:
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
         if path is None:
             continue
         parent = Path(path).resolve().parent
@@ -145,23 +152,26 @@ def _bench(args) -> int:
     import torch
 
     cfg = config_from_args(args, torch.cuda.is_available())
+    if not sys.stderr.isatty():  # a progress bar in a log file or pipe is noise
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, quiet=True)
     from .run import run
 
     payload = run(cfg)
+    written = []
+    if args.out:
+        written.append(results.write_json(payload, args.out))
+    if args.plot:
+        written.append(results.plot(payload, args.plot))
+    if args.json:
+        print(json.dumps(results.nan_to_none(payload), indent=2))
+        return 0
     print(results.format_table(payload["rows"]))
     print(results.ceilings_text(payload["ceilings"]) + f"; {payload['env']['machine']}; {payload['wall_s']:.1f} s")
-    if args.json:
-        print(f"wrote {results.write_json(payload, args.json)}")
-    if args.plot:
-        print(f"wrote {results.plot(payload, args.plot)}")
+    for path in written:
+        print(f"wrote {path}")
     return 0
-
-
-def _one_line_error(prog: str):
-    def error(message: str):
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-    return error
 
 
 def register(subparsers) -> None:
@@ -185,10 +195,11 @@ def register(subparsers) -> None:
                    help="include torch.compile of the reference (default: on CUDA only; compiling takes ~30 s on 2 cores)")
     p.add_argument("--repeats", default=None, help="timed calls per method after a warm-up (default 3 CPU, 10 CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory call of each method")
-    p.add_argument("--json", default=None, metavar="PATH", help="write every row, the ceilings and the machine as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print every row, the ceilings and the machine as JSON on stdout instead of the table")
+    p.add_argument("-o", "--out", default=None, metavar="PATH", help="also write that JSON to this file")
     p.add_argument("--plot", default=None, metavar="PATH", help="draw throughput vs N per method (.png, .pdf, .svg)")
     p.add_argument("--markdown", default=None, metavar="JSON",
-                   help="print a --json result as a markdown table, measure nothing")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.error = _one_line_error(p.prog)
+                   help="print a saved result (-o or --json output) as a markdown table, measure nothing")
+    p.add_argument("-q", "--quiet", action="store_true", help="nothing on stderr but errors (no progress bar)")
     p.set_defaults(func=_bench, validate=_validate)

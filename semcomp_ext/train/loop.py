@@ -47,6 +47,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int | None = None        # CPU threads; None: 1 for the tiny config, else torch's default
     quiet: bool = False
+    extend: bool = False              # continue a checkpoint written for another total of steps
 
 
 def _seed_all(seed: int) -> None:
@@ -120,12 +121,65 @@ def _dist_env(device: str):
     return dist.get_rank(), world
 
 
+def build_model(cfg: TrainConfig, train_data, *, check_widths: bool = True):
+    """(model, preprocess, tokenizer) as `train` builds them: the open_clip config, the
+    --pretrained weights, then the text and image tower choices (on the CPU)."""
+    model, preprocess, tokenizer = create_model(cfg.model, cfg.pretrained, temperature=cfg.temperature, seed=cfg.seed)
+    widths = tower_widths(cfg.model)
+    if widths["embed_dim"] and check_widths:
+        embedding_width_check(widths["embed_dim"], None if cfg.image_tower != "open_clip" else widths["image"],
+                              None if cfg.text_tower != "open_clip" else widths["text"])
+    model, tokenizer = with_text_tower(model, tokenizer, cfg.text_tower)
+    model = with_image_tower(model, cfg.image_tower, train_data.images)
+    return model, preprocess, tokenizer
+
+
+def _restore(cfg: TrainConfig, ckpt_path: str, model, opt, sched):
+    """(step, history, elapsed) of the checkpoint at ckpt_path, loaded into model, optimizer
+    and schedule; (0, [], 0.0) without one. Settings that shape the run must match; with
+    cfg.extend, `steps` may differ (not below the steps already done)."""
+    if not os.path.isfile(ckpt_path):
+        return 0, [], 0.0
+    ck = load_checkpoint(ckpt_path)
+    saved = ck["config"]
+    keys = [k for k in _RESUME_KEYS if not (cfg.extend and k == "steps")]
+    diff = [k for k in keys if saved.get(k, getattr(TrainConfig, k, None)) != getattr(cfg, k)]
+    if diff:
+        hint = " (to extend a run to more steps, resume it with extend=True / --resume)" if diff == ["steps"] else ""
+        raise ValueError(f"{ckpt_path} was written with different settings ({', '.join(diff)}); "
+                         f"use another --out or delete it{hint}")
+    if ck["step"] > cfg.steps:
+        raise ValueError(f"--steps {cfg.steps}: {ckpt_path} is already at step {ck['step']}")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    # LambdaLR keeps only its step count: the schedule function is this run's, so an extended
+    # run continues on the cosine planned for the new total (earlier steps keep their rates)
+    sched.load_state_dict(ck["scheduler"])
+    return ck["step"], ck["history"], ck.get("elapsed", 0.0)
+
+
+def _progress(cfg: TrainConfig, rank: int, step: int):
+    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) a log line per checkpoint
+    (`log(step, loss)`); nothing with quiet or on ranks other than 0."""
+    from tqdm.auto import tqdm
+
+    shown = not cfg.quiet and rank == 0
+    tty = shown and sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train tau={cfg.temperature if cfg.temperature else 'learn'}",
+               disable=not tty, leave=False)
+
+    def log(step: int, loss: float) -> None:
+        if shown and not tty:
+            print(f"semcomp train: step {step}/{cfg.steps}, loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    return bar, log
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) and return a summary: steps done, per-step loss history, final
     logit scale, wall time. Rank 0 writes cfg.out_dir/checkpoint.pt (model, optimizer,
     schedule, step, history) every cfg.checkpoint_every steps and at the end."""
     from torch.utils.data import DataLoader, DistributedSampler
-    from tqdm.auto import tqdm
 
     from ..losses import ClipLoss
 
@@ -139,13 +193,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.image_tower != "open_clip" and cfg.text_tower != "open_clip":
         raise ValueError("--image-tower pixels needs --text-tower open_clip (one fixed tower at a time)")
     train_data, _ = load_pairs(cfg.dataset, cfg.data_root, cfg.limit)
-    model, preprocess, tokenizer = create_model(cfg.model, cfg.pretrained, temperature=cfg.temperature, seed=cfg.seed)
-    widths = tower_widths(cfg.model)
-    if widths["embed_dim"] and rank == 0:
-        embedding_width_check(widths["embed_dim"], None if cfg.image_tower != "open_clip" else widths["image"],
-                              None if cfg.text_tower != "open_clip" else widths["text"])
-    model, tokenizer = with_text_tower(model, tokenizer, cfg.text_tower)
-    model = with_image_tower(model, cfg.image_tower, train_data.images)
+    model, preprocess, tokenizer = build_model(cfg, train_data, check_widths=rank == 0)
     model.to(device)
     ds = PairDataset(train_data, tokenizer, preprocess, image_size(model))
     # DistributedSampler also for one process: the data order is a function of (seed, epoch)
@@ -156,18 +204,8 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"dataset has {len(ds)} pairs, fewer than one batch of {cfg.batch_size}")
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    step, history, elapsed = 0, [], 0.0
     ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT)
-    if os.path.isfile(ckpt_path):
-        ck = load_checkpoint(ckpt_path)
-        saved = ck["config"]
-        diff = [k for k in _RESUME_KEYS if saved.get(k, getattr(TrainConfig, k, None)) != getattr(cfg, k)]
-        if diff:
-            raise ValueError(f"{ckpt_path} was written with different settings ({', '.join(diff)}); use another --out or delete it")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        step, history, elapsed = ck["step"], ck["history"], ck.get("elapsed", 0.0)
+    step, history, elapsed = _restore(cfg, ckpt_path, model, opt, sched)
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -186,8 +224,7 @@ def train(cfg: TrainConfig) -> dict:
             _atomic_save(state, ckpt_path)
 
     last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    quiet = cfg.quiet or rank != 0 or not sys.stderr.isatty()
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train tau={cfg.temperature if cfg.temperature else 'learn'}", disable=quiet, leave=False)
+    bar, log = _progress(cfg, rank, step)
     t0 = time.perf_counter()
     net.train()
     while step < last:
@@ -197,22 +234,7 @@ def train(cfg: TrainConfig) -> dict:
         batches = [idx[i * local_bs : (i + 1) * local_bs] for i in range(skip, steps_per_epoch)]
         loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers)
         for images, tokens in loader:
-            img_f, txt_f, scale = net(images.to(device), tokens.to(device))[:3]
-            loss = loss_fn(img_f, txt_f, scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if model.logit_scale.requires_grad:
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, MAX_LOG_LOGIT_SCALE)
-            value = loss.detach()
-            if world > 1:  # log the mean over ranks so every rank records the same history
-                import torch.distributed as dist
-
-                dist.all_reduce(value)
-                value /= world
-            history.append(float(value))
+            history.append(_step(net, model, loss_fn, opt, sched, images.to(device), tokens.to(device), world))
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]:.4f}")
@@ -220,6 +242,7 @@ def train(cfg: TrainConfig) -> dict:
                 elapsed_now = elapsed + time.perf_counter() - t0
                 elapsed, t0 = elapsed_now, time.perf_counter()
                 save()
+                log(step, history[-1])
             if step >= last:
                 break
     bar.close()
@@ -234,6 +257,26 @@ def train(cfg: TrainConfig) -> dict:
             json.dump({k: v for k, v in summary.items() if k != "history"} | {"final_loss": history[-1] if history else None}, f, indent=2)
     summary.update(model=model, preprocess=preprocess, tokenizer=tokenizer)
     return summary
+
+
+def _step(net, model, loss_fn, opt, sched, images, tokens, world: int) -> float:
+    """One optimiser step; the loss, averaged over ranks so every rank logs the same value."""
+    img_f, txt_f, scale = net(images, tokens)[:3]
+    loss = loss_fn(img_f, txt_f, scale)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    if model.logit_scale.requires_grad:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOG_LOGIT_SCALE)
+    value = loss.detach()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
 
 
 def _worker(cfg_dict: dict) -> dict:

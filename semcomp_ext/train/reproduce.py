@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -128,7 +129,8 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     taus = [f"{t:g}" for t in sorted(cfg.temperatures)]
     per_dataset, meta = {}, {}
     jobs = [(ds, s, t) for ds in cfg.datasets for s in cfg.seeds for t in sorted(cfg.temperatures)]
-    bar = tqdm(total=len(jobs), desc="reproduce", disable=cfg.quiet, leave=False)
+    tty = sys.stderr.isatty()  # elsewhere (a log file, a pipe) one log line per training run
+    bar = tqdm(total=len(jobs), desc="reproduce", disable=cfg.quiet or not tty, leave=False)
     for ds in cfg.datasets:
         train_data, test_data = load_pairs(ds, cfg.data_root, cfg.limit)
         labelled = train_data.has_labels and test_data.has_labels
@@ -166,6 +168,8 @@ def reproduce(cfg: ReproduceConfig) -> dict:
                 res["train"] = {"steps": summary["step"], "final_loss_avg10": sum(hist[-10:]) / len(hist[-10:])}
                 runs[seed][f"{tau:g}"] = res
                 bar.update(1)
+                if not cfg.quiet and not tty:
+                    print(f"semcomp reproduce: {bar.n}/{len(jobs)} runs ({key})", file=sys.stderr, flush=True)
         per_dataset[ds] = summarize_dataset(runs, cfg.seeds, taus, rs, dim=dim, keeps=keeps, targets=cfg.targets,
                                             claim_tau=cfg.claim_tau)
         meta[ds] = {"num_train": len(train_data), "num_test": len(test_data), "dim": dim, "keeps": keeps,
