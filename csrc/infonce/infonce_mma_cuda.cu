@@ -1,0 +1,757 @@
+// InfoNCE "mma" kernels (see infonce_mma.h): FlashAttention-2 style logit passes on the
+// common/ptx.cuh wrappers (cp.async, ldmatrix, mma.sync.m16n8k16; sm_80 and newer).
+//
+// Tiling. A CTA (256 threads, 8 warps as 4 along rows x 2 along columns) owns kBM = 128 rows
+// of q and the column tiles [t0, t1) of its split (kBN = 128 columns each); each warp holds a
+// 32 x 64 accumulator tile (2 x 8 m16n8 fragments, 64 fp32 registers per thread). D is walked
+// in steps of kBK = 32 through a kStages-deep cp.async pipeline whose step sequence runs over
+// (column tile, D step) without draining between column tiles. Operand rows past nq / nk and
+// D chunks past d are zero-filled (cp.async src_bytes = 0), so every size works; d % 8 != 0
+// or a misaligned base uses plain loads into the same shared layout (VEC = false).
+//
+// Shared layout. A stage holds the q slice (128 rows x 32 elements) then the k slice, each row
+// 64 bytes = 4 chunks of 16 bytes; chunk c of row r is stored at chunk position
+// c ^ ((r >> 1) & 3). An ldmatrix phase reads 8 consecutive rows of one logical chunk: the
+// (r & 1, (r >> 1) & 3) pairs of those rows are all different, so the 8 16-byte reads fall in
+// 8 different 16-byte bank groups (no conflicts); the cp.async writes of a warp cover 512
+// contiguous bytes.
+//
+// Numerics (as infonce_cuda.cu): logits x = mul_rn(dot, s) in fp32; LSE states (max, sum of
+// exp2((x - m) log2 e)) in natural units. The dot of element (i, j) is accumulated by the
+// same mma sequence over the same D steps in the forward and the backward kernel, so the
+// backward sees the forward's S bit for bit (N = 1: loss and gradients exactly 0).
+//
+// Forward epilogue (per column tile, in registers): per row, the warp's 64 columns reduce by
+// quad shuffles to (max, sum) and fold into a running state per (row, column half); per
+// column, the warp's 32 rows reduce by shuffles over the 8 row groups, the 4 row warps merge
+// through shared memory in warp order and one thread per column writes the row block's
+// partial. After the last tile the two column halves merge through shared memory (fixed
+// order) into the split's row partial. Splits, row blocks and passes merge in index order in
+// small kernels below: no atomics, results are reproducible for a given launch shape.
+//
+// Backward epilogue: G_ij = rc_i e^(x - r_i) [+ cc_j e^(x - c_j)] - dc_i [j = i + offset],
+// s*G (times gscale) stored from registers in the input dtype (2 columns per 4-byte store),
+// row shares of sum_j G_ij dot_ij per split. The host multiplies the s*G block by k and q on
+// cuBLAS. (The alternative, dq accumulated in registers against k tiles and dk in a second
+// pass over transposed tiles, avoids the s*G round trip through memory; it needs the ldmatrix
+// .trans staging of k and q and is left for the GPU measurements to justify.)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "common/cuda_utils.cuh"
+#include "common/ptx.cuh"
+#include "infonce/infonce.h"
+#include "infonce/infonce_mma.h"
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define SEMCOMP_MMA_OUT_DTYPE 1  // aten::mm.dtype_out / addmm.dtype_out exist
+#else
+#define SEMCOMP_MMA_OUT_DTYPE 0
+#endif
+
+namespace semcomp::mma {
+namespace {
+
+using semcomp::cuda::ceil_div;
+using semcomp::cuda::exp_diff;
+using semcomp::cuda::Lse2;
+using semcomp::cuda::mul_rn;
+using semcomp::cuda::nan_max;
+using semcomp::cuda::neg_inf;
+using namespace semcomp::ptx;
+
+constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 3;
+constexpr int kThreads = 256;
+constexpr int kWarpsM = 4;          // warps along rows; 2 along columns
+constexpr int kWM = kBM / kWarpsM;  // 32 rows per warp
+constexpr int kWN = kBN / 2;        // 64 columns per warp
+constexpr int kMI = kWM / 16, kNJ = kWN / 8;
+constexpr int kStageElems = (kBM + kBN) * kBK;
+// stages, then fp32 scratch: column partials [kWarpsM][kBN] (m, s), row halves [kBM] (m, s)
+constexpr int kSmemBytes = kStages * kStageElems * 2 + (2 * kWarpsM * kBN + 2 * kBM) * 4;
+constexpr int64_t kBudgetBytes = 128ll << 20;  // s*G block and column partials per pass
+static_assert(kBM == 128 && kBN == 128 && kBK == 32, "load_rows assumes 128 x 32 slices");
+
+__device__ __forceinline__ bool scale_ok(float s) {
+  return s > 0.f && s <= 3.402823466e38f;  // false for NaN, inf, <= 0
+}
+
+// Element offset of chunk `ch` (8 elements) of row `row` in a 32-element-wide slice.
+__device__ __forceinline__ int swz(int row, int ch) { return row * kBK + ((ch ^ ((row >> 1) & 3)) << 3); }
+
+// Stages rows [r0, r0 + 128) x D [k0, k0 + 32) of x (rows x d, row-major) into dst: two
+// 16-byte chunks per thread, zero outside.
+template <bool VEC>
+__device__ __forceinline__ void load_rows(const uint16_t* __restrict__ x, int64_t rows, int64_t d,
+                                          int64_t r0, int64_t k0, uint16_t* dst) {
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int c = threadIdx.x + u * kThreads, row = c >> 2, ch = c & 3;
+    const int64_t r = r0 + row, gk = k0 + ch * 8;
+    uint16_t* sp = dst + swz(row, ch);
+    if constexpr (VEC) {  // d % 8 == 0: a chunk is all in or all out
+      const bool ok = r < rows && gk < d;
+      cp_async_16(sp, ok ? x + r * d + gk : x, ok ? 16 : 0);
+    } else {
+      uint32_t w[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t lo = (r < rows && gk + 2 * e < d) ? x[r * d + gk + 2 * e] : 0u;
+        const uint32_t hi = (r < rows && gk + 2 * e + 1 < d) ? x[r * d + gk + 2 * e + 1] : 0u;
+        w[e] = lo | (hi << 16);
+      }
+      *reinterpret_cast<uint4*>(sp) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+}
+
+// acc += the warp's 32 x 64 tile of one stage (q slice `as`, k slice `bs`).
+template <bool BF16>
+__device__ __forceinline__ void mma_stage(const uint16_t* as, const uint16_t* bs, int wm, int wn,
+                                          int lane, float (&acc)[kMI][kNJ][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kBK / 16; ++kk) {
+    uint32_t a[kMI][4], b[kNJ / 2][4];
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi)  // matrices: rows 0-7 / 8-15 (lane % 16), k 0-7 / 8-15 (lane / 16)
+      ldmatrix_x4(a[mi], as + swz(wm * kWM + mi * 16 + (lane & 15), 2 * kk + (lane >> 4)));
+#pragma unroll
+    for (int p = 0; p < kNJ / 2; ++p)  // n8 tiles 2p, 2p+1 (lane / 16), k 0-7 / 8-15 ((lane / 8) % 2)
+      ldmatrix_x4(b[p], bs + swz(wn * kWN + p * 16 + ((lane >> 4) << 3) + (lane & 7),
+                                 2 * kk + ((lane >> 3) & 1)));
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+      for (int nj = 0; nj < kNJ; ++nj) {
+        const uint32_t bb[2] = {b[nj >> 1][(nj & 1) * 2], b[nj >> 1][(nj & 1) * 2 + 1]};
+        if constexpr (BF16) mma_m16n8k16_bf16_f32(acc[mi][nj], a[mi], bb, acc[mi][nj]);
+        else mma_m16n8k16_f16_f32(acc[mi][nj], a[mi], bb, acc[mi][nj]);
+      }
+  }
+}
+
+// The mainloop shared by both kernels: for each column tile ct in [t0, t1), the dot tile of q
+// rows [r0, r0 + 128) (rows >= q_rows are zero) and k rows [ct * 128, ...) accumulates in
+// acc, then epi(ct, acc) consumes it. Every thread calls epi at the same step.
+template <bool BF16, bool VEC, typename Epi>
+__device__ __forceinline__ void tile_loop(const uint16_t* __restrict__ q, int64_t q_rows,
+                                          const uint16_t* __restrict__ k, int64_t nk, int64_t d,
+                                          int64_t r0, int64_t t0, int64_t t1, uint16_t* smem,
+                                          Epi&& epi) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp % kWarpsM, wn = warp / kWarpsM;
+  const int64_t kt = ceil_div(d, kBK), total = (t1 - t0) * kt;
+  auto load = [&](int64_t it) {
+    const int64_t ct = t0 + it / kt, k0 = (it % kt) * kBK;
+    uint16_t* st = smem + (it % kStages) * kStageElems;
+    load_rows<VEC>(q, q_rows, d, r0, k0, st);
+    load_rows<VEC>(k, nk, d, ct * kBN, k0, st + kBM * kBK);
+  };
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < total) load(st);
+    cp_async_commit();
+  }
+  float acc[kMI][kNJ][4];
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+    for (int nj = 0; nj < kNJ; ++nj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][nj][e] = 0.f;
+  int64_t ks = 0, ct = t0;  // D step and column tile of step `it`
+  for (int64_t it = 0; it < total; ++it) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of step `it` have landed
+    __syncthreads();               // everyone's have, and step it - 1's buffer is free
+    if (it + kStages - 1 < total) load(it + kStages - 1);
+    cp_async_commit();             // possibly empty: keeps the group count per step fixed
+    const uint16_t* st = smem + (it % kStages) * kStageElems;
+    mma_stage<BF16>(st, st + kBM * kBK, wm, wn, lane, acc);
+    if (++ks == kt) {
+      epi(ct, acc);
+#pragma unroll
+      for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+        for (int nj = 0; nj < kNJ; ++nj)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[mi][nj][e] = 0.f;
+      ks = 0;
+      ++ct;
+    }
+  }
+  cp_async_wait_all();
+}
+
+// Column-tile range [t0, t1) of split `split` out of `splits` over `n_ct` tiles.
+__device__ __forceinline__ void split_range(int64_t n_ct, int64_t split, int64_t splits,
+                                            int64_t& t0, int64_t& t1) {
+  const int64_t base = n_ct / splits, extra = n_ct % splits;
+  t0 = split * base + std::min(split, extra);
+  t1 = t0 + base + (split < extra ? 1 : 0);
+}
+
+// Fragment coordinates of accumulator element (mi, nj, e) of a thread: row
+// wm*32 + mi*16 + g + 8*(e/2), column wn*64 + nj*8 + 2*t + e%2 (g = lane / 4, t = lane % 4).
+
+// grid (row blocks of this pass, splits); rb0: first row block of the pass. row_pm/row_ps:
+// (splits, nq); col_pm/col_ps: (row blocks of a pass, nk), only when SYM; diag: (nq).
+template <bool BF16, bool SYM, bool VEC>
+__global__ void __launch_bounds__(kThreads)
+mma_fwd_kernel(const uint16_t* __restrict__ q, int64_t nq, const uint16_t* __restrict__ k,
+               int64_t nk, int64_t d, const float* __restrict__ scale, int64_t offset, int64_t rb0,
+               float* __restrict__ row_pm, float* __restrict__ row_ps, float* __restrict__ col_pm,
+               float* __restrict__ col_ps, float* __restrict__ diag) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* stages = reinterpret_cast<uint16_t*>(smem_raw);
+  float* cm = reinterpret_cast<float*>(smem_raw + kStages * kStageElems * 2);
+  float* cs = cm + kWarpsM * kBN;
+  float* hm = cs + kWarpsM * kBN;
+  float* hs = hm + kBM;
+  const int64_t rbl = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const int64_t r0 = (rb0 + rbl) * kBM;
+  int64_t t0, t1;
+  split_range(ceil_div(nk, kBN), split, splits, t0, t1);
+  const float s = scale[0];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp % kWarpsM, wn = warp / kWarpsM, g = lane >> 2, tq = lane & 3;
+  bool row_ok[kMI][2];
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_ok[mi][h] = r0 + wm * kWM + mi * 16 + g + 8 * h < nq;
+  Lse2<float> row[kMI][2];
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi) row[mi][0] = row[mi][1] = Lse2<float>::empty();
+
+  auto epi = [&](int64_t ct, float (&acc)[kMI][kNJ][4]) {
+    const int64_t c0 = ct * kBN, cw = c0 + wn * kWN + 2 * tq;  // column of (nj = 0, e = 0)
+    // logits; -inf past nk (they drop out of maxima and sums)
+#pragma unroll
+    for (int nj = 0; nj < kNJ; ++nj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = cw + nj * 8 + (e & 1) < nk;
+#pragma unroll
+        for (int mi = 0; mi < kMI; ++mi) acc[mi][nj][e] = ok ? mul_rn(acc[mi][nj][e], s) : neg_inf<float>();
+      }
+    // the positive logit S_i,i+offset, stored by the one thread holding it
+    if (c0 < r0 + kBM + offset && r0 + offset < c0 + kBN) {
+#pragma unroll
+      for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t i = r0 + wm * kWM + mi * 16 + g + 8 * h;
+#pragma unroll
+          for (int nj = 0; nj < kNJ; ++nj)
+#pragma unroll
+            for (int b = 0; b < 2; ++b)
+              if (row_ok[mi][h] && cw + nj * 8 + b == i + offset) diag[i] = acc[mi][nj][2 * h + b];
+        }
+    }
+    // rows: the warp's 64 columns -> (max, sum) over the quad, folded into the running state
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float m = neg_inf<float>();
+#pragma unroll
+        for (int nj = 0; nj < kNJ; ++nj)
+#pragma unroll
+          for (int b = 0; b < 2; ++b) m = nan_max(m, acc[mi][nj][2 * h + b]);
+        m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, 2));
+        float e2 = 0.f;
+        if (m != neg_inf<float>()) {  // no valid column in this half: the empty state
+#pragma unroll
+          for (int nj = 0; nj < kNJ; ++nj)
+#pragma unroll
+            for (int b = 0; b < 2; ++b) e2 += exp_diff(acc[mi][nj][2 * h + b], m);
+        }
+        e2 += __shfl_xor_sync(0xffffffffu, e2, 1);
+        e2 += __shfl_xor_sync(0xffffffffu, e2, 2);
+        row[mi][h].merge(m, e2);
+      }
+    if constexpr (SYM) {
+      // columns: the warp's 32 rows (rows past nq left out) -> (max, sum) over the 8 row groups
+#pragma unroll
+      for (int nj = 0; nj < kNJ; ++nj)
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+          float m = neg_inf<float>();
+#pragma unroll
+          for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              if (row_ok[mi][h]) m = nan_max(m, acc[mi][nj][2 * h + b]);
+          m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, 4));
+          m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, 8));
+          m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, 16));
+          float e2 = 0.f;
+          if (m != neg_inf<float>()) {
+#pragma unroll
+            for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+              for (int h = 0; h < 2; ++h)
+                if (row_ok[mi][h]) e2 += exp_diff(acc[mi][nj][2 * h + b], m);
+          }
+          e2 += __shfl_xor_sync(0xffffffffu, e2, 4);
+          e2 += __shfl_xor_sync(0xffffffffu, e2, 8);
+          e2 += __shfl_xor_sync(0xffffffffu, e2, 16);
+          if (g == 0) {
+            const int col = wn * kWN + nj * 8 + 2 * tq + b;
+            cm[wm * kBN + col] = m;
+            cs[wm * kBN + col] = e2;
+          }
+        }
+      __syncthreads();
+      // (cm, cs) are written again only after the next mainloop barrier
+      const int t = threadIdx.x;
+      if (t < kBN && c0 + t < nk) {
+        Lse2<float> st{cm[t], cs[t]};
+#pragma unroll
+        for (int w = 1; w < kWarpsM; ++w) st.merge(cm[w * kBN + t], cs[w * kBN + t]);
+        col_pm[rbl * nk + c0 + t] = st.m;
+        col_ps[rbl * nk + c0 + t] = st.s;
+      }
+    }
+  };
+  tile_loop<BF16, VEC>(q, nq, k, nk, d, r0, t0, t1, stages, epi);
+
+  // the two column halves of each row, merged in order (half 0, then half 1)
+  if (wn == 1 && tq == 0) {
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int rr = wm * kWM + mi * 16 + g + 8 * h;
+        hm[rr] = row[mi][h].m;
+        hs[rr] = row[mi][h].s;
+      }
+  }
+  __syncthreads();
+  if (wn == 0 && tq == 0) {
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int rr = wm * kWM + mi * 16 + g + 8 * h;
+        if (row_ok[mi][h]) {
+          Lse2<float> st = row[mi][h];
+          st.merge(hm[rr], hs[rr]);
+          row_pm[split * nq + r0 + rr] = st.m;
+          row_ps[split * nq + r0 + rr] = st.s;
+        }
+      }
+  }
+}
+
+// grid (row blocks of rows [i0, i0 + c), splits). gbuf: row i - i0, column j at
+// gbuf[(i - i0) * ld_g + j] (input dtype bits); ds_part: (splits, ld_ds) row shares.
+template <typename T, bool BF16, bool SYM, bool VEC>
+__global__ void __launch_bounds__(kThreads)
+mma_grad_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k, int64_t nk,
+                int64_t d, const float* __restrict__ scale, int64_t i0, int64_t c, int64_t offset,
+                const float* __restrict__ rlse, const float* __restrict__ rcoef,
+                const float* __restrict__ dcoef, const float* __restrict__ clse,
+                const float* __restrict__ ccoef, const float* __restrict__ gscale,
+                uint16_t* __restrict__ gbuf, int64_t ld_g, bool pair_store,
+                float* __restrict__ ds_part, int64_t ld_ds) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* stages = reinterpret_cast<uint16_t*>(smem_raw);
+  float* hs = reinterpret_cast<float*>(smem_raw + kStages * kStageElems * 2) + 2 * kWarpsM * kBN;
+  const int64_t split = blockIdx.y, splits = gridDim.y;
+  const int64_t r0 = i0 + int64_t(blockIdx.x) * kBM, rows_end = i0 + c;
+  int64_t t0, t1;
+  split_range(ceil_div(nk, kBN), split, splits, t0, t1);
+  const float s = scale_ok(scale[0]) ? scale[0] : std::numeric_limits<float>::quiet_NaN();
+  const float sg = gscale ? s * gscale[0] : s;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp % kWarpsM, wn = warp / kWarpsM, g = lane >> 2, tq = lane & 3;
+  bool row_ok[kMI][2];
+  float rl[kMI][2], rc[kMI][2], dc[kMI][2], ds[kMI][2];
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i = r0 + wm * kWM + mi * 16 + g + 8 * h;
+      row_ok[mi][h] = i < rows_end;
+      rl[mi][h] = row_ok[mi][h] ? rlse[i] : 0.f;
+      rc[mi][h] = row_ok[mi][h] ? rcoef[i] : 0.f;
+      dc[mi][h] = row_ok[mi][h] ? dcoef[i] : 0.f;
+      ds[mi][h] = 0.f;
+    }
+
+  auto epi = [&](int64_t ct, float (&acc)[kMI][kNJ][4]) {
+    const int64_t c0 = ct * kBN, cw = c0 + wn * kWN + 2 * tq;
+    const bool diag_here = c0 < r0 + kBM + offset && r0 + offset < c0 + kBN;
+    float cl[kNJ][2], cc[kNJ][2];
+    if constexpr (SYM) {
+#pragma unroll
+      for (int nj = 0; nj < kNJ; ++nj)
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+          const int64_t j = cw + nj * 8 + b;
+          cl[nj][b] = j < nk ? clse[j] : 0.f;
+          cc[nj][b] = j < nk ? ccoef[j] : 0.f;
+        }
+    }
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (!row_ok[mi][h]) continue;
+        const int64_t i = r0 + wm * kWM + mi * 16 + g + 8 * h;
+        uint16_t* grow = gbuf + (i - i0) * ld_g;
+#pragma unroll
+        for (int nj = 0; nj < kNJ; ++nj) {
+          uint16_t out[2];
+#pragma unroll
+          for (int b = 0; b < 2; ++b) {
+            const int64_t j = cw + nj * 8 + b;
+            float gv = 0.f;
+            if (j < nk) {
+              const float w = acc[mi][nj][2 * h + b];
+              const float x = mul_rn(w, s);
+              gv = rc[mi][h] * exp_diff(x, rl[mi][h]);
+              if constexpr (SYM) gv += cc[nj][b] * exp_diff(x, cl[nj][b]);
+              if (diag_here && j == i + offset) gv -= dc[mi][h];
+              ds[mi][h] += gv * w;
+            }
+            out[b] = T(sg * gv).x;
+          }
+          const int64_t j = cw + nj * 8;
+          if (pair_store && j + 1 < nk) {
+            *reinterpret_cast<uint32_t*>(grow + j) = uint32_t(out[0]) | (uint32_t(out[1]) << 16);
+          } else {
+            if (j < nk) grow[j] = out[0];
+            if (j + 1 < nk) grow[j + 1] = out[1];
+          }
+        }
+      }
+  };
+  tile_loop<BF16, VEC>(q, rows_end, k, nk, d, r0, t0, t1, stages, epi);
+
+  // row shares: quad sums, then column half 0 + half 1
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      ds[mi][h] += __shfl_xor_sync(0xffffffffu, ds[mi][h], 1);
+      ds[mi][h] += __shfl_xor_sync(0xffffffffu, ds[mi][h], 2);
+    }
+  if (wn == 1 && tq == 0) {
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) hs[wm * kWM + mi * 16 + g + 8 * h] = ds[mi][h];
+  }
+  __syncthreads();
+  if (wn == 0 && tq == 0) {
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int rr = wm * kWM + mi * 16 + g + 8 * h;
+        if (row_ok[mi][h]) ds_part[split * ld_ds + (r0 - i0) + rr] = ds[mi][h] + hs[rr];
+      }
+  }
+}
+
+// One thread per row: the row's split partials merged in split order; r_i (poisoned by a bad
+// scale) and, for the rect form, loss_i = r_i - S_i,i+offset.
+template <bool SYM>
+__global__ void row_finish_kernel(const float* __restrict__ pm, const float* __restrict__ ps,
+                                  int64_t splits, int64_t n, const float* __restrict__ diag,
+                                  const float* __restrict__ scale, float* __restrict__ rlse,
+                                  float* __restrict__ loss) {
+  const bool ok = scale_ok(scale[0]);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    Lse2<float> st{pm[i], ps[i]};
+    for (int64_t sp = 1; sp < splits; ++sp) st.merge(pm[sp * n + i], ps[sp * n + i]);
+    const float r = ok ? st.lse_natural() : std::numeric_limits<float>::quiet_NaN();
+    rlse[i] = r;
+    if constexpr (!SYM) loss[i] = r - diag[i];
+  }
+}
+
+// One thread per column: a pass's row-block partials folded, in row-block order, into the
+// running column states (cm, cs).
+__global__ void col_merge_kernel(const float* __restrict__ pm, const float* __restrict__ ps,
+                                 int64_t n_rb, int64_t nk, float* __restrict__ cm,
+                                 float* __restrict__ cs) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < nk;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    Lse2<float> st{cm[j], cs[j]};
+    for (int64_t t = 0; t < n_rb; ++t) st.merge(pm[t * nk + j], ps[t * nk + j]);
+    cm[j] = st.m;
+    cs[j] = st.s;
+  }
+}
+
+// Column LSEs c_j and the symmetric loss_i = (r_i + c_i) / 2 - S_ii.
+__global__ void sym_finish_kernel(const float* __restrict__ cm, const float* __restrict__ cs,
+                                  const float* __restrict__ rlse, const float* __restrict__ diag,
+                                  const float* __restrict__ scale, int64_t n,
+                                  float* __restrict__ clse, float* __restrict__ loss) {
+  const bool ok = scale_ok(scale[0]);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const float cl = ok ? Lse2<float>{cm[i], cs[i]}.lse_natural() : std::numeric_limits<float>::quiet_NaN();
+    clse[i] = cl;
+    loss[i] = 0.5f * (rlse[i] + cl) - diag[i];
+  }
+}
+
+// ---- host ----------------------------------------------------------------------------------
+
+unsigned grid_1d(int64_t n) {
+  return static_cast<unsigned>(std::clamp<int64_t>(ceil_div(n, kThreads), 1, 65536));
+}
+
+// Column splits for `row_blocks` CTAs of rows: enough CTAs to fill the GPU about twice, at
+// most one per column tile (grid.y <= 65535).
+int64_t pick_splits(int64_t row_blocks, int64_t col_tiles, int64_t sms) {
+  const int64_t want = ceil_div(2 * sms, std::max<int64_t>(row_blocks, 1));
+  return std::clamp<int64_t>(want, 1, std::clamp<int64_t>(col_tiles, 1, 65535));
+}
+
+// Row blocks per pass: the requested rows, or as many as fit `bytes_per_block` each in the
+// budget.
+int64_t pick_blocks(int64_t requested_rows, int64_t n_rb, int64_t bytes_per_block) {
+  const int64_t want = requested_rows > 0 ? ceil_div(requested_rows, kBM)
+                                          : kBudgetBytes / std::max<int64_t>(bytes_per_block, 1);
+  return std::clamp<int64_t>(want, 1, n_rb);
+}
+
+bool vec_ok(const at::Tensor& q, const at::Tensor& k) {
+  return q.size(1) % 8 == 0 && semcomp::cuda::aligned16(q.const_data_ptr()) &&
+         semcomp::cuda::aligned16(k.const_data_ptr());
+}
+
+template <typename K>
+void allow_smem(K* kernel) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+}
+
+// f(bf16 tag, vec tag): the kernel template arguments from the dtype and alignment.
+template <typename F>
+void dispatch(const at::Tensor& q, bool vec, F&& f) {
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || q.scalar_type() == at::kHalf, "infonce mma: bf16 or fp16 only, got ", q.scalar_type());
+  if (bf16) {
+    if (vec) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (vec) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
+}
+
+template <bool SYM>
+void launch_fwd(const at::Tensor& q, const at::Tensor& k, const float* sp, int64_t offset,
+                int64_t rb0, int64_t n_blocks, int64_t splits, at::Tensor& rpm, at::Tensor& rps,
+                at::Tensor& cpm, at::Tensor& cps, at::Tensor& diag, cudaStream_t stream) {
+  const int64_t nq = q.size(0), nk = k.size(0), d = q.size(1);
+  const dim3 grid(static_cast<unsigned>(n_blocks), static_cast<unsigned>(splits));
+  const auto* qp = static_cast<const uint16_t*>(q.const_data_ptr());
+  const auto* kp = static_cast<const uint16_t*>(k.const_data_ptr());
+  float* cpm_p = SYM ? cpm.data_ptr<float>() : nullptr;
+  float* cps_p = SYM ? cps.data_ptr<float>() : nullptr;
+  dispatch(q, vec_ok(q, k), [&](auto bf16, auto vec) {
+    constexpr bool B = decltype(bf16)::value, V = decltype(vec)::value;
+    allow_smem(&mma_fwd_kernel<B, SYM, V>);
+    mma_fwd_kernel<B, SYM, V><<<grid, kThreads, kSmemBytes, stream>>>(
+        qp, nq, kp, nk, d, sp, offset, rb0, rpm.data_ptr<float>(), rps.data_ptr<float>(), cpm_p,
+        cps_p, diag.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <bool SYM>
+std::vector<at::Tensor> fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& s,
+                                 int64_t offset, int64_t chunk) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  const int64_t nq = q.size(0), nk = k.size(0);
+  const auto opts = q.options().dtype(at::kFloat);
+  const int64_t n_rb = ceil_div(nq, kBM), n_ct = ceil_div(nk, kBN);
+  // column partials of a pass: 2 fp32 per (row block, column)
+  const int64_t pass = SYM ? pick_blocks(chunk, n_rb, 8 * nk) : n_rb;
+  TORCH_CHECK_VALUE(pass <= std::numeric_limits<int>::max(), "infonce: too many rows (", nq, ")");
+  const int64_t splits = pick_splits(pass, n_ct, semcomp::cuda::multiprocessor_count(q.device().index()));
+  at::Tensor rpm = at::empty({splits, nq}, opts), rps = at::empty({splits, nq}, opts);
+  at::Tensor diag = at::empty({nq}, opts), cpm, cps, cm, cs;
+  if constexpr (SYM) {
+    cpm = at::empty({pass, nk}, opts);
+    cps = at::empty({pass, nk}, opts);
+    cm = at::full({nk}, -std::numeric_limits<double>::infinity(), opts);
+    cs = at::zeros({nk}, opts);
+  }
+  const float* sp = s.const_data_ptr<float>();
+  for (int64_t rb0 = 0; rb0 < n_rb; rb0 += pass) {
+    const int64_t nb = std::min(pass, n_rb - rb0);
+    launch_fwd<SYM>(q, k, sp, offset, rb0, nb, splits, rpm, rps, cpm, cps, diag, stream);
+    if constexpr (SYM) {
+      col_merge_kernel<<<grid_1d(nk), kThreads, 0, stream>>>(
+          cpm.const_data_ptr<float>(), cps.const_data_ptr<float>(), nb, nk, cm.data_ptr<float>(),
+          cs.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  at::Tensor rlse = at::empty({nq}, opts), loss = at::empty({nq}, opts);
+  row_finish_kernel<SYM><<<grid_1d(nq), kThreads, 0, stream>>>(
+      rpm.const_data_ptr<float>(), rps.const_data_ptr<float>(), splits, nq,
+      diag.const_data_ptr<float>(), sp, rlse.data_ptr<float>(), loss.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr (SYM) {
+    at::Tensor clse = at::empty({nk}, opts);
+    sym_finish_kernel<<<grid_1d(nq), kThreads, 0, stream>>>(
+        cm.const_data_ptr<float>(), cs.const_data_ptr<float>(), rlse.const_data_ptr<float>(),
+        diag.const_data_ptr<float>(), sp, nq, clse.data_ptr<float>(), loss.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {loss, rlse, clse};
+  }
+  return {loss, rlse};
+}
+
+#if SEMCOMP_MMA_OUT_DTYPE
+// acc (fp32) += m1 m2 with bf16/fp16 operands: addmm.dtype_out where torch accepts an fp32
+// bias, else mm.dtype_out into a scratch block plus add_ (the choice is process-wide, shared
+// with the gemm path through infonce_dk_accumulate_mode()).
+void accumulate_mixed(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2,
+                      at::Tensor& scratch) {
+  std::atomic<int>& mode = infonce_dk_accumulate_mode();  // 0 untried, 1 addmm, 2 fallback
+  if (mode.load() != 2) {
+    try {
+      at::addmm_out(acc, acc, m1, m2, at::kFloat, /*beta=*/1, /*alpha=*/1);
+      mode.store(1);
+      return;
+    } catch (const c10::Error&) {
+      if (mode.load() == 1) throw;
+      mode.store(2);
+    }
+  }
+  if (!scratch.defined()) scratch = at::empty_like(acc);
+  at::mm_out(scratch, m1, m2, at::kFloat);
+  acc.add_(scratch);
+}
+
+template <bool SYM>
+std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& logit_scale, const at::Tensor& s,
+                                 const at::Tensor& rlse, const at::Tensor& rcoef,
+                                 const at::Tensor& dcoef, const at::Tensor& clse,
+                                 const at::Tensor& ccoef, int64_t offset, int64_t chunk) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  const int64_t nq = q.size(0), nk = k.size(0), d = q.size(1);
+  const auto opts = q.options().dtype(at::kFloat);
+  const int64_t n_rb = ceil_div(nq, kBM), n_ct = ceil_div(nk, kBN);
+  const int64_t C = chunk > 0 ? std::min(chunk, nq)
+                              : std::min(nq, pick_blocks(0, n_rb, kBM * nk * q.element_size()) * kBM);
+  const int64_t splits =
+      pick_splits(ceil_div(C, kBM), n_ct, semcomp::cuda::multiprocessor_count(q.device().index()));
+  // fp16 s*G blocks are stored times an exact power of two p (as the gemm path: the largest
+  // possible entry lands near 2^14, so the small entries of a "mean" reduction do not flush
+  // to zero); dq is then computed in fp32 and both gradients are multiplied by 1/p.
+  const bool prescale = q.scalar_type() == at::kHalf;
+  at::Tensor gscale;
+  if (prescale) {
+    at::Tensor m = rcoef.abs().amax().add(dcoef.abs().amax());
+    if constexpr (SYM) m = m.add(ccoef.abs().amax());
+    const at::Tensor e = m.mul(s.reshape({})).reciprocal().mul(16384.0).log2().floor();
+    gscale = e.nan_to_num(0.0, 60.0, -30.0).clamp(-30.0, 60.0).exp2().reshape({1}).contiguous();
+  }
+  at::Tensor gbuf = at::empty({C, nk}, q.options());
+  at::Tensor ds_part = at::empty({splits, C}, opts);
+  at::Tensor gq = at::empty({nq, d}, prescale ? opts : q.options());
+  at::Tensor gk = at::zeros({nk, d}, opts);
+  at::Tensor ds_rows = at::empty({nq}, opts);
+  at::Tensor scratch;
+  const float* sp = s.const_data_ptr<float>();
+  const float* gsp = prescale ? gscale.const_data_ptr<float>() : nullptr;
+  const float* clp = SYM ? clse.const_data_ptr<float>() : nullptr;
+  const float* ccp = SYM ? ccoef.const_data_ptr<float>() : nullptr;
+  const bool vec = vec_ok(q, k);
+  const bool pair_store = nk % 2 == 0;  // 4-byte stores of column pairs (gbuf from empty: aligned)
+  const auto* qp = static_cast<const uint16_t*>(q.const_data_ptr());
+  const auto* kp = static_cast<const uint16_t*>(k.const_data_ptr());
+  auto* gp = static_cast<uint16_t*>(gbuf.data_ptr());
+  for (int64_t i0 = 0; i0 < nq; i0 += C) {
+    const int64_t c = std::min(C, nq - i0);
+    const dim3 grid(static_cast<unsigned>(ceil_div(c, kBM)), static_cast<unsigned>(splits));
+    dispatch(q, vec, [&](auto bf16, auto vtag) {
+      constexpr bool B = decltype(bf16)::value, V = decltype(vtag)::value;
+      using T = std::conditional_t<B, c10::BFloat16, c10::Half>;
+      allow_smem(&mma_grad_kernel<T, B, SYM, V>);
+      mma_grad_kernel<T, B, SYM, V><<<grid, kThreads, kSmemBytes, stream>>>(
+          qp, kp, nk, d, sp, i0, c, offset, rlse.const_data_ptr<float>(),
+          rcoef.const_data_ptr<float>(), dcoef.const_data_ptr<float>(), clp, ccp, gsp, gp, nk,
+          pair_store, ds_part.data_ptr<float>(), C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    ds_rows.narrow(0, i0, c).copy_(at::sum(ds_part.narrow(1, 0, c), 0));
+    const at::Tensor gblk = gbuf.narrow(0, 0, c), qc = q.narrow(0, i0, c);
+    at::Tensor gq_blk = gq.narrow(0, i0, c);
+    if (prescale) at::mm_out(gq_blk, gblk, k, at::kFloat);  // p * dq_c in fp32
+    else at::mm_out(gq_blk, gblk, k);                       // dq_c, one rounding to the dtype
+    accumulate_mixed(gk, gblk.t(), qc, scratch);             // dk += (sG)^T q_c in fp32
+  }
+  at::Tensor gs = at::sum(ds_rows).reshape(logit_scale.sizes()).to(logit_scale.scalar_type());
+  if (prescale) {
+    const at::Tensor inv = gscale.reciprocal();  // exact: p is a power of two
+    gq.mul_(inv);
+    gk.mul_(inv);
+  }
+  return {gq.to(q.scalar_type()), gk.to(k.scalar_type()), gs};
+}
+#endif
+
+}  // namespace
+
+bool available(const at::Tensor& q) {
+  if (!SEMCOMP_MMA_OUT_DTYPE) return false;
+  if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) return false;
+#if defined(EMU_HAVE_TORCH)  // the host emulator (shared/tools/cuda-emu) runs the sm_80 code
+#if defined(EMU_CUDA_ARCH)
+  return true;
+#else
+  return false;
+#endif
+#else
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+  return major >= 8;
+#endif
+}
+
+std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& s,
+                            int64_t offset, bool sym, int64_t chunk) {
+  return sym ? fwd_impl<true>(q, k, s, offset, chunk) : fwd_impl<false>(q, k, s, offset, chunk);
+}
+
+std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& logit_scale,
+                            const at::Tensor& s, const at::Tensor& rlse, const at::Tensor& rcoef,
+                            const at::Tensor& dcoef, const at::Tensor& clse,
+                            const at::Tensor& ccoef, int64_t offset, bool sym, int64_t chunk) {
+#if SEMCOMP_MMA_OUT_DTYPE
+  return sym ? bwd_impl<true>(q, k, logit_scale, s, rlse, rcoef, dcoef, clse, ccoef, offset, chunk)
+             : bwd_impl<false>(q, k, logit_scale, s, rlse, rcoef, dcoef, clse, ccoef, offset, chunk);
+#else
+  TORCH_CHECK(false, "infonce mma: needs torch >= 2.8 (mm.dtype_out)");
+  return {};
+#endif
+}
+
+}  // namespace semcomp::mma
