@@ -374,3 +374,62 @@ def test_s3_header_checks_fetch_only_headers(s3, tmp_path, monkeypatch):
         assert np.array_equal(np.concatenate(blocks), x)
     finally:
         fsio.configure(None)
+
+
+def test_s3_lock_is_a_conditional_create(s3):
+    """Of two jobs on one bucket folder exactly one holds the lock object (If-None-Match: *);
+    the lock object of a dead process of this host is stale and taken over."""
+    from semcomp_ext.compress.lock import LOCK, FolderLockedError, OutputLock
+
+    fsio.configure(s3["so"])
+    url = f"{s3['bucket']}/out-locked"
+    a = OutputLock(url).acquire()
+    try:
+        with pytest.raises(FolderLockedError, match=f"pid {os.getpid()} on host {socket.gethostname()}"):
+            OutputLock(url).acquire()
+    finally:
+        a.release()
+    s3["fs"].pipe_file(f"semcomp-test/out-locked/{LOCK}",
+                       json.dumps({"host": socket.gethostname(), "pid": 999999, "started": 0}).encode())
+    b = OutputLock(url).acquire()
+    assert b.stale["pid"] == 999999
+    b.release()
+    assert not s3["fs"].exists(f"semcomp-test/out-locked/{LOCK}")
+
+
+def test_ctrl_c_stops_within_5_s_while_the_store_stalls(s3, tmp_path):
+    """Uploads of shards hang (the moto server holds every PUT of a centroids object): SIGINT
+    still ends the job within 5 s, with one line saying how to continue."""
+    import threading
+
+    from moto.s3.responses import S3Response
+
+    make_clip_layout(tmp_path / "in", rows=ROWS)
+    stalled, release = threading.Event(), threading.Event()
+    orig = S3Response._key_response_put
+
+    def put(self, query, key_name, *a, **kw):
+        if "centroids/" in key_name:
+            stalled.set()
+            release.wait(120)
+        return orig(self, query, key_name, *a, **kw)
+
+    S3Response._key_response_put = put
+    job = subprocess.Popen(_cli("compress", tmp_path / "in", "-o", f"{s3['bucket']}/out-stall", *ARGS, "--workers", "2",
+                                "--storage-options", json.dumps(s3["so"])), stderr=subprocess.PIPE)
+    try:
+        assert stalled.wait(90), "the job never reached a shard upload"
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        job.send_signal(signal.SIGINT)
+        rc = job.wait(30)
+        took = time.monotonic() - t0
+        err = job.stderr.read().decode()
+    finally:
+        release.set()
+        S3Response._key_response_put = orig
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert took <= 5.0, f"Ctrl-C took {took:.1f} s"
+    assert rc == 130 and "--resume" in err and "Traceback" not in err, err

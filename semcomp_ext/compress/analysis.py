@@ -143,18 +143,18 @@ def load_labels(path: str, column: str = "label") -> np.ndarray:
     return np.unique(y, return_inverse=True)[1].reshape(-1).astype(np.int64)  # class ids 0..C-1 (uint64 safe)
 
 
-def _read_decoded(folder: str, man: dict, codec, sel: np.ndarray | None) -> np.ndarray:
-    """Rows `sel` (None: all) of a compressed folder, decoded to float32 by its codec."""
+def _read_decoded(cs, sel: np.ndarray | None) -> np.ndarray:
+    """Rows `sel` (None: all) of an open compressed set, decoded to float32 by its codec."""
     out, base = [], 0
-    for sh in man["shards"]:
+    for i, sh in enumerate(cs.shards):
         lo, hi = base, base + sh["rows"]
         base = hi
-        codes = np.load(os.path.join(folder, sh["centroids"]["file"]), mmap_mode="r")
         local = None if sel is None else sel[(sel >= lo) & (sel < hi)] - lo
         if local is not None and local.size == 0:
             continue
-        out.append(codec.decode(np.asarray(codes if local is None else codes[local])))
-    return np.concatenate(out) if out else np.zeros((0, man["rfs"]["keep"]), np.float32)
+        codes = cs.codes(i)
+        out.append(cs.codec.decode(np.asarray(codes if local is None else codes[local])))
+    return np.concatenate(out) if out else np.zeros((0, cs.K), np.float32)
 
 
 def ridge_loo_accuracy(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor) -> tuple:
@@ -242,7 +242,6 @@ def eval_report(inputs, compressed: str | None = None, labels: str | None = None
     compressed vectors agrees with one over everything kept). `delta_pt`: the change against
     the original concatenation, in percentage points; negative = lost."""
     from ..eval import knn_accuracy
-    from . import manifest
     from .api import compress_arrays, compression_ratio_bytes
     from .codecs import codec_from_manifest
 
@@ -256,9 +255,12 @@ def eval_report(inputs, compressed: str | None = None, labels: str | None = None
     for r in drop_rates:
         if not 0 <= r < 1:
             raise ValueError(f"eval: drop rates must be in [0, 1), got {r}")
-    man = None
+    man = cs = None
     if compressed is not None:
-        man = manifest.load(compressed)
+        from .open import open_compressed
+
+        cs = open_compressed(compressed)  # a finished folder (local or URL), sizes and headers checked
+        man = cs.manifest
         if man["parameters"]["mode"] != "pairs":
             raise ValueError("eval: --compressed needs a pairs-mode output (one centroid per input row)")
         if man.get("invalid_rows_skipped"):
@@ -334,8 +336,8 @@ def eval_report(inputs, compressed: str | None = None, labels: str | None = None
     compressed_row = None
     if man is not None:
         bar.set_postfix_str("compressed folder")
-        cdc = codec_from_manifest(man)
-        vec = _read_decoded(compressed, man, cdc, sel)
+        cdc = cs.codec
+        vec = _read_decoded(cs, sel)
         compressed_row = sweep_row(f"compressed {os.path.basename(os.path.normpath(compressed))}", vec, cdc,
                                    man["rfs"]["keep"], man["rfs"]["index"])
         compressed_row["drop_rate"] = man["parameters"]["drop_rate"]

@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING
 
 from . import atomic, fsio, manifest
 from .codecs import parse_codec
+from .lock import LOCK, OutputLock, stale_note
 from .readers import DEFAULT_BATCH_ROWS, concept_dtype, discover, open_concepts, validate
 
 if TYPE_CHECKING:  # the pipeline imports torch: only when a job runs (fast `--help`)
     from .pipeline import Plan
 
-_OURS = ("centroids", "metadata", "concepts", ".spill", manifest.MANIFEST, manifest.JOURNAL, manifest.INDEX_DIR)
+_WRITTEN = ("centroids", "metadata", "concepts", ".spill", manifest.INDEX_DIR)  # folders a job writes into
+_OURS = _WRITTEN + (manifest.MANIFEST, manifest.JOURNAL)
 _SPILL_TARGET = 256 << 20  # bytes of worst-case spill per partition: bounds reduce memory
 
 
@@ -59,6 +61,7 @@ def _prepare_out(opts: CompressOptions) -> dict | None:
         names = fsio.listdir(out) if fsio.isdir(out) else []
     else:
         names = os.listdir(out) if os.path.isdir(out) else []
+    names = [n for n in names if n != LOCK]  # this job's own lock
     if names:
         if opts.resume:
             if not fsio.exists(manifest.manifest_path(out)):
@@ -97,10 +100,11 @@ class Progress:
         else:
             self.log = True
 
-    def skip(self, nbytes: int, tasks: int) -> None:
-        """Work done by an earlier (resumed) run: counted as done, not in the rate."""
+    def skip(self, nbytes: int, tasks: int, rows: int = 0) -> None:
+        """Work done by an earlier (resumed) run: counted as done (the line counts the whole
+        job), not in the rate."""
         self.start_bytes += nbytes
-        self.update(nbytes, tasks)
+        self.update(nbytes, tasks, rows)
 
     def update(self, nbytes: int, tasks: int = 1, rows: int = 0) -> None:
         self.bytes += nbytes
@@ -284,6 +288,19 @@ def _compress(opts: CompressOptions) -> dict:
     if plan.in_dtype == "float64" and not opts.quiet:
         print(f"semcomp compress: note: the inputs are float64; they are cast to float32 block by block "
               f"(accumulation is float32) and stored as {plan.params['codec']}", file=sys.stderr)
+    lock = OutputLock(opts.out).acquire()  # before the folder is looked at: one job at a time
+    try:
+        note = stale_note(lock)
+        if note and not opts.quiet:
+            print(f"semcomp compress: note: {opts.out}: {note}", file=sys.stderr)
+        if not fsio.is_url(opts.out):
+            manifest.refuse_symlinks(opts.out, _WRITTEN)
+        return _run_job(opts, plan)
+    finally:
+        lock.release_soon()
+
+
+def _run_job(opts: CompressOptions, plan: Plan) -> dict:
     old = _prepare_out(opts)
     n_in = len(plan.mods[0]["shards"])
     m = {
@@ -357,7 +374,7 @@ def _compress(opts: CompressOptions) -> dict:
             finished = {r["index"] for r in m[key]}
             todo = [i for i in range(n) if i not in finished]
             if key == "maps" or not plan.concepts:
-                bar.skip(sum(in_bytes[i] for i in finished), len(finished))
+                bar.skip(sum(in_bytes[i] for i in finished), len(finished), sum(in_rows[i] for i in finished))
             else:
                 bar.update(0, len(finished))
             runner(fn, plan, todo, done(key))

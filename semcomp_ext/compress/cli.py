@@ -44,6 +44,19 @@ def compress_summary(m: dict, out: str, seconds: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def interrupted(command: str, hint: str | None = None) -> None:
+    """Ctrl-C: one line (with how to continue) and exit 130 at once. Worker threads stuck in a
+    stalled store's requests are not waited for (the interpreter's exit would join them)."""
+    import os
+    import threading
+
+    print(f"semcomp {command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        os._exit(130)
+    raise SystemExit(130)
+
+
 def _storage_error(exc: Exception) -> str:
     """The one-line message of an I/O error; a TypeError only when an fsspec backend rejected a
     --storage-options name (the message names the option, never a value), else re-raised."""
@@ -77,6 +90,8 @@ def _compress(args) -> int:
 
     try:
         m = compress(opts)
+    except KeyboardInterrupt:
+        interrupted("compress", f"continue with the same command and --resume (the shards written so far are kept)")
     except (ImportError, TypeError, *storage_errors()) as exc:  # storage_errors: evaluated after the backend loaded
         if isinstance(exc, (FileNotFoundError, FileExistsError)):
             raise

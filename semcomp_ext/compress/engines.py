@@ -28,23 +28,30 @@ def run_local(fn, plan, items, on_done, workers: int = 1) -> None:
     # the cores are shared out between the workers: no oversubscription by intra-op threads
     torch.set_num_threads(max(1, threads // workers))
     error = None
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="semcomp-task")
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="semcomp-task") as pool:
-            todo, running = iter(items), set()
-            while True:
-                while error is None and len(running) < workers:
-                    i = next(todo, None)
-                    if i is None:
-                        break
-                    running.add(pool.submit(fn, plan, i))
-                if not running:
+        todo, running = iter(items), set()
+        while True:
+            while error is None and len(running) < workers:
+                i = next(todo, None)
+                if i is None:
                     break
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    if f.exception() is not None:
-                        error = error or f.exception()
-                    else:
-                        on_done(f.result())
+                running.add(pool.submit(fn, plan, i))
+            if not running:
+                break
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                if f.exception() is not None:
+                    error = error or f.exception()
+                else:
+                    on_done(f.result())
+    except BaseException:
+        # Ctrl-C (or an error on this thread): return at once, without joining tasks that may
+        # be stuck in a stalled store's requests; what they write is never committed
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    else:
+        pool.shutdown(wait=True)
     finally:
         torch.set_num_threads(threads)
     if error is not None:

@@ -41,7 +41,7 @@ class Batch:
     """Consecutive rows of a compressed set."""
 
     start: int                # global row number of the first row
-    ids: np.ndarray           # (n,) int64: concept ids (concepts mode) or row numbers (pairs mode)
+    ids: np.ndarray           # (n,) concept ids in their own dtype (concepts mode) or int64 row numbers (pairs)
     vectors: np.ndarray       # (n, K) float32 decoded vectors, or the stored codes (decode=False)
     metadata: object = None   # pyarrow.Table with the n rows' metadata, or None
     shard: int | None = None  # the output shard (iter_shards only)
@@ -62,6 +62,8 @@ class CompressedSet:
         self.normalize = p["normalize"]             # "none" | "input" | "output" | "both"
         self.D, self.K, self.seed = int(rfs["dim"]), int(rfs["keep"]), int(rfs["seed"])
         self.rfs_index = np.asarray(rfs["index"], dtype=np.int64)
+        # ids come back in the dtype they were given in (uint64 concept ids >= 2**63 stay exact)
+        self.id_dtype = np.dtype(p.get("concept_dtype") or np.int64) if self.mode == "concepts" else np.dtype(np.int64)
         self.shards = sorted(m["shards"], key=lambda s: s["index"])
         rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(rows)])  # shard i = rows starts[i]:starts[i+1]
@@ -88,10 +90,11 @@ class CompressedSet:
         return np.concatenate(parts) if parts else np.zeros((0, self.K), np.float32)
 
     def ids(self) -> np.ndarray:
-        """(N,) int64 id of every row: the concept id (concepts mode) or the output row number
-        (pairs mode; it equals the input row number unless --skip-invalid dropped rows)."""
-        return np.concatenate([self.shard_ids(i) for i in range(len(self.shards))]) if self.shards \
-            else np.zeros(0, np.int64)
+        """(N,) id of every row: the concept id (concepts mode, in the ids' own integer dtype:
+        `id_dtype`) or the int64 output row number (pairs mode; it equals the input row number
+        unless --skip-invalid dropped rows)."""
+        return np.concatenate([self.shard_ids(i) for i in range(len(self.shards))]).astype(self.id_dtype, copy=False) \
+            if self.shards else np.zeros(0, self.id_dtype)
 
     def metadata(self):
         """pyarrow.Table of every row's metadata (pairs mode with metadata), else None."""
@@ -108,6 +111,9 @@ class CompressedSet:
         if self.remote:
             size = self._sizes.get(rec["file"])
         else:
+            escape = _manifest.local_escape(self.path, rec["file"])
+            if escape:
+                raise CompressedFolderError(f"unsafe shard in {self.path}: {escape}")
             path = os.path.join(self.path, rec["file"])
             size = os.path.getsize(path) if os.path.exists(path) else None
         if size is None:
@@ -233,7 +239,7 @@ class CompressedSet:
             import pyarrow as pa
 
             table = meta[0] if len(meta) == 1 else pa.concat_tables(meta)
-        return Batch(start, np.asarray(cat(ids), dtype=np.int64), self._decode(codes) if decode else codes, table)
+        return Batch(start, np.asarray(cat(ids), dtype=self.id_dtype), self._decode(codes) if decode else codes, table)
 
     # ---- row lookup ------------------------------------------------------------------------
 
@@ -251,7 +257,7 @@ class CompressedSet:
             self._locate(rows)
             return rows.copy()
         shard = self._locate(rows)
-        out = np.empty(rows.shape, dtype=np.int64)
+        out = np.empty(rows.shape, dtype=self.id_dtype)
         for i in np.unique(shard):
             sel = shard == i
             out[sel] = self.shard_ids(i)[rows[sel] - self.starts[i]]
@@ -318,9 +324,15 @@ def open_compressed(path, *, verify: bool = False, storage_options: dict | None 
     if not fsio.exists(_manifest.manifest_path(path)):
         raise FileNotFoundError(f"open_compressed: {path!r} has no {_manifest.MANIFEST}; "
                                 "is it the output folder of `semcomp compress`?")
-    m = _manifest.load(path)
+    try:
+        m = _manifest.load(path)
+    except _manifest.ManifestError as exc:
+        raise CompressedFolderError(f"open_compressed: {exc}") from None
     if m.get("status") != "complete":
-        done = len(m.get("shards", []))
+        try:  # the shards committed so far: the manifest's and the journal's
+            done = len(_manifest.load_state(path).get("shards", []))
+        except ValueError:
+            done = len(m.get("shards", []))
         raise CompressedFolderError(f"open_compressed: the job writing {path!r} did not finish (status "
                                     f"{m.get('status')!r}, {done} of {m.get('num_shards')} shards written); "
                                     "finish it with `semcomp compress ... --resume`")

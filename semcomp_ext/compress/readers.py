@@ -14,6 +14,7 @@ sequential so that a cold file is read ahead in large windows. URL shards are re
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 import re
@@ -148,7 +149,8 @@ def open_npy(path: str, want_2d: bool = True) -> Shard:
         raise ValueError(f"{path}: embeddings must be 2-D (rows, dim), got shape {shape}")
     if not want_2d and len(shape) != 1:
         raise ValueError(f"{path}: concept ids must be 1-D, got shape {shape}")
-    expect = offset + int(np.prod(shape)) * dtype.itemsize
+    # Python integers: a shape whose product overflows int64 is a size mismatch, not a wrap-around
+    expect = offset + math.prod(int(n) for n in shape) * dtype.itemsize
     if size != expect:
         raise ValueError(f"truncated or corrupt .npy {path}: header says {shape} {dtype} "
                          f"({expect} bytes), file has {size} bytes")
@@ -482,11 +484,18 @@ def validate(mods: list, metadata: str | None, column: str = "embedding"):
         for a, b in zip(ref.shards, m.shards):
             if a.rows != b.rows:
                 raise ValueError(f"row counts differ between modalities: {a.path} has {a.rows} rows, {b.path} has {b.rows}")
+    # an empty parquet part (0 rows, as Spark writes them) of a list column has no dimension
+    sized = [s for m in mods for s in m.shards if not (s.kind == "parquet" and s.rows == 0 and s.dim == 0)]
+    first = sized[0] if sized else ref.shards[0]
+    dim = first.dim
+    for m in mods:
+        for s in m.shards:
+            if s.kind == "parquet" and s.rows == 0 and s.dim == 0:
+                s.dim = dim
     dims = {(s.path, s.dim) for m in mods for s in m.shards}
-    dim = ref.shards[0].dim
     for path, d in dims:
         if d != dim:
-            raise ValueError(f"dimension mismatch: {path} has dim {d}, {ref.shards[0].path} has dim {dim}")
+            raise ValueError(f"dimension mismatch: {path} has dim {d}, {first.path} has dim {dim}")
     dtypes = {s.dtype for m in mods for s in m.shards}
     if len(dtypes) > 1:
         raise ValueError(f"mixed input dtypes {sorted(dtypes)}; convert the shards to one dtype")
