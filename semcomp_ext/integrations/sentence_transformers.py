@@ -55,7 +55,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "semcomp_ext.integrations.sentence_transformers needs sentence-transformers "
-        f"(pip install 'semcomp_ext[sentence-transformers]'): {type(exc).__name__}: {exc}"
+        f"(pip install 'semcomp-ext[sentence-transformers]'): {type(exc).__name__}: {exc}"
     ) from exc
 
 __all__ = ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "fused_mnrl_loss", "MASKED_BLOCK"]

@@ -156,7 +156,7 @@ def _classes():
         except ImportError as exc:
             raise ImportError(
                 "semcomp_ext.integrations.transformers needs transformers "
-                f"(pip install 'semcomp_ext[transformers]'): {type(exc).__name__}: {exc}"
+                f"(pip install 'semcomp-ext[transformers]'): {type(exc).__name__}: {exc}"
             ) from exc
         found.append((getattr(module, cls_name), kind))
     return found
