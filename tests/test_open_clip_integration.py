@@ -115,6 +115,176 @@ def test_open_clip_train_main_fused_loss_matches_open_clip(tmp_path):
     np.testing.assert_allclose(fused["losses"], plain["losses"], rtol=0, atol=1e-5)
 
 
+_GC_RUNNER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import open_clip
+    import open_clip_train.main as oc_main
+    import semcomp_ext.open_clip_train as entry
+    from semcomp_ext.integrations import open_clip as integration
+
+    common, out_path, precisions = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+    original_create_loss, original_step = oc_main.create_loss, torch.optim.AdamW.step
+    record, grads_of = {}, {}
+
+    def run(label, argv):
+        losses, grads = [], []
+
+        def create_loss(args):
+            loss = original_create_loss(args)
+            loss.register_forward_hook(lambda m, i, out: losses.append(float(out["contrastive_loss"])))
+            return loss
+
+        def step(self, *a, **k):  # the gradients the optimizer steps with (unscaled under amp)
+            grads.append(torch.cat([p.grad.reshape(-1) for g in self.param_groups for p in g["params"]
+                                    if p.grad is not None]).clone())
+            return original_step(self, *a, **k)
+
+        oc_main.create_loss, torch.optim.AdamW.step = create_loss, step
+        try:
+            status = entry.main(argv + ["--name", label])
+        finally:
+            oc_main.create_loss, torch.optim.AdamW.step = original_create_loss, original_step
+        grads_of[label] = grads
+        record[label] = {"status": status, "losses": losses, "grad_max": [g.abs().max().item() for g in grads],
+                         "patched_after": integration.is_patched()}
+
+    def diff(a, b):
+        return [(x - y).abs().max().item() for x, y in zip(grads_of[a], grads_of[b])]
+
+    open_clip.add_model_config(entry._CONFIG_DIR)
+    for prec in precisions:
+        run(f"fused_{prec}", common + ["--precision", prec])
+        run(f"cached_{prec}", common + ["--precision", prec, "--grad-cache-micro-batch", "5"])
+        record[f"cached_{prec}"]["grad_diff"] = diff(f"cached_{prec}", f"fused_{prec}")
+    with open(out_path, "w") as f:
+        json.dump(record, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_open_clip_train_main_grad_cache_matches_uncached_fused_run(tmp_path):
+    """``--grad-cache-micro-batch 5`` at batch 16 (micro-batches 5, 5, 5, 1) against the same
+    run without it, both with the fused loss: fp32 step losses and the gradients the optimizer
+    steps with equal to 1e-5 (relative to the largest gradient). --precision amp (fp16
+    autocast and GradScaler, on the CPU): the scaler skips the same steps (it overflows at its
+    initial scale on some batches) and the losses and gradients agree to fp16 rounding."""
+    steps = 3
+    csv = _write_csv(tmp_path, steps * BATCH)
+    common = [
+        "--dataset-type", "csv", "--train-data", str(csv), "--csv-separator", "\t",
+        "--model", "semcomp-tiny", "--device", "cpu",
+        "--batch-size", str(BATCH), "--epochs", "1", "--workers", "0",
+        "--lr", "1e-3", "--warmup", "1", "--seed", "0",
+        "--logs", str(tmp_path / "logs"), "--save-frequency", "0", "--log-every-n-steps", "1",
+    ]
+    out = tmp_path / "record.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _GC_RUNNER, json.dumps(common), str(out), json.dumps(["fp32", "amp"])],
+        capture_output=True, text=True, timeout=500,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gradient caching in micro-batches of 5" in proc.stderr
+    rec = json.loads(out.read_text())
+    for label, r in rec.items():
+        assert r["status"] == 0 and not r["patched_after"], label
+        assert len(r["losses"]) == steps, label
+    assert len(rec["fused_fp32"]["grad_max"]) == len(rec["cached_fp32"]["grad_max"]) == steps
+    fused, cached = rec["fused_fp32"], rec["cached_fp32"]
+    assert max(fused["losses"]) - min(fused["losses"]) > 1e-2  # it trains
+    np.testing.assert_allclose(cached["losses"], fused["losses"], rtol=0, atol=1e-5)
+    for k, (d, scale) in enumerate(zip(cached["grad_diff"], fused["grad_max"])):
+        assert d <= 1e-5 * max(1.0, scale), f"fp32 step {k}: gradient difference {d:.3g} (largest {scale:.3g})"
+    fused_amp, cached_amp = rec["fused_amp"], rec["cached_amp"]
+    assert len(cached_amp["grad_max"]) == len(fused_amp["grad_max"]) >= 1  # the same steps skipped
+    np.testing.assert_allclose(cached_amp["losses"], fused_amp["losses"], rtol=0, atol=1e-3)
+    for k, (d, scale) in enumerate(zip(cached_amp["grad_diff"], fused_amp["grad_max"])):
+        assert d <= 5e-3 * max(1.0, scale), f"amp step {k}: gradient difference {d:.3g} (largest {scale:.3g})"
+
+
+def _ddp_worker(rank, world, micro_batch):
+    """2 gloo ranks: an open_clip model in DDP, GradCachedModel with the fused
+    ClipLoss(local_loss=True, gather_with_grad=True); the averaged gradients against open_clip's
+    own ClipLoss on the global batch in one process (fp32)."""
+    import copy
+
+    import open_clip
+    import torch
+    from open_clip import loss as oc_loss
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from semcomp_ext.integrations.open_clip import GradCachedModel
+    from semcomp_ext.open_clip_train import _CONFIG_DIR
+
+    open_clip.add_model_config(_CONFIG_DIR)
+    torch.manual_seed(0)
+    model = open_clip.create_model("semcomp-tiny", output_dict=True)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2 * 6, 3, 28, 28, generator=g)
+    texts = torch.randint(1, 2000, (2 * 6, 24), generator=g)
+
+    out = ref(images, texts)
+    want_loss = oc_loss.ClipLoss()(**out)
+    want_loss.backward()
+
+    cached = GradCachedModel(DDP(model), micro_batch)
+    rows = slice(rank * 6, (rank + 1) * 6)
+    model_out = cached(images[rows], texts[rows])
+    loss = semcomp_ext.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(**model_out)
+    cached.backward(loss)
+    diffs = [(p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters())
+             if q.grad is not None]
+    missing = sum(p.grad is None for p, q in zip(model.parameters(), ref.parameters()) if q.grad is not None)
+    torch.distributed.all_reduce(loss.detach())
+    return {"loss": loss.item() / world, "want_loss": want_loss.item(), "max_diff": max(diffs),
+            "grad_max": max(q.grad.abs().max().item() for q in ref.parameters() if q.grad is not None),
+            "missing": missing, "n": len(diffs)}
+
+
+def test_grad_cached_model_on_two_gloo_ranks_matches_single_process():
+    from semcomp_ext.distributed.launch import launch
+
+    for res in launch(_ddp_worker, 2, (4,), timeout=150, pg_timeout=60):
+        assert res["missing"] == 0 and res["n"] > 10
+        assert abs(res["loss"] - res["want_loss"]) <= 1e-5
+        assert res["max_diff"] <= 1e-5 * max(1.0, res["grad_max"]), res
+
+
+def test_entry_rejects_bad_grad_cache_flag(capsys):
+    import semcomp_ext.open_clip_train as entry
+
+    assert entry.main(["--grad-cache-micro-batch", "0"]) == 2
+    assert "--grad-cache-micro-batch must be an int >= 1, got '0'" in capsys.readouterr().err
+    assert entry.main(["--grad-cache-micro-batch"]) == 2
+    assert "needs a value" in capsys.readouterr().err
+    assert entry.main(["--grad-cache-micro-batch=8", "--accum-freq", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be combined with --accum-freq 2" in err and len(err.strip().splitlines()) == 1
+    assert not integration.is_patched()
+
+
+def test_patch_with_grad_cache_swaps_train_one_epoch_and_restores_it():
+    import open_clip_train.main as oc_main
+
+    original = oc_main.train_one_epoch
+    with pytest.raises(ValueError, match="grad_cache_micro_batch must be an int >= 1"):
+        integration.patch(grad_cache_micro_batch=0)
+    assert not integration.is_patched()
+    with integration.patch(grad_cache_micro_batch=64):
+        assert oc_main.train_one_epoch is not original
+        assert integration.grad_cache_micro_batch() == 64
+        with integration.patch():
+            assert integration.grad_cache_micro_batch() == 64  # the innermost value given
+        with integration.patch(grad_cache_micro_batch=8):
+            assert integration.grad_cache_micro_batch() == 8
+        assert integration.grad_cache_micro_batch() == 64
+    assert oc_main.train_one_epoch is original
+    assert integration.grad_cache_micro_batch() is None
+
+
 def _args(**kw):
     base = dict(distill=False, model="ViT-B-32", siglip=False, local_loss=False, gather_with_grad=False,
                 rank=0, world_size=1, horovod=False, coca_caption_loss_weight=2.0,
