@@ -163,6 +163,70 @@ def test_low_precision_within_2x_of_torch_error(dtype, device):
         assert err(o, t) <= 2 * err(l_, t) + 1e-7
 
 
+def _grads_vs_truth(fn, inputs):
+    """(loss, grads) of fn at the inputs as given, and at their fp64 copies (the truth)."""
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    x64 = [x.detach().double().requires_grad_() for x in inputs]
+    out, out64 = fn(*xs), fn(*x64)
+    return (out, *torch.autograd.grad(out, xs)), (out64, *torch.autograd.grad(out64, x64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lowp_gemm", ["1", "0"])
+@pytest.mark.parametrize("form", ["symmetric", "rect"])
+def test_cpu_low_precision_paths_within_2x_of_torch_error(dtype, lowp_gemm, form, monkeypatch):
+    """Both CPU paths for 16-bit inputs: GEMMs in the input dtype with fp32 accumulation (where
+    build_info()["cpu_lowp_gemm"] lists the dtype) and inputs widened to fp32
+    (SEMCOMP_CPU_LOWP_GEMM=0). Chunks that do not divide N, a 'sum' reduction (G ~ 1, far from
+    the 'mean' scale: fp16's range for G is handled by a power-of-two scale), an offset in the
+    rectangular form; loss and every gradient, logit scale included, within 2x the error of
+    plain PyTorch in that dtype."""
+    monkeypatch.setenv("SEMCOMP_CPU_LOWP_GEMM", lowp_gemm)
+    a, b = _pair(203, 40, "cpu", torch.float32)
+    a, b, s = a.to(dtype), b.to(dtype), torch.tensor(1 / 0.07)
+    if form == "symmetric":
+        ours = lambda a, b, s: sc.infonce_loss(a, b, logit_scale=s, reduction="sum", chunk_size=64)  # noqa: E731
+        plain = lambda a, b, s: R.infonce_reference(a, b, s, "sum")  # noqa: E731
+    else:
+        ours = lambda q, k, s: sc.infonce_rect_loss(q[:150], k, s, offset=30, reduction="sum", chunk_size=64)  # noqa: E731
+        plain = lambda q, k, s: R.infonce_rect_reference(q[:150], k, s.to(q.dtype), offset=30).sum()  # noqa: E731
+    got, truth = _grads_vs_truth(ours, (a, b, s))
+    low, _ = _grads_vs_truth(plain, (a, b, s))
+    assert got[1].dtype == dtype and got[3].dtype == torch.float32
+    for o, l_, t in zip(got, low, truth):
+        assert (o.double() - t).abs().max() <= 2 * (l_.double() - t).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_gemm_path_is_taken_where_listed(dtype, monkeypatch):
+    """Where build_info() lists the dtype, the default path differs from the widened-fp32 one
+    (the GEMMs run in the input dtype); elsewhere the two are the same code."""
+    a, b = _pair(64, 16, "cpu", torch.float32)
+    a, b = a.to(dtype).requires_grad_(), b.to(dtype)
+    monkeypatch.delenv("SEMCOMP_CPU_LOWP_GEMM", raising=False)
+    listed = str(dtype).removeprefix("torch.") in sc.build_info()["cpu_lowp_gemm"]
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SEMCOMP_CPU_LOWP_GEMM", flag)
+        (g,) = torch.autograd.grad(sc.infonce_loss(a, b, 0.07), a)
+        results.append(g)
+    assert torch.equal(results[0], results[1]) == (not listed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lowp_gemm", ["1", "0"])
+def test_cpu_low_precision_backward_sees_the_forward_logits(dtype, lowp_gemm, monkeypatch):
+    """One pair (N = 1): exp(S_00 - r_0) is exactly 1 only if the backward recomputes S bit for
+    bit as the forward did; then the loss and every gradient are exactly zero."""
+    monkeypatch.setenv("SEMCOMP_CPU_LOWP_GEMM", lowp_gemm)
+    a, b = torch.randn(1, 24).to(dtype).requires_grad_(), torch.randn(1, 24).to(dtype).requires_grad_()
+    s = torch.tensor(1 / 0.07, requires_grad=True)
+    loss = sc.infonce_loss(a, b, logit_scale=s)
+    grads = torch.autograd.grad(loss, (a, b, s))
+    assert loss.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
 def test_large_logit_scale_is_stable(device):
     a, b = _pair(64, 16, device, torch.float32)
     out = sc.infonce_loss(a, b, logit_scale=100.0)

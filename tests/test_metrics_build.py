@@ -15,6 +15,7 @@ def test_build_info():
     assert info["version"] == sc.__version__
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda"], bool) and info["openmp"] is True
+    assert set(info["cpu_lowp_gemm"]) <= {"bfloat16", "float16"}
     # the CPU backward never uses the CUDA dk accumulation
     a, b = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4)
     sc.infonce_loss(a, b, 0.5).backward()

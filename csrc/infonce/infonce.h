@@ -12,16 +12,20 @@
 
 #include <atomic>
 #include <initializer_list>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "common/checks.h"
 
 namespace semcomp {
 
+// ---- process-wide state (infonce_state.cpp) ---------------------------------------------
+
 // Which CUDA implementation the InfoNCE ops use for bf16/fp16 inputs (fp32/fp64 always use
 // "gemm"): 0 auto, 1 gemm (cuBLAS logits in fp32 + LSE/gradient kernels), 2 tile (tensor-core
 // tiles fused with the LSE/gradient epilogues, infonce_tile.h). Process-wide; set from Python
-// with semcomp_ext.set_infonce_cuda_impl(). Defined in registration.cpp.
+// with semcomp_ext.set_infonce_cuda_impl().
 std::atomic<int>& infonce_cuda_impl();
 
 // How the CUDA backward accumulates dk (fp32) from bf16/fp16 blocks, decided on first use:
@@ -29,6 +33,10 @@ std::atomic<int>& infonce_cuda_impl();
 // add_ (torch versions whose addmm.dtype_out rejects an fp32 bias; one extra pass over dk per
 // chunk). Reported by semcomp_ext.build_info()["infonce_dk_accumulate"].
 std::atomic<int>& infonce_dk_accumulate_mode();
+
+// Names of the input dtypes ("bfloat16", "float16") whose CPU InfoNCE runs its logit and
+// gradient GEMMs in that dtype with fp32 accumulation on this machine (infonce_cpu.cpp).
+std::vector<std::string> infonce_cpu_lowp_dtypes();
 
 inline void check_infonce_pair(const char* op, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& logit_scale, bool symmetric, int64_t offset) {

@@ -1,15 +1,20 @@
 // Fused InfoNCE on the CPU: the N x N logit matrix is never built. Rows of q are processed in
-// chunks of C rows; a C x Nk workspace holds one block of logits S_c = s q_c k^T (a BLAS
-// GEMM through at::addmm with alpha = s), and fused loops turn it into row log-sum-exps,
-// online column log-sum-exps (symmetric form) and, in the backward, the gradient block G in
-// place, which two more GEMMs turn into dq and dk. Extra memory: C x Nk workspace + O(N)
-// statistics.
+// chunks of C rows; a C x Nk fp32 workspace holds one block of logits S_c = s q_c k^T (a BLAS
+// GEMM with alpha = s), and fused loops turn it into row log-sum-exps, online column
+// log-sum-exps (symmetric form) and, in the backward, the gradient block G in place, which two
+// more GEMMs turn into dq and dk. Extra memory: C x Nk workspace + O(N) statistics.
 //
-// Forward and backward obtain S from the same call (dots_block) and the loops never multiply
-// by s again, so the backward sees the forward's logits bit for bit: the compiler cannot fuse
-// a scale multiply into a later subtraction (an FMA) in one pass and not in the other. That is
-// what makes exp(S_ii - r_i) exactly 1 when a row has a single column (N = 1: loss and every
-// gradient exactly zero).
+// Precision: fp64 inputs run in fp64, everything else accumulates in fp32. bf16/fp16 inputs
+// use the low-precision GEMMs of common/cpu_lowp_gemm.h where the CPU has a unit for them:
+// S_c in fp32 from the 16-bit inputs (fp32 products and sums), and G rounded to the input
+// dtype (scaled by a power of two into fp16's range) for the dq/dk GEMMs, which again
+// accumulate and write fp32. Without such a unit the inputs are widened to fp32 first.
+//
+// Forward and backward obtain S from the same call (dots_block, same GEMM, same arguments)
+// and the loops never multiply by s again, so the backward sees the forward's logits bit for
+// bit: the compiler cannot fuse a scale multiply into a later subtraction (an FMA) in one pass
+// and not in the other. That is what makes exp(S_ii - r_i) exactly 1 when a row has a single
+// column (N = 1: loss and every gradient exactly zero).
 //
 // Thread mapping: GEMMs use ATen's BLAS threads; the row loops run one row per task under
 // at::parallel_for; the column statistics run one block of kColBlock columns per task, so no
@@ -25,9 +30,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
+#include "common/cpu_lowp_gemm.h"
 #include "common/cpu_math.h"
 #include "infonce/infonce.h"
 
@@ -130,6 +138,17 @@ double grad_row_rect(double* w, int64_t n, double r, double rc) {
                               static_cast<const double*>(nullptr));
 }
 
+// One row of G, times `scale` (a power of two: exact), rounded to bf16 / fp16 bits for the
+// low-precision dq/dk GEMMs.
+SEMCOMP_CLONES void narrow_row_bf16(const float* w, int64_t n, float scale, uint16_t* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = cpu::to_bf16_bits(w[j] * scale);
+}
+SEMCOMP_CLONES void narrow_row_f16(const float* w, int64_t n, float scale, uint16_t* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = c10::detail::fp16_ieee_from_fp32_value(w[j] * scale);
+}
+
 // ---- drivers ------------------------------------------------------------------------
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -142,12 +161,43 @@ double read_scale(const char* op, const at::Tensor& logit_scale) {
   return s;
 }
 
+// The GEMM operands: q and k either in their own 16-bit dtype for the low-precision GEMMs
+// (lowp set) or widened to the accumulation dtype; `acc` is the dtype of S, G and the
+// statistics.
+struct Operands {
+  at::Tensor q, k;
+  cpu::LowpGemmFn lowp = nullptr;
+  at::TensorOptions acc;
+};
+
+Operands operands(const at::Tensor& q_in, const at::Tensor& k_in, int64_t chunk) {
+  Operands o;
+  const int64_t C = cpu::gemm_chunk_rows(chunk, q_in.size(0), k_in.size(0));
+  if (cpu::fits_lp64({q_in.size(0), k_in.size(0), q_in.size(1), C * k_in.size(0)}))
+    o.lowp = cpu::lowp_gemm(q_in.scalar_type());
+  if (o.lowp != nullptr) {
+    o.q = q_in.contiguous();
+    o.k = k_in.contiguous();
+  } else {
+    o.q = as_acc(q_in);
+    o.k = as_acc(k_in);
+  }
+  o.acc = q_in.options().dtype(acc_type(q_in.scalar_type()));
+  return o;
+}
+
 // Logits S = s <q_i, k_j> of rows [i0, i0 + c) of q with all of k into the first c rows of
 // ws. The only place S is computed: forward and backward call it with the same arguments.
-at::Tensor dots_block(const at::Tensor& q, const at::Tensor& k, int64_t i0, int64_t c, double s,
-                      at::Tensor& ws) {
+at::Tensor dots_block(const Operands& o, int64_t i0, int64_t c, double s, at::Tensor& ws) {
   at::Tensor block = ws.narrow(0, 0, c);
-  at::addmm_out(block, block, q.narrow(0, i0, c), k.t(), /*beta=*/0, /*alpha=*/s);
+  if (o.lowp != nullptr) {
+    const int d = static_cast<int>(o.q.size(1)), nk = static_cast<int>(o.k.size(0));
+    const auto* qp = static_cast<const uint16_t*>(o.q.data_ptr()) + i0 * d;
+    o.lowp(cpu::kRowMajor, cpu::kNoTrans, cpu::kTrans, static_cast<int>(c), nk, d,
+           static_cast<float>(s), qp, d, o.k.data_ptr(), d, 0.0f, block.data_ptr<float>(), nk);
+  } else {
+    at::addmm_out(block, block, o.q.narrow(0, i0, c), o.k.t(), /*beta=*/0, /*alpha=*/s);
+  }
   return block;
 }
 
@@ -155,11 +205,11 @@ at::Tensor dots_block(const at::Tensor& q, const at::Tensor& k, int64_t i0, int6
 template <bool SYM, typename T>
 std::vector<at::Tensor> fwd_impl(const char* op, const at::Tensor& q_in, const at::Tensor& k_in,
                                  const at::Tensor& logit_scale, int64_t offset, int64_t chunk) {
-  const at::Tensor q = as_acc(q_in), k = as_acc(k_in);
+  const Operands o = operands(q_in, k_in, chunk);
   const T s = static_cast<T>(read_scale(op, logit_scale));
-  const int64_t nq = q.size(0), nk = k.size(0);
+  const int64_t nq = q_in.size(0), nk = k_in.size(0);
   const int64_t C = cpu::gemm_chunk_rows(chunk, nq, nk);
-  const auto opts = q.options();
+  const auto opts = o.acc;
   at::Tensor ws = at::empty({C, nk}, opts);
   at::Tensor loss = at::empty({nq}, opts), rlse = at::empty({nq}, opts);
   at::Tensor diag = at::empty({nq}, opts);
@@ -172,7 +222,7 @@ std::vector<at::Tensor> fwd_impl(const char* op, const at::Tensor& q_in, const a
   T* d = diag.data_ptr<T>();
   for (int64_t i0 = 0; i0 < nq; i0 += C) {
     const int64_t c = std::min(C, nq - i0);
-    const T* w = dots_block(q, k, i0, c, static_cast<double>(s), ws).data_ptr<T>();
+    const T* w = dots_block(o, i0, c, static_cast<double>(s), ws).data_ptr<T>();
     at::parallel_for(0, c, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t rr = lo; rr < hi; ++rr) {
         r[i0 + rr] = row_lse(w + rr * nk, nk);
@@ -204,16 +254,47 @@ std::vector<at::Tensor> fwd_impl(const char* op, const at::Tensor& q_in, const a
   }
 }
 
+// Power of two that brings the largest |G_ij| into [1, 2) for the 16-bit copy of G (fp16
+// keeps ~11 bits only between 6e-5 and 65504; G_ij can be ~1/N^2). |G_ij| <= |row_coef_i| +
+// |col_coef_j| + |diag_coef_i| because exp(S_ij - r_i) and exp(S_ij - c_j) are <= 1.
+float g_scale(const at::Tensor& rcoef, const at::Tensor& ccoef, const at::Tensor& dcoef) {
+  double bound = rcoef.abs().max().item<double>() + dcoef.abs().max().item<double>();
+  if (ccoef.defined()) bound += ccoef.abs().max().item<double>();
+  if (!(bound > 0) || !std::isfinite(bound)) return 1.0f;
+  const int e = std::max(-100, std::min(100, std::ilogb(bound)));
+  return std::ldexp(1.0f, -e);
+}
+
+// dq_c = s G_c k and dk += s G_c^T q_c for one chunk of rows [i0, i0 + c); G_c (fp32, in ws)
+// holds the diagonal term already. The low-precision path reads G's 16-bit copy gb (scaled
+// by gscale, undone in alpha); dq and dk accumulate in fp32 either way.
+void grad_gemms(const Operands& o, int64_t i0, int64_t c, double s, const at::Tensor& block,
+                const at::Tensor& gb, float gscale, at::Tensor& gq, at::Tensor& gk) {
+  if (o.lowp != nullptr) {
+    const int d = static_cast<int>(o.q.size(1)), nk = static_cast<int>(o.k.size(0));
+    const float alpha = static_cast<float>(s / gscale);
+    const auto* qp = static_cast<const uint16_t*>(o.q.data_ptr()) + i0 * d;
+    o.lowp(cpu::kRowMajor, cpu::kNoTrans, cpu::kNoTrans, static_cast<int>(c), d, nk, alpha,
+           gb.data_ptr(), nk, o.k.data_ptr(), d, 0.0f, gq.data_ptr<float>() + i0 * d, d);
+    o.lowp(cpu::kRowMajor, cpu::kTrans, cpu::kNoTrans, nk, d, static_cast<int>(c), alpha,
+           gb.data_ptr(), nk, qp, d, 1.0f, gk.data_ptr<float>(), d);
+    return;
+  }
+  at::Tensor gq_block = gq.narrow(0, i0, c);
+  at::addmm_out(gq_block, gq_block, block, o.k, /*beta=*/0, /*alpha=*/s);
+  gk.addmm_(block.t(), o.q.narrow(0, i0, c), /*beta=*/1, /*alpha=*/s);
+}
+
 template <bool SYM, typename T>
 std::vector<at::Tensor> bwd_impl(const char* op, const at::Tensor& q_in, const at::Tensor& k_in,
                                  const at::Tensor& logit_scale, const at::Tensor& rlse_in,
                                  const at::Tensor& clse_in, const at::Tensor& rcoef_in,
                                  const at::Tensor& ccoef_in, const at::Tensor& dcoef_in,
                                  int64_t offset, int64_t chunk) {
-  const at::Tensor q = as_acc(q_in), k = as_acc(k_in);
+  const Operands o = operands(q_in, k_in, chunk);
   const T s = static_cast<T>(read_scale(op, logit_scale));
-  const int64_t nq = q.size(0), nk = k.size(0);
-  const auto opts = q.options();
+  const int64_t nq = q_in.size(0), nk = k_in.size(0), dim = q_in.size(1);
+  const auto opts = o.acc;
   const at::Tensor rlse = rlse_in.to(opts).contiguous(), rcoef = rcoef_in.to(opts).contiguous();
   const at::Tensor dcoef = dcoef_in.to(opts).contiguous();
   at::Tensor clse, ccoef;
@@ -223,14 +304,21 @@ std::vector<at::Tensor> bwd_impl(const char* op, const at::Tensor& q_in, const a
   }
   const int64_t C = cpu::gemm_chunk_rows(chunk, nq, nk);
   at::Tensor ws = at::empty({C, nk}, opts);
-  at::Tensor gq = at::empty_like(q), gk = at::zeros_like(k);
+  at::Tensor gq = at::empty({nq, dim}, opts), gk = at::zeros({nk, dim}, opts);
+  at::Tensor gb;  // G's 16-bit copy (low-precision path)
+  float gscale = 1.0f;
+  const bool bf16 = q_in.scalar_type() == at::kBFloat16;
+  if (o.lowp != nullptr) {
+    gb = at::empty({C, nk}, q_in.options());
+    gscale = g_scale(rcoef, ccoef, dcoef);
+  }
   std::vector<T> ds_rows(nq);
   const T* r = rlse.data_ptr<T>();
   const T* rc = rcoef.data_ptr<T>();
   const T* dc = dcoef.data_ptr<T>();
   for (int64_t i0 = 0; i0 < nq; i0 += C) {
     const int64_t c = std::min(C, nq - i0);
-    at::Tensor block = dots_block(q, k, i0, c, static_cast<double>(s), ws);
+    at::Tensor block = dots_block(o, i0, c, static_cast<double>(s), ws);
     T* w = block.data_ptr<T>();
     at::parallel_for(0, c, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t rr = lo; rr < hi; ++rr) {
@@ -246,11 +334,15 @@ std::vector<at::Tensor> bwd_impl(const char* op, const at::Tensor& q_in, const a
         row[i + offset] -= dc[i];
         // sum_j G_ij <q_i, k_j> = (sum_j G_ij S_ij) / s
         ds_rows[i] = (ds - dc[i] * pos) / s;
+        if constexpr (std::is_same_v<T, float>) {
+          if (gb.defined()) {
+            auto* out = static_cast<uint16_t*>(gb.data_ptr()) + rr * nk;
+            bf16 ? narrow_row_bf16(row, nk, gscale, out) : narrow_row_f16(row, nk, gscale, out);
+          }
+        }
       }
     });
-    at::Tensor gq_block = gq.narrow(0, i0, c);
-    at::addmm_out(gq_block, gq_block, block, k, /*beta=*/0, /*alpha=*/s);
-    gk.addmm_(block.t(), q.narrow(0, i0, c), /*beta=*/1, /*alpha=*/s);
+    grad_gemms(o, i0, c, static_cast<double>(s), block, gb, gscale, gq, gk);
   }
   T ds = 0;
   for (int64_t i = 0; i < nq; ++i) ds += ds_rows[i];
@@ -317,6 +409,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_rect_bwd_cpu(
 }
 
 }  // namespace
+
+std::vector<std::string> infonce_cpu_lowp_dtypes() {
+  std::vector<std::string> out;
+  if (cpu::lowp_gemm(at::kBFloat16) != nullptr) out.emplace_back("bfloat16");
+  if (cpu::lowp_gemm(at::kHalf) != nullptr) out.emplace_back("float16");
+  return out;
+}
 
 TORCH_LIBRARY_IMPL(semcomp, CPU, m) {
   m.impl("infonce_fwd", &infonce_fwd_cpu);
