@@ -134,7 +134,7 @@ if [ "$MODE" = window ]; then
   stage racecheck P1 60 "$SAN --tool racecheck \$PY -m benchmarks.gpu_smoke --device cuda --only $NEW_GROUPS"
   stage synccheck P2 45 "$SAN --tool synccheck \$PY -m benchmarks.gpu_smoke --device cuda --only $NEW_GROUPS"
   stage compile P2 60 "$PYTEST tests/test_cuda.py -k compile_reduce_overhead"
-  stage benchcli P2 90 "\$PY -m semcomp_cli bench all --device cuda --dtype bfloat16 -q --json '$OUTDIR/bench_cli_cuda.json' --plot '$OUTDIR/bench_cli_cuda.png'"
+  stage benchcli P2 90 "\$PY -m semcomp_cli bench all --device cuda --dtype bfloat16 -q -o '$OUTDIR/bench_cli_cuda.json' --plot '$OUTDIR/bench_cli_cuda.png'"
 else
   stage env P0 30 "nvidia-smi; nvcc --version | tail -2; \$PY -m benchmarks.gpu_ceilings --out '$OUTDIR/ceilings.json'"
   stage build P0 300 "stage_build"
@@ -148,7 +148,7 @@ else
     stage "$tool" P1 240 "$SAN --tool $tool \$PY -m benchmarks.gpu_smoke --device cuda"
   done
   stage bench P2 600 "\$PY benchmarks/run_all.py --device cuda $BENCH_ARGS; rc=\$?; tar -czf '$OUTDIR/results_cuda.tar.gz' -C benchmarks results; exit \$rc"
-  stage benchcli P2 300 "\$PY -m semcomp_cli bench all --device cuda --dtype bfloat16 -q --json '$OUTDIR/bench_cli_cuda.json' --plot '$OUTDIR/bench_cli_cuda.png'"
+  stage benchcli P2 300 "\$PY -m semcomp_cli bench all --device cuda --dtype bfloat16 -q -o '$OUTDIR/bench_cli_cuda.json' --plot '$OUTDIR/bench_cli_cuda.png'"
 fi
 
 selected() { [ -z "$ONLY" ] || case " $ONLY " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }

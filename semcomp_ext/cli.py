@@ -260,11 +260,11 @@ def build_parser() -> _TopParser:
 
 
 def interrupted_message(parser: _TopParser, command: str | None) -> str:
+    """Ctrl-C: one line, naming how to continue where the command can resume."""
     sub = parser.subparser(command)
     if sub is not None and "--resume" in sub._option_string_actions:
-        return (f"semcomp: interrupted; run the same command with --resume to continue "
-                f"where `semcomp {command}` stopped")
-    return "semcomp: interrupted"
+        return f"semcomp {command}: interrupted; continue with the same command and --resume"
+    return f"semcomp {command}: interrupted" if command else "semcomp: interrupted"
 
 
 def main(argv: list[str] | None = None) -> int:

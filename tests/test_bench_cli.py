@@ -138,7 +138,7 @@ def test_command_writes_json_plot_and_table(tmp_path):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     proc = subprocess.run([sys.executable, "-m", "semcomp_ext.cli", "bench", "all", "--sizes", "256,512", "--d", "32",
                            "--groups", "8", "--repeats", "1", "--methods", "semcomp", "reference",
-                           "--json", str(out), "--plot", str(png), "-q"], capture_output=True, text=True)
+                           "-o", str(out), "--plot", str(png), "-q"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr == ""  # -q: no progress
     payload = json.loads(out.read_text())
@@ -195,17 +195,28 @@ def test_markdown_is_rendered_from_the_json(tmp_path, capsys):
     (["--plot", "out.txt"], "--plot: the file must end in"),
     (["segment", "--sizes", "10", "--groups", "100"], "smaller than --groups"),
     (["--markdown", "/nonexistent/b.json"], "no such file"),
-    (["--json"], "argument --json: expected one argument"),
+    (["--json", "b.json"], "--json takes no value (it prints JSON on stdout): write the file with -o b.json"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    try:
-        rc = main(["bench", *argv])
-    except SystemExit as exc:  # argparse-level errors
-        rc = exc.code
+    rc = main(["bench", *argv])
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("semcomp bench: error: ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out"], "argument -o/--out: expected one argument"),
+    (["all", "--json", "b.json"], "unrecognized arguments: b.json (--json takes no value: it prints JSON on stdout; "
+                                  "write the file with -o b.json)"),
+    (["infonce", "--sizez", "64"], "unrecognized arguments: --sizez 64 (did you mean --sizes?)"),
+])
+def test_usage_errors_show_the_bench_usage(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("usage: semcomp bench ")
+    assert err.splitlines()[-1] == f"semcomp bench: error: {message}"
 
 
 def test_cuda_without_a_gpu_is_refused_in_one_line(monkeypatch, capsys):

@@ -9,9 +9,39 @@ from semcomp_ext.demo import run_demo
 
 
 def test_info_prints_build_json(capsys):
-    assert main(["info"]) == 0
+    assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["openmp"] is True and "version" in info
+    assert "infonce_dk_accumulate" not in info  # decided by a process's first CUDA backward: never set here
+    by = {b["name"]: b for b in info["backends"]}
+    assert {"faiss", "s3fs", "ray", "pyarrow", "sentence-transformers", "transformers"} <= by.keys()
+    from importlib.metadata import version
+
+    assert by["pyarrow"] == {"name": "pyarrow", "module": "pyarrow", "available": True, "version": version("pyarrow"),
+                             "used_by": by["pyarrow"]["used_by"]}
+
+
+def test_info_table_and_a_missing_backend(capsys, monkeypatch):
+    import importlib.util
+
+    from semcomp_ext import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    import semcomp_ext
+
+    assert out.startswith(f"semcomp {semcomp_ext.__version__}\n") and "optional back-ends:" in out
+    ray = next(line for line in out.splitlines() if line.strip().startswith("ray "))
+    assert "not installed" in ray and "--engine ray" in ray
+    assert not next(b for b in cli.backends() if b["name"] == "ray")["available"]
+
+
+def test_info_does_not_import_ray():
+    code = ("import sys; from semcomp_ext.cli import backends; backends(); "
+            "assert 'ray' not in sys.modules and 'faiss' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_no_command_prints_help_and_fails(capsys):
@@ -20,8 +50,15 @@ def test_no_command_prints_help_and_fails(capsys):
 
 
 def test_demo_results_are_sane():
+    import torch
+
     lines = []
-    res = run_demo(gaps=(0.2, 1.0), drop_rates=(0.5, 0.95), seeds_rfs=2, out=lines.append)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: two spinning OpenMP threads on a loaded machine cost 10x the time
+    try:
+        res = run_demo(gaps=(0.2, 1.0), drop_rates=(0.5, 0.95), seeds_rfs=2, out=lines.append)
+    finally:
+        torch.set_num_threads(threads)
     small, large = res["runs"]
     assert small["modality_gap"] < large["modality_gap"]  # the gap setting controls the measured gap
     rows = {r["representation"]: r for r in small["rows"]}
@@ -34,7 +71,7 @@ def test_demo_results_are_sane():
 
 
 def test_console_script_entry_point():
-    out = subprocess.run([sys.executable, "-m", "semcomp_ext.cli", "info"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "semcomp_ext.cli", "info", "--json"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["version"]
 
 
@@ -114,7 +151,7 @@ def test_every_option_has_help_and_defaults_are_shown():
     from semcomp_ext.cli import build_parser
 
     parser = build_parser()
-    mine = {"info", "demo", "compress", "verify", "gap", "eval", "index", "search", "train", "reproduce"}
+    mine = {"info", "demo", "compress", "verify", "gap", "eval", "index", "search", "train", "reproduce", "bench"}
     missing = [(cmd, a.option_strings or a.dest) for cmd, a in _all_actions(parser)
                if cmd in mine and not a.help]
     assert not missing
