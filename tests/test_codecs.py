@@ -121,6 +121,80 @@ def test_manifest_round_trip(spec):
     assert np.array_equal(r.encode(x), codes) and np.array_equal(r.decode(codes), c.decode(codes))
 
 
+# ---- fitting progress ------------------------------------------------------------------------
+
+
+class _SlowInt8(Int8Codec):
+    """An int8 codec whose fit blocks like a faiss k-means does (one call, no output)."""
+
+    def fit(self, sample):
+        time.sleep(1.3)
+        super().fit(sample)
+
+
+def test_fit_codec_heartbeat_and_real_duration():
+    import io
+
+    from semcomp_ext.compress.codecs import fit_codec
+
+    out = io.StringIO()
+    x = _x()
+    c = _SlowInt8()
+    t = time.perf_counter()
+    seconds = fit_codec(c, x, quiet=False, stream=out, every=0.3)
+    wall = time.perf_counter() - t
+    assert c.fitted and 1.3 <= seconds <= wall  # the fit's own time, not the time after it
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "semcomp codec int8: fitting on 600 x 32 ..."
+    beats = [ln for ln in lines if ln.endswith(" s elapsed")]
+    assert len(beats) >= 3  # printed while the fit blocked
+    assert lines[-1] == f"semcomp codec int8: fitting on 600 x 32 ... done in {seconds:.1f} s"
+    quiet = io.StringIO()
+    assert fit_codec(_SlowInt8(), x, quiet=True, stream=quiet, every=0.3) >= 1.3 and quiet.getvalue() == ""
+
+
+def test_fit_codec_faiss_threads_restored():
+    from semcomp_ext.compress.codecs import fit_codec
+
+    before = faiss.omp_get_max_threads()
+    c = parse_codec("faiss:PQ4")
+    fit_codec(c, _x(n=1000, k=16), threads=1)
+    assert c.fitted and faiss.omp_get_max_threads() == before
+
+
+def test_heartbeat_reports_failure_and_reraises():
+    import io
+
+    from semcomp_ext.compress.heartbeat import Heartbeat
+
+    out = io.StringIO()
+    with pytest.raises(RuntimeError, match="boom"):
+        with Heartbeat("step", quiet=False, stream=out, every=5):
+            raise RuntimeError("boom")
+    assert out.getvalue().splitlines()[-1].startswith("semcomp step ... failed in ")
+    with pytest.raises(ValueError, match="every"):
+        Heartbeat("step", every=0)
+
+
+def test_faiss_threads_follow_env_and_load(monkeypatch):
+    from semcomp_ext.compress import heartbeat
+
+    monkeypatch.setattr(heartbeat, "usable_cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(heartbeat.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    assert heartbeat.default_threads() == 4  # only this process runs
+    monkeypatch.setattr(heartbeat.os, "getloadavg", lambda: (3.2, 1.0, 1.0))
+    assert heartbeat.default_threads() == 2
+    monkeypatch.setattr(heartbeat.os, "getloadavg", lambda: (40.0, 1.0, 1.0))
+    assert heartbeat.default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert heartbeat.default_threads() == 3
+    before = faiss.omp_get_max_threads()
+    with heartbeat.faiss_threads() as n:
+        assert n == 3 and faiss.omp_get_max_threads() == 3
+    assert faiss.omp_get_max_threads() == before
+
+
 def test_manifest_without_codec_is_float_storage():
     for dt in ("float16", "float32"):
         c = codec_from_manifest({"format": "semcomp-compress/1", "parameters": {"out_dtype": dt}})
@@ -221,7 +295,7 @@ def test_codec_option_errors(tmp_path, capsys):
     make_clip_layout(tmp_path / "in", rows=ROWS, dim=24)
     assert main(["compress", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "--codec", "pq:x", "-q"]) == 2
     assert "'pq:x'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--codec or --out-dtype"):
+    with pytest.raises(ValueError, match="codec or out_dtype"):
         _compress(tmp_path, "o2", codec="int8", out_dtype="float16")
     with pytest.raises(ValueError, match="M=5 must divide.*K=16"):
         _compress(tmp_path, "o3", codec="pq:5")

@@ -15,24 +15,23 @@ search over the shards (numpy; faiss is not needed). On a URL the saved index is
 (and checked against the sizes and sha256 of index.json); a URL folder without an index is an
 error unless exact=True, since an exact search downloads every shard.
 
-Index choice without --index-factory (`default_index_factory`), after autofaiss's
-`get_optimal_index_keys_v2` / `get_optimal_quantization` without a memory budget:
-N < 10 000 (autofaiss's quantization threshold: too few vectors to train PQ codebooks), or
-K <= 4 -> "Flat" (exact); otherwise "RR{y},IVF{c},PQ{m}x8" with m the largest of
-256, 128, 64, 48, 32, 24, 16, 8, 4 below K, y = (min(K // m, 6) + 1) * m, c = the power of two
-nearest 4·sqrt(N) for N < 1M, 16384 below 10M, 65536 beyond (coarse quantizer IVF{c}_HNSW32
-when c >= 1000). autofaiss's OPQ{m}_{y} rotation is replaced by a random rotation RR{y} (free
-to train, inner products kept): OPQ training took minutes for 20 000 vectors on 2 CPU cores.
-Training uses min(N, 100·c) rows sampled uniformly (min(N, 65536) for other trained
-indexes); nprobe = max(1, c // 16) (and efSearch = 2·nprobe for an HNSW coarse quantizer)
-unless --nprobe is given.
+Index choice without --index-factory: `index_choice.choose_index` (autofaiss's approach: storage
+from the size and a memory budget, IVF lists from the size and a time budget). An index that
+needs training is trained on a uniform sample (64 rows a list for IVF, else <= 65536 rows).
+nprobe of an IVF index, unless --nprobe is given: 256 rows of the training sample serve as
+queries; their exact top-11 is gathered while the rows are added; nprobe doubles from 1 until
+the index's recall@10 on them (each query's own row left out) reaches 0.95, a margin over the
+0.9 asked of unseen queries (efSearch = 2·nprobe for an HNSW coarse quantizer).
+Training and adding print a line every 10 s (heartbeat.Heartbeat) and their own durations.
+faiss runs on `threads` OpenMP threads (default: the usable cores, fewer on a busy machine:
+heartbeat.default_threads). index.json records the choice, its estimate and budget, nprobe
+with the recall it reached, and the time of each step.
 faiss is imported lazily (pip install faiss-cpu).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -42,16 +41,17 @@ import numpy as np
 
 from . import atomic, fsio
 from . import manifest as _manifest
+from .heartbeat import Heartbeat, default_threads, faiss_threads, usable_cores
+from .index_choice import (TRAIN_MAX, TRAIN_PER_LIST, TUNE_K, TUNE_QUERIES, TUNE_RECALL, IndexChoice,
+                           check_positive_int, check_seconds, choose_index, default_index_factory,
+                           default_time_budget)
 from .open import CompressedSet, open_compressed
 
-__all__ = ["SearchResult", "build_index", "default_index_factory", "default_nprobe", "search"]
+__all__ = ["IndexChoice", "SearchResult", "build_index", "choose_index", "default_index_factory",
+           "default_time_budget", "merge_topk", "recall_at_k", "search", "tune_nprobe"]
 
 INDEX_DIR = _manifest.INDEX_DIR
 INDEX_FILE, IDS_FILE, INFO_FILE = "index.faiss", "ids.npy", "index.json"
-FLAT_MAX = 10_000                                    # autofaiss quantization_threshold
-PQ_VALUES = (256, 128, 64, 48, 32, 24, 16, 8, 4)     # autofaiss pq_values
-POINTS_PER_CLUSTER = 100                             # autofaiss get_optimal_train_size
-TRAIN_MAX = 65_536                                   # training rows of a non-IVF index that needs training
 BATCH_ROWS = 65536
 EXACT_BLOCK_SCORES = 1 << 24                         # exact search: at most ~16M scores per block
 
@@ -62,29 +62,6 @@ def _faiss():
     except ImportError as exc:
         raise ImportError("semcomp index/search with a faiss index need faiss: pip install faiss-cpu") from exc
     return faiss
-
-
-def nb_clusters(n: int) -> int:
-    """autofaiss get_optimal_nb_clusters (first choice)."""
-    if n < 1_000_000:
-        return int(2 ** round(math.log2(4 * math.sqrt(n))))
-    return 16_384 if n < 10_000_000 else 65_536
-
-
-def default_index_factory(n: int, dim: int) -> str:
-    """The faiss factory string used for n vectors of dim dims (rule in the module doc)."""
-    pq = next((m for m in PQ_VALUES if m < dim), None)
-    if n < FLAT_MAX or pq is None:
-        return "Flat"
-    c = nb_clusters(n)
-    y = (min(dim // pq, 6) + 1) * pq
-    return f"RR{y},IVF{c}{'_HNSW32' if c >= 1000 else ''},PQ{pq}x8"
-
-
-def default_nprobe(index) -> int | None:
-    """max(1, nlist // 16) for an IVF index, None for others."""
-    ivf = _ivf(index)
-    return None if ivf is None else max(1, ivf.nlist // 16)
 
 
 def _ivf(index):
@@ -109,78 +86,200 @@ def _index_dir(folder: str) -> str:
     return fsio.join(folder, INDEX_DIR)
 
 
-def _check_positive(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _training_sample(cs: CompressedSet, size: int, seed: int) -> np.ndarray:
-    """`size` rows drawn uniformly without replacement, streamed (memory: the sample)."""
+def _training_sample(cs: CompressedSet, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, vectors): `size` rows drawn uniformly without replacement, sorted, streamed
+    (memory: the sample; only the drawn rows are decoded)."""
     n = len(cs)
     if size >= n:
-        return np.ascontiguousarray(cs.vectors(), dtype=np.float32)
+        return np.arange(n, dtype=np.int64), np.ascontiguousarray(cs.vectors(), dtype=np.float32)
     rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
     out = []
-    for b in cs.iter_batches(BATCH_ROWS, metadata=False):
+    for b in cs.iter_batches(BATCH_ROWS, decode=False, metadata=False):
         lo, hi = np.searchsorted(rows, [b.start, b.start + len(b)])
         if hi > lo:
-            out.append(b.vectors[rows[lo:hi] - b.start])
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+            out.append(cs.codec.decode(b.vectors[rows[lo:hi] - b.start]))
+    return rows, np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def merge_topk(best: tuple[np.ndarray, np.ndarray], scores: np.ndarray, rows: np.ndarray, k: int):
+    """The k largest of (best scores, best rows) and (scores (Q, m), rows (m,) or (Q, m)),
+    unordered. The new block is cut to its own k first: no copy of the whole block."""
+    rows = np.broadcast_to(rows, scores.shape)
+    if scores.shape[1] > k:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        scores, rows = np.take_along_axis(scores, part, 1), np.take_along_axis(rows, part, 1)
+    s = np.concatenate([best[0], scores], axis=1)
+    r = np.concatenate([best[1], rows], axis=1)
+    if s.shape[1] > k:
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        s, r = np.take_along_axis(s, part, 1), np.take_along_axis(r, part, 1)
+    return s, r
+
+
+def _empty_topk(q: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((q, 0), -np.inf, dtype=np.float32), np.zeros((q, 0), dtype=np.int64)
+
+
+def recall_at_k(got: np.ndarray, truth: np.ndarray, k: int, self_rows: np.ndarray | None = None) -> float:
+    """Mean |got's first k ∩ truth's first k| / k over the queries (rows best first, -1 = no
+    hit); with self_rows, each query's own row is left out of both before the cut."""
+    hits = 0.0
+    me = [None] * len(got) if self_rows is None else self_rows
+    for g, t, m in zip(got, truth, me):
+        t = [x for x in t if x != m][:k]
+        g = [x for x in g if x != m and x >= 0][:k]
+        hits += len(set(g) & set(t)) / max(1, len(t))
+    return hits / max(1, len(got))
+
+
+def tune_nprobe(index, queries: np.ndarray, query_rows: np.ndarray, truth: np.ndarray, *,
+                k: int = TUNE_K, target: float = TUNE_RECALL) -> tuple[int, float, list]:
+    """The smallest nprobe in 1, 2, 4, ... nlist whose recall@k on `queries` (database rows
+    `query_rows`, exact neighbours `truth` (Q, >= k+1) best first) reaches `target`, each
+    query's own row left out: (nprobe, its recall, [[nprobe, recall], ...])."""
+    nlist = _ivf(index).nlist
+    curve, p = [], 1
+    while True:
+        _set_nprobe(index, p)
+        _, got = index.search(queries, k + 1)
+        r = recall_at_k(got, truth, k, query_rows)
+        curve.append([p, round(r, 4)])
+        if r >= target or p >= nlist:
+            return p, r, curve
+        p = min(2 * p, nlist)
+
+
+def _say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(f"semcomp index: {msg}", file=sys.stderr, flush=True)
+
+
+def _new_index(key: str, dim: int):
+    faiss = _faiss()
+    try:
+        return faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1]
+        raise ValueError(f"--index-factory: faiss cannot build {key!r} for dim {dim}: {reason}") from exc
+
+
+def _train(index, key: str, cs: CompressedSet, seed: int, quiet: bool):
+    """Train on a uniform sample (IVF: 64 rows a list, else <= 65536): (rows, vectors, seconds)
+    of the sample, or Nones when the index needs no training."""
+    if index.is_trained:
+        return None, None, 0.0
+    n, ivf = len(cs), _ivf(index)
+    size = min(n, TRAIN_PER_LIST * ivf.nlist if ivf is not None else TRAIN_MAX)
+    if ivf is not None and size < ivf.nlist:
+        raise ValueError(f"--index-factory: {key!r} has {ivf.nlist} IVF lists, more than the {n} vectors to train them")
+    with Heartbeat(f"index: sampling {size:,} of {n:,} vectors", quiet=quiet, prefix="semcomp "):
+        rows, sample = _training_sample(cs, size, seed)
+    if ivf is not None:  # fewer than faiss's 39 per list is allowed, and said once here, not by faiss
+        ivf.cp.min_points_per_centroid = 1
+    with Heartbeat(f"index: training {key} on {len(sample):,} x {cs.K}", quiet=quiet) as hb:
+        index.train(sample)
+    return rows, sample, hb.seconds
+
+
+def _add(index, cs: CompressedSet, tune_q: np.ndarray | None, quiet: bool):
+    """Add every row in order (faiss labels = row numbers); with tuning queries, their exact
+    top-(TUNE_K + 1) gathered on the way. (truth rows or None, seconds)."""
+    n, added = len(cs), [0]
+    best = _empty_topk(len(tune_q)) if tune_q is not None else None
+    with Heartbeat(f"index: adding {n:,} vectors", quiet=quiet, status=lambda: f"{added[0]:,} added") as hb:
+        for b in cs.iter_batches(BATCH_ROWS, metadata=False):
+            v = np.ascontiguousarray(b.vectors, dtype=np.float32)
+            index.add(v)
+            if best is not None:  # faiss's exact kNN of the block (sgemm + heaps), then merged
+                sc, rw = _faiss().knn(tune_q, v, min(TUNE_K + 1, len(v)), metric=_faiss().METRIC_INNER_PRODUCT)
+                best = merge_topk(best, sc, rw + b.start, TUNE_K + 1)
+            added[0] += len(b)
+    truth = None
+    if best is not None:
+        order = np.argsort(-best[0], axis=1, kind="stable")
+        truth = np.take_along_axis(best[1], order, 1)
+    return truth, hb.seconds
 
 
 def build_index(folder, *, index_factory: str | None = None, nprobe: int | None = None, seed: int = 0,
-                quiet: bool = True, storage_options: dict | None = None) -> dict:
+                quiet: bool = True, storage_options: dict | None = None, time_budget_s: float | None = None,
+                max_memory: int | None = None, threads: int | None = None, target_recall: float = TUNE_RECALL) -> dict:
     """Build and save FOLDER/index/ (see the module doc; FOLDER a path or a URL, with fsspec
-    `storage_options`); returns the contents of index.json."""
+    `storage_options`); returns the contents of index.json. index_factory: a faiss
+    index_factory string instead of `choose_index`'s (time_budget_s, max_memory bytes);
+    nprobe: instead of the tuned one (target_recall); threads: faiss's OpenMP threads."""
     faiss = _faiss()
-    _check_positive("nprobe", nprobe)
+    check_positive_int("nprobe", nprobe)
+    check_positive_int("max_memory", max_memory)
+    check_positive_int("threads", threads)
+    check_seconds(time_budget_s)
+    if isinstance(target_recall, bool) or not isinstance(target_recall, (int, float)) or not 0 < target_recall <= 1:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
+    if index_factory is not None and (not isinstance(index_factory, str) or not index_factory.strip()):
+        raise ValueError(f"--index-factory must be a faiss index_factory string, got {index_factory!r}")
     cs = open_compressed(folder, storage_options=storage_options)
     folder = cs.path
     n, dim = len(cs), cs.K
     if n == 0:
         raise ValueError(f"index: {folder!r} holds no rows")
-    key = index_factory or default_index_factory(n, dim)
-    try:
-        index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1]
-        raise ValueError(f"--index-factory: faiss cannot build {key!r} for dim {dim}: {reason}") from exc
+    # the choice assumes every usable core (the same factory whatever the load); the build runs
+    # on fewer threads when the machine is busy (heartbeat.default_threads)
+    run_threads = default_threads() if threads is None else threads
+    choice = None
+    if index_factory is None:
+        choice = choose_index(n, dim, dtype=cs.codec.code_dtype, time_budget_s=time_budget_s,
+                              max_memory=max_memory, threads=threads or usable_cores())
+        key = choice.factory
+        _say(quiet, f"{key} for {n:,} x {dim} ({choice.storage} storage, {choice.bytes_per_vector * n / 1e9:.2f} GB; "
+                    f"estimated {choice.estimated_seconds:.0f} s of a {choice.time_budget_s:.0f} s budget on "
+                    f"{choice.threads} threads; building on {run_threads})")
+    else:
+        key = index_factory.strip()
+    index = _new_index(key, dim)
     ivf = _ivf(index)
     if nprobe is not None and ivf is None:
         raise ValueError(f"--nprobe: index {key!r} is not an IVF index, got nprobe={nprobe}")
     t0 = time.perf_counter()
-    train_rows = 0
-    if not index.is_trained:
-        size = min(n, POINTS_PER_CLUSTER * ivf.nlist if ivf is not None else TRAIN_MAX)
-        sample = _training_sample(cs, size, seed)
-        train_rows = len(sample)
-        if ivf is not None and train_rows < ivf.nlist:
-            raise ValueError(f"--index-factory: {key!r} has {ivf.nlist} IVF lists, more than the {n} vectors to train them")
-        if not quiet:
-            print(f"index: training {key} on {train_rows} of {n} vectors", file=sys.stderr, flush=True)
-        index.train(sample)
+    tuning = None
+    with faiss_threads(run_threads):
+        rows, sample, train_s = _train(index, key, cs, seed, quiet)
+        tune_rows = tune_q = None
+        if ivf is not None and nprobe is None:  # tuning queries: database rows from the training sample
+            pick = np.sort(np.random.default_rng(seed + 1).choice(len(rows), min(TUNE_QUERIES, len(rows)), replace=False))
+            tune_rows, tune_q = rows[pick], np.ascontiguousarray(sample[pick])
         del sample
-    for b in cs.iter_batches(BATCH_ROWS, metadata=False):
-        index.add(np.ascontiguousarray(b.vectors, dtype=np.float32))
-    nprobe = nprobe or default_nprobe(index)
+        truth, add_s = _add(index, cs, tune_q, quiet)
+        if truth is not None:
+            t1 = time.perf_counter()
+            nprobe, recall, curve = tune_nprobe(index, tune_q, tune_rows, truth, target=target_recall)
+            tuning = {"queries": len(tune_q), "k": TUNE_K, "target_recall": target_recall, "recall": round(recall, 4),
+                      "curve": curve, "seconds": round(time.perf_counter() - t1, 3)}
+            _say(quiet, f"nprobe {nprobe} of {ivf.nlist} lists: recall@{TUNE_K} {recall:.3f} on {len(tune_q)} sample "
+                        f"rows (target {target_recall})")
     build_s = time.perf_counter() - t0
 
     out = _index_dir(folder)
+    if not fsio.is_url(out):  # never written through a symlink out of the folder
+        _manifest.refuse_symlinks(folder, (_manifest.INDEX_DIR,))
     fsio.makedirs(out)
     info_path = fsio.join(out, INFO_FILE)
     fsio.rm(info_path)  # invalidate the old index first: a crash below leaves none
     rec_index = atomic.write_bytes_atomic(fsio.join(out, INDEX_FILE), faiss.serialize_index(index).tobytes())
     rec_ids = atomic.write_npy_atomic(fsio.join(out, IDS_FILE),
-                                      (np.asarray(b.ids, np.int64) for b in cs.iter_shards(decode=False, metadata=False)),
-                                      (n,), np.int64)
+                                      (np.asarray(b.ids, cs.id_dtype) for b in cs.iter_shards(decode=False, metadata=False)),
+                                      (n,), cs.id_dtype)
     rec_ids.pop("rows")
     info = {
-        "factory": key, "metric": "inner_product", "ntotal": int(index.ntotal), "dim": dim, "nprobe": nprobe,
-        "train_rows": train_rows, "seed": seed, "build_seconds": round(build_s, 3),
+        "factory": key, "factory_source": "explicit" if choice is None else "auto", "metric": "inner_product",
+        "ntotal": int(index.ntotal), "dim": dim, "nprobe": nprobe, "nprobe_tuning": tuning,
+        "train_rows": 0 if rows is None else len(rows), "seed": seed, "threads": run_threads,
+        "build_seconds": round(build_s, 3), "train_seconds": round(train_s, 3), "add_seconds": round(add_s, 3),
+        "choice": None if choice is None else choice.to_dict(),
         "manifest_sha256": atomic.sha256_file(_manifest.manifest_path(folder)),
         "files": {INDEX_FILE: rec_index, IDS_FILE: rec_ids},
     }
     atomic.write_json_atomic(info_path, info)
+    _say(quiet, f"built in {build_s:.1f} s (training {train_s:.1f} s, adding {add_s:.1f} s)")
     return info
 
 
@@ -214,6 +313,10 @@ def load_index(folder: str):
             raise ValueError(f"damaged index: {path} is missing or not {rec['bytes']} bytes; rerun `semcomp index`")
     path = fsio.join(d, INDEX_FILE)
     if not remote:
+        # checksum before faiss reads it: a damaged local file is one line, not a faiss abort
+        want = info["files"][INDEX_FILE].get("sha256")
+        if want is not None and atomic.sha256_file(path) != want:
+            raise ValueError(f"damaged index: {path} does not match the sha256 in {info_path}; rerun `semcomp index`")
         return _faiss().read_index(path), info
     import hashlib
     import tempfile
@@ -261,18 +364,12 @@ class SearchResult:
 def exact_search(cs: CompressedSet, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner product of prepared queries q (Q, K) over every row, streamed
     shard block by shard block: (scores (Q, k), rows (Q, k)), best first."""
-    best_s = np.full((q.shape[0], 0), -np.inf, dtype=np.float32)
-    best_r = np.zeros((q.shape[0], 0), dtype=np.int64)
+    best = _empty_topk(q.shape[0])
     block = max(1024, min(BATCH_ROWS, EXACT_BLOCK_SCORES // max(1, q.shape[0])))  # bounds the score matrix
     for b in cs.iter_batches(block, metadata=False):
-        s = np.concatenate([best_s, q @ b.vectors.T], axis=1)
-        r = np.concatenate([best_r, np.broadcast_to(np.arange(b.start, b.start + len(b)), (q.shape[0], len(b)))], axis=1)
-        if s.shape[1] > k:
-            part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            s, r = np.take_along_axis(s, part, 1), np.take_along_axis(r, part, 1)
-        best_s, best_r = s, r
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_r, order, 1)
+        best = merge_topk(best, q @ b.vectors.T, np.arange(b.start, b.start + len(b)), k)
+    order = np.argsort(-best[0], axis=1, kind="stable")
+    return np.take_along_axis(best[0], order, 1), np.take_along_axis(best[1], order, 1)
 
 
 def search(folder, queries, k: int = 10, *, nprobe: int | None = None, exact: bool = False,
@@ -281,8 +378,8 @@ def search(folder, queries, k: int = 10, *, nprobe: int | None = None, exact: bo
     with their ids, scores and metadata. Uses FOLDER/index/ when present (`semcomp index`),
     else (or with exact=True) an exact streamed search. FOLDER may be a URL (fsspec
     `storage_options`); a URL without an index is an error unless exact=True."""
-    _check_positive("k", k)
-    _check_positive("nprobe", nprobe)
+    check_positive_int("k", k)
+    check_positive_int("nprobe", nprobe)
     cs = open_compressed(folder, storage_options=storage_options)
     folder = cs.path
     q = cs.prepare_queries(queries)
@@ -310,7 +407,7 @@ def search(folder, queries, k: int = 10, *, nprobe: int | None = None, exact: bo
         method = info["factory"]
     rows = rows.astype(np.int64)
     found = rows >= 0
-    ids = np.full(rows.shape, -1, dtype=np.int64)
+    ids = np.zeros(rows.shape, dtype=cs.id_dtype)  # the ids' own dtype: uint64 ids stay exact
     ids[found] = cs.ids_at(rows[found])
     meta = None
     if cs.has_metadata:

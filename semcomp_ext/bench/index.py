@@ -1,0 +1,189 @@
+"""Benchmark of `semcomp index` / `semcomp search`: build time, peak RSS and recall@10 against
+exact search, on clustered synthetic embeddings; and the recall benchmark of `semcomp search`
+over compressed CLIP-like sets (`search_recall_set`, behind benchmarks/bench_search.py).
+
+Data (`clustered`): `clusters` centres drawn uniformly on the unit sphere, each row a centre
+plus isotropic Gaussian noise of norm ~`spread`, normalised (cosine ~ 1/sqrt(1 + spread²) to
+its centre: 0.71 at spread 1). Embedding collections are clustered like this (by topic,
+language, source); uniform noise is not, and no IVF index finds its neighbours at a useful
+nprobe. Queries are fresh rows of the same clusters, not in the collection.
+
+The collection is written as one `.npy` input used as both modalities of `semcomp compress`
+(`--keep` = all dimensions, no normalisation), so the compressed folder stores the rows
+themselves (column-permuted by RFS) in the requested dtype. The index is then built by the
+`semcomp` CLI's `main(["index", DIR])` in a fresh child process: wall time of the call, and
+the child's peak RSS (VmHWM). Recall: `search(DIR, queries, 10)` against `search(..., exact=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["clustered", "write_pair_input", "compress_rows", "index_in_child", "index_case", "unit_rows",
+           "recalls", "search_recall_set"]
+
+GEN_ROWS = 1 << 16
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def clustered(n: int, dim: int, *, clusters: int, spread: float = 1.0, seed: int = 0, centres_seed: int = 0,
+              dtype=np.float32) -> np.ndarray:
+    """n unit rows around `clusters` random unit centres (module doc); the centres depend on
+    centres_seed only, so two calls with other seeds draw from the same clusters."""
+    centres = unit_rows(np.random.default_rng(centres_seed).standard_normal((clusters, dim), dtype=np.float32))
+    rng = np.random.default_rng([seed, 1])
+    out = np.empty((n, dim), dtype=dtype)
+    scale = np.float32(spread / np.sqrt(dim))
+    for s in range(0, n, GEN_ROWS):  # in blocks: memory stays ~ the output
+        m = min(GEN_ROWS, n - s)
+        x = rng.standard_normal((m, dim), dtype=np.float32)
+        x *= scale
+        x += centres[rng.integers(0, clusters, m)]
+        out[s:s + m] = unit_rows(x)
+    return out
+
+
+def write_pair_input(root: str, x: np.ndarray, shard_rows: int = 1 << 18) -> list:
+    """x as .npy shards in ROOT/img_emb; ROOT/text_emb holds hard links to the same files
+    (the pair centroid of a row with itself is the row). Returns the two folders."""
+    img, txt = os.path.join(root, "img_emb"), os.path.join(root, "text_emb")
+    os.makedirs(img, exist_ok=True)
+    os.makedirs(txt, exist_ok=True)
+    for i, s in enumerate(range(0, len(x), shard_rows)):
+        name = f"emb_{i:05d}.npy"
+        np.save(os.path.join(img, name), x[s:s + shard_rows])
+        os.link(os.path.join(img, name), os.path.join(txt, name))
+    return [img, txt]
+
+
+def compress_rows(root: str, out: str, x: np.ndarray) -> str:
+    """A compressed folder storing x's rows (all columns kept, dtype of x) in OUT."""
+    from semcomp_ext.compress import CompressOptions, compress
+
+    ins = write_pair_input(os.path.join(root, "input"), x)
+    compress(CompressOptions(inputs=ins, out=out, keep=x.shape[1], normalize="none", quiet=True))
+    shutil.rmtree(os.path.join(root, "input"))
+    return out
+
+
+_CHILD = """
+import json, sys, time
+from semcomp_ext.cli import main
+t = time.perf_counter()
+rc = main(sys.argv[1:])
+wall = time.perf_counter() - t
+hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))
+print(json.dumps({"rc": rc, "seconds": wall, "peak_rss_mb": hwm / 1024}))
+"""
+
+
+def index_in_child(folder: str, *args: str, echo: bool = True) -> dict:
+    """`semcomp index FOLDER ARGS` (the CLI's main) in a fresh Python: its wall time, its peak
+    RSS and the index.json it wrote. Progress lines go to this process's stderr when echo."""
+    cmd = [sys.executable, "-c", _CHILD, "index", folder, *args]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if echo else subprocess.DEVNULL, text=True, check=False)
+    lines = p.stdout.strip().splitlines()
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"semcomp index failed (exit {p.returncode}): {' '.join(cmd[3:])}")
+    res = json.loads(lines[-1])
+    if res["rc"] != 0:
+        raise RuntimeError(f"semcomp index returned {res['rc']}: {' '.join(cmd[3:])}")
+    with open(os.path.join(folder, "index", "index.json")) as f:
+        res["index_json"] = json.load(f)
+    return res
+
+
+def index_case(work: str, n: int, dim: int, dtype: str, *, clusters: int, queries: int = 1000, spread: float = 1.0,
+               k: int = 10, index_args=(), seed: int = 0) -> dict:
+    """One row of the index benchmark (module doc): data, compressed folder, index build in a
+    child, recall@k of the default nprobe against exact search."""
+    from semcomp_ext.compress.index import recall_at_k, search
+
+    t = time.perf_counter()
+    x = clustered(n, dim, clusters=clusters, spread=spread, seed=seed, dtype=np.dtype(dtype))
+    q = clustered(queries, dim, clusters=clusters, spread=spread, seed=seed + 1)
+    t_gen = time.perf_counter() - t
+    out = os.path.join(work, f"c{n}x{dim}")
+    t = time.perf_counter()
+    compress_rows(work, out, x)
+    t_compress = time.perf_counter() - t
+    del x
+    load = os.getloadavg()
+    built = index_in_child(out, *index_args)
+    load_after = os.getloadavg()
+    info = built.pop("index_json")
+    t = time.perf_counter()
+    got = search(out, q, k)
+    t_search = time.perf_counter() - t
+    t = time.perf_counter()
+    exact = search(out, q, k, exact=True)
+    t_exact = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "rows": n, "dim": dim, "dtype": dtype, "clusters": clusters, "spread": spread, "queries": queries, "k": k,
+        "index_args": list(index_args), "factory": info["factory"], "nprobe": info["nprobe"],
+        "index_wall_s": round(built["seconds"], 2), "index_peak_rss_mb": round(built["peak_rss_mb"], 1),
+        f"recall@{k}": round(recall_at_k(got.rows, exact.rows, k), 4),
+        "train_s": info["train_seconds"], "add_s": info["add_seconds"], "build_s": info["build_seconds"],
+        "nprobe_tuning": info["nprobe_tuning"], "choice": info["choice"], "threads": info["threads"],
+        "search_s": round(t_search, 3), "exact_search_s": round(t_exact, 3),
+        "generate_s": round(t_gen, 2), "compress_s": round(t_compress, 2),
+        "load_average_before": load, "load_average_after": load_after,
+    }
+
+
+def recalls(got: np.ndarray, truth: np.ndarray, k: int) -> dict:
+    """10-recall@10 (overlap of the top k) and 1-recall@k (the exact nearest in the top k)."""
+    overlap = np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(got, truth)])
+    top1 = np.mean([b[0] in set(a[:k]) for a, b in zip(got, truth)])
+    return {f"recall@{k}": round(float(overlap), 4), f"1-recall@{k}": round(float(top1), 4)}
+
+
+def search_recall_set(work: str, name: str, img: np.ndarray, txt: np.ndarray, queries: np.ndarray, *,
+                      indexes=("flat",), drops=(0.5, 0.9), k: int = 10, log=print) -> dict:
+    """`semcomp search` over the compressed pair centroids of (img, txt) at each RFS drop rate
+    (`--normalize output`), for each index kind ("flat": exact inner product over the
+    compressed vectors, the loss of compression alone; "auto": `semcomp index`'s choice),
+    against the top-k cosine of the queries over the normalised full-D centroids."""
+    from semcomp_ext.cli import main
+    from semcomp_ext.compress.index import build_index, search
+
+    truth = np.argsort(-(queries @ unit_rows((img + txt) / 2).T), axis=1, kind="stable")[:, :k]
+    src = os.path.join(work, name, "in")
+    folders = []
+    for mod, z in (("img", img), ("text", txt)):
+        d = os.path.join(src, f"{mod}_emb")
+        os.makedirs(d, exist_ok=True)
+        for i, s in enumerate(range(0, len(z), 8192)):
+            np.save(os.path.join(d, f"{mod}_emb_{i:04d}.npy"), np.ascontiguousarray(z[s:s + 8192], np.float32))
+        folders.append(d)
+    gap = float(np.linalg.norm(unit_rows(img).mean(0) - unit_rows(txt).mean(0)))
+    res = {"rows": len(img), "queries": len(queries), "dim": img.shape[1], "modality_gap": round(gap, 4), "drops": {}}
+    for drop in drops:
+        out = os.path.join(work, name, f"drop{drop}")
+        if main(["compress", src, "-o", out, "--drop-rate", str(drop), "--normalize", "output", "-q"]) != 0:
+            raise RuntimeError(f"semcomp compress failed on {src}")
+        row = {}
+        for kind in indexes:
+            t0 = time.perf_counter()
+            info = build_index(out, index_factory="Flat" if kind == "flat" else None)
+            t_build = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            hits = search(out, queries, k)
+            t_search = time.perf_counter() - t0
+            row[kind] = {"factory": info["factory"], "nprobe": info["nprobe"], "keep": info["dim"],
+                         **recalls(hits.ids, truth, k), "build_s": round(t_build, 2), "search_s": round(t_search, 3)}
+            log(f"{name} drop {drop} {kind}: {row[kind]}")
+        res["drops"][str(drop)] = row
+    shutil.rmtree(os.path.join(work, name), ignore_errors=True)
+    return res
