@@ -114,12 +114,11 @@ def test_masked_directions_one_block_and_scale(model, monkeypatch):
     assert dl <= TOL and dg <= TOL, (dl, dg)
 
 
-@pytest.mark.parametrize("negatives", [0, 1])
-@pytest.mark.parametrize("directions,partition_mode", [
-    (("query_to_doc",), "joint"),
-    (("query_to_doc", "doc_to_query"), "per_direction"),
-    (DIRS, "joint"),
-])
+@pytest.mark.parametrize("directions,partition_mode,negatives", [
+    (("query_to_doc",), "joint", 1),
+    (("query_to_doc", "doc_to_query"), "per_direction", 0),
+    (DIRS, "joint", 1),
+], ids=["default-1neg", "symmetric-per_direction", "all-joint-1neg"])
 def test_cached_mnrl_matches_upstream_cached(model, directions, partition_mode, negatives):
     """GradCache with 4-row mini-batches over 11 rows (a ragged last one), dropout replayed."""
     feats = make_features(model, 11, 2 + negatives, seed=3 + negatives)
@@ -252,3 +251,17 @@ def test_gather_across_devices_two_gloo_ranks(tmp_path):
             assert dl <= TOL and dg <= TOL, (rank, cfg, dl, dg)
     # the two ranks score different local rows of one global batch: their losses differ
     assert any(abs(per_rank[0][c][2] - per_rank[1][c][2]) > 1e-4 for c in per_rank[0])
+
+
+def test_fused_loss_bad_arguments_name_themselves():
+    q, p = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"embeddings\[1\] must be a 2-D tensor"):
+        sc.fused_mnrl_loss([q, torch.randn(5, 8)], 20.0)
+    with pytest.raises(ValueError, match="embeddings must hold at least 2"):
+        sc.fused_mnrl_loss([q], 20.0)
+    with pytest.raises(ValueError, match="directions must include 'query_to_doc'"):
+        sc.fused_mnrl_loss([q, p], 20.0, ("doc_to_query",))
+    with pytest.raises(ValueError, match="partition_mode"):
+        sc.fused_mnrl_loss([q, p], 20.0, partition_mode="rows")
+    with pytest.raises(ValueError, match="per_direction"):
+        sc.fused_mnrl_loss([q, p], 20.0, ("query_to_doc", "query_to_query"), "per_direction")

@@ -63,6 +63,7 @@ __all__ = ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss",
 #: rows per block for the masked directions (query_to_query, doc_to_doc): the dense part of
 #: the scores is MASKED_BLOCK x MASKED_BLOCK per block and per document column
 MASKED_BLOCK = 256
+_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 
 
 def _is_cosine(fct) -> bool:
@@ -115,8 +116,9 @@ def _masked_terms(x: Tensor, blocks: list[Tensor], offset: int, s: Tensor, pos: 
         m = xc.shape[0]
         lo, hi = offset + c0, offset + c0 + m
         dense, lses = [], []
+        xa = xc.to(pos.dtype)  # the dense parts are small: scored in the accumulation dtype
         for k in blocks:
-            own = s * (xc @ k[lo:hi].T)
+            own = s * (xa @ k[lo:hi].to(pos.dtype).T)
             eye = torch.eye(m, dtype=torch.bool, device=x.device)
             dense.append(own.masked_fill(eye, float("-inf")))
             for piece in (k[:lo], k[hi:]):
@@ -125,8 +127,8 @@ def _masked_terms(x: Tensor, blocks: list[Tensor], offset: int, s: Tensor, pos: 
                 if piece.shape[0] >= m:
                     lses.append(ops.infonce_rect_fwd(xc, piece, s, 0, 0)[1].unsqueeze(1))
                 else:
-                    dense.append(s * (xc @ piece.T))
-        terms = torch.cat([d.to(pos.dtype) for d in dense] + lses, dim=1)
+                    dense.append(s * (xa @ piece.to(pos.dtype).T))
+        terms = torch.cat(dense + lses, dim=1)
         out.append(torch.logsumexp(terms - pos[c0:c0 + m, None], dim=1))
     return torch.cat(out)
 
@@ -145,9 +147,23 @@ def fused_mnrl_loss(
     ``MultipleNegativesRankingLoss(similarity_fct=cos_sim, ...)`` (no hardness weighting);
     arguments as there. Returns the mean over this rank's n rows (fp32; fp64 for fp64 inputs).
     """
+    fn = "fused_mnrl_loss"
+    embeddings = list(embeddings)
     if len(embeddings) < 2:
-        raise ValueError(f"fused_mnrl_loss: embeddings must hold at least 2 tensors, got {len(embeddings)}")
-    queries, docs = embeddings[0], list(embeddings[1:])
+        raise ValueError(f"{fn}: embeddings must hold at least 2 tensors (queries, positives), got {len(embeddings)}")
+    for i, e in enumerate(embeddings):
+        if not torch.is_tensor(e) or e.dim() != 2 or e.shape[0] != embeddings[0].shape[0]:
+            shape = tuple(e.shape) if torch.is_tensor(e) else type(e).__name__
+            raise ValueError(f"{fn}: embeddings[{i}] must be a 2-D tensor with as many rows as embeddings[0] "
+                             f"({tuple(embeddings[0].shape)}), got {shape}")
+    bad = [d for d in directions if d not in _DIRECTIONS]
+    if bad or "query_to_doc" not in directions:
+        raise ValueError(f"{fn}: directions must include 'query_to_doc' and only {_DIRECTIONS}, got {tuple(directions)}")
+    if partition_mode not in ("joint", "per_direction"):
+        raise ValueError(f"{fn}: partition_mode must be 'joint' or 'per_direction', got {partition_mode!r}")
+    if partition_mode == "per_direction" and {"query_to_query", "doc_to_doc"} & set(directions):
+        raise ValueError(f"{fn}: partition_mode='per_direction' excludes query_to_query and doc_to_doc, got {tuple(directions)}")
+    queries, docs = embeddings[0], embeddings[1:]
     n = queries.shape[0]
     offset = 0
     if gather_across_devices:
@@ -175,7 +191,8 @@ def fused_mnrl_loss(
         return rows["query_to_doc"].mean()
     terms = [r.unsqueeze(1) for r in rows.values()]
     if masked:
-        pos = s.to(rows["query_to_doc"].dtype) * (q_loc * p_loc).sum(1).to(rows["query_to_doc"].dtype)
+        acc = rows["query_to_doc"].dtype
+        pos = s.to(acc) * (q_loc.to(acc) * p_loc.to(acc)).sum(1)
         if "query_to_query" in directions:
             terms.append(_masked_terms(q_loc, [q_all], offset, s, pos, MASKED_BLOCK).unsqueeze(1))
         if "doc_to_doc" in directions:
