@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import sys
 
-_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "train", "model_configs")
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "train", "model_configs")
+"""semcomp_ext's open_clip model configs (``open_clip.add_model_config(CONFIG_DIR)`` registers them)."""
 
 
 _FLAG = "--grad-cache-micro-batch"
@@ -93,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        if os.path.isdir(_CONFIG_DIR):
-            open_clip.add_model_config(_CONFIG_DIR)
+        if os.path.isdir(CONFIG_DIR):
+            open_clip.add_model_config(CONFIG_DIR)
         if os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(argv):
             print("semcomp_ext.open_clip_train: the CLIP objective uses semcomp_ext.ClipLoss (fused)"
                   + (f"; gradient caching in micro-batches of {micro_batch}" if micro_batch else ""), file=sys.stderr)

@@ -187,9 +187,9 @@ def test_open_clip_model_matches_full_batch():
     encode_text, with the fused ClipLoss on its logit scale."""
     import open_clip
 
-    from semcomp_ext.open_clip_train import _CONFIG_DIR
+    from semcomp_ext.open_clip_train import CONFIG_DIR
 
-    open_clip.add_model_config(_CONFIG_DIR)
+    open_clip.add_model_config(CONFIG_DIR)
     torch.manual_seed(0)
     model = open_clip.create_model("semcomp-tiny").double().eval()
     g = torch.Generator().manual_seed(0)

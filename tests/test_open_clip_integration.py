@@ -59,7 +59,7 @@ _RUNNER = textwrap.dedent(
         record[label] = {"status": status, "losses": losses, "types": types,
                          "patched_after": integration.is_patched()}
 
-    open_clip.add_model_config(entry._CONFIG_DIR)
+    open_clip.add_model_config(entry.CONFIG_DIR)
     run("plain", oc_main.main, common)
     run("fused", entry.main, common)
     with open(out_path, "w") as f:
@@ -153,7 +153,7 @@ _GC_RUNNER = textwrap.dedent(
     def diff(a, b):
         return [(x - y).abs().max().item() for x, y in zip(grads_of[a], grads_of[b])]
 
-    open_clip.add_model_config(entry._CONFIG_DIR)
+    open_clip.add_model_config(entry.CONFIG_DIR)
     for prec in precisions:
         run(f"fused_{prec}", common + ["--precision", prec])
         run(f"cached_{prec}", common + ["--precision", prec, "--grad-cache-micro-batch", "5"])
@@ -216,9 +216,9 @@ def _ddp_worker(rank, world, micro_batch):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from semcomp_ext.integrations.open_clip import GradCachedModel
-    from semcomp_ext.open_clip_train import _CONFIG_DIR
+    from semcomp_ext.open_clip_train import CONFIG_DIR
 
-    open_clip.add_model_config(_CONFIG_DIR)
+    open_clip.add_model_config(CONFIG_DIR)
     torch.manual_seed(0)
     model = open_clip.create_model("semcomp-tiny", output_dict=True)
     ref = copy.deepcopy(model)
