@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops  # noqa: F401  (loads and registers the native ops)
-from ._C import _infonce_dk_accumulate as _native_dk_accumulate
-from ._C import build_info as _native_build_info
-from ._ops import get_infonce_cuda_impl, set_infonce_cuda_impl
+from ._ops import build_info, get_infonce_cuda_impl, set_infonce_cuda_impl
 from .features import RandomFeatureSelector, rfs_index
 from .functional import (
     centroids,
@@ -16,9 +14,9 @@ from .functional import (
     infonce_rect_loss,
     pair_centroids,
     select_features,
+    sigmoid_loss,
 )
-from .losses import ClipLoss, InfoNCELoss, multimodal_infonce_loss  # with its distributed form
-from .siglip import SigLipLoss, sigmoid_loss
+from .losses import ClipLoss, InfoNCELoss, SigLipLoss, multimodal_infonce_loss
 from .grad_cache import grad_cache_step
 from .metrics import (
     ExplainedVariance,
@@ -38,6 +36,7 @@ __all__ = [
     "InfoNCELoss",
     "RandomFeatureSelector",
     "SigLipLoss",
+    "build_index",
     "build_info",
     "centroids",
     "compress_arrays",
@@ -54,6 +53,7 @@ __all__ = [
     "open_compressed",
     "pair_centroids",
     "rfs_index",
+    "search",
     "select_features",
     "set_infonce_cuda_impl",
     "sigmoid_loss",
@@ -61,22 +61,9 @@ __all__ = [
 ]
 
 
-def build_info() -> dict:
-    """Version, the torch version built against and running, CUDA compiled?, CUDA archs, OpenMP,
-    and the threads the CPU kernels may use."""
-    info = dict(_native_build_info())
-    info["torch_runtime"] = torch.__version__
-    info["cuda_archs"] = [a for a in info["cuda_archs"].split(",") if a]
-    info["num_threads"] = torch.get_num_threads()
-    # CUDA backward, bf16/fp16: how dk is accumulated in fp32 (decided on first use)
-    info["infonce_dk_accumulate"] = ("not yet used", "addmm.dtype_out", "mm.dtype_out + add_")[
-        _native_dk_accumulate()]
-    return info
-
-
 def __getattr__(name: str):
     # open_compressed is imported on first use: `import semcomp_ext` stays free of numpy-only
-    # readers, pyarrow and faiss until a compressed folder is opened
+    # readers, pyarrow and faiss until a compressed folder is opened (or an index built or searched)
     if name == "open_compressed":
         from .compress.open import open_compressed
 
@@ -85,4 +72,12 @@ def __getattr__(name: str):
         from .compress.api import compress_arrays
 
         return compress_arrays
+    if name == "build_index":
+        from .compress.index import build_index
+
+        return build_index
+    if name == "search":
+        from .compress.index import search
+
+        return search
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

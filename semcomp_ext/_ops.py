@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 ops = torch.ops.semcomp
 
-__all__ = ["ops", "has_kernel", "set_infonce_cuda_impl", "get_infonce_cuda_impl"]
+__all__ = ["ops", "has_kernel", "build_info", "set_infonce_cuda_impl", "get_infonce_cuda_impl"]
 
 _CUDA_IMPLS = ("auto", "gemm", "tile")
 
@@ -42,6 +42,20 @@ def set_infonce_cuda_impl(impl: str) -> str:
 def get_infonce_cuda_impl() -> str:
     """The CUDA InfoNCE implementation selected for bf16/fp16 inputs ("auto", "gemm", "tile")."""
     return _CUDA_IMPLS[_C._infonce_cuda_impl()]
+
+
+def build_info() -> dict:
+    """Version, the torch version built against and running, CUDA compiled?, CUDA archs, OpenMP,
+    the dtypes whose CPU InfoNCE GEMMs run in that dtype with fp32 accumulation
+    (``cpu_lowp_gemm``), and the threads the CPU kernels may use."""
+    info = dict(_C.build_info())
+    info["torch_runtime"] = torch.__version__
+    info["cuda_archs"] = [a for a in info["cuda_archs"].split(",") if a]
+    info["num_threads"] = torch.get_num_threads()
+    # CUDA backward, bf16/fp16: how dk is accumulated in fp32 (decided on first use)
+    info["infonce_dk_accumulate"] = ("not yet used", "addmm.dtype_out", "mm.dtype_out + add_")[
+        _C._infonce_dk_accumulate()]
+    return info
 
 
 def has_kernel(op: str, device: torch.device | str) -> bool:
@@ -263,3 +277,111 @@ def _pair_mean_backward(ctx, g_out, _g_finite):
 
 
 torch.library.register_autograd("semcomp::pair_mean", _pair_mean_backward, setup_context=_pair_mean_setup)
+
+
+# ---- sigmoid (SigLIP) ops: fake kernels and autograd -----------------------------------------
+
+
+def _check_sigmoid_fake(op, a, b, logit_scale, logit_bias, negative_only):
+    torch._check_value(a.dim() == 2 and b.dim() == 2, lambda: f"{op}: a and b must be 2-D")
+    torch._check_value(a.dtype == b.dtype, lambda: f"{op}: dtypes differ: {a.dtype} vs {b.dtype}")
+    torch._check_value(a.shape[1] == b.shape[1], lambda: f"{op}: feature dimensions differ")
+    torch._check_value(logit_scale.numel() == 1, lambda: f"{op}: logit_scale must have one element")
+    torch._check_value(logit_bias.numel() == 1, lambda: f"{op}: logit_bias must have one element")
+    if not negative_only:
+        torch._check_value(a.shape[0] == b.shape[0], lambda: f"{op}: a and b row counts differ")
+
+
+@torch.library.register_fake("semcomp::sigmoid_fwd")
+def _sigmoid_fwd_fake(a, b, logit_scale, logit_bias, negative_only=False, chunk_size=0):
+    _check_sigmoid_fake("sigmoid_fwd", a, b, logit_scale, logit_bias, negative_only)
+    return a.new_empty(a.shape[0], dtype=_acc_dtype(a.dtype))
+
+
+@torch.library.register_fake("semcomp::sigmoid_bwd")
+def _sigmoid_bwd_fake(a, b, logit_scale, logit_bias, grad_rows, negative_only=False, chunk_size=0):
+    _check_sigmoid_fake("sigmoid_bwd", a, b, logit_scale, logit_bias, negative_only)
+    return (a.new_empty(a.shape), b.new_empty(b.shape), torch.empty_like(logit_scale),
+            torch.empty_like(logit_bias))
+
+
+@torch.library.register_fake("semcomp::sigmoid_fwd_bwd")
+def _sigmoid_fwd_bwd_fake(a, b, logit_scale, logit_bias, negative_only=False, chunk_size=0):
+    _check_sigmoid_fake("sigmoid_fwd_bwd", a, b, logit_scale, logit_bias, negative_only)
+    acc = _acc_dtype(a.dtype)
+    return (a.new_empty((), dtype=acc), a.new_empty(a.shape, dtype=acc), b.new_empty(b.shape, dtype=acc),
+            torch.empty_like(logit_scale), torch.empty_like(logit_bias))
+
+
+def _sigmoid_setup(ctx, inputs, output):
+    a, b, logit_scale, logit_bias, negative_only, chunk_size = inputs
+    ctx.negative_only, ctx.chunk_size = negative_only, chunk_size
+    if any(ctx.needs_input_grad[:4]):
+        ctx.save_for_backward(a, b, logit_scale, logit_bias)
+
+
+def _sigmoid_backward(ctx, g_rows):
+    a, b, logit_scale, logit_bias = ctx.saved_tensors
+    ga, gb, gs, gt = ops.sigmoid_bwd(a, b, logit_scale, logit_bias, g_rows, ctx.negative_only, ctx.chunk_size)
+    need = ctx.needs_input_grad
+    return (ga if need[0] else None, gb if need[1] else None, gs if need[2] else None,
+            gt if need[3] else None, None, None)
+
+
+torch.library.register_autograd("semcomp::sigmoid_fwd", _sigmoid_backward, setup_context=_sigmoid_setup)
+
+
+def _is_eager(x: torch.Tensor) -> bool:
+    """Plain eager execution: no compiler, no tensor subclass (fake, functional), no dispatch
+    mode (tracing) active."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)
+
+
+def _sigmoid_onepass_setup(ctx, inputs, output):
+    a, b, logit_scale, logit_bias, negative_only, chunk_size = inputs
+    _, ga, gb, gs, gt = output
+    ctx.dtypes = (a.dtype, b.dtype)
+    ctx.negative_only, ctx.chunk_size = negative_only, chunk_size
+    # the gradient outputs are never differentiated: without this, autograd would hand the
+    # backward N x D zero tensors for them
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(a, b, logit_scale, logit_bias)  # references only: for a second backward
+    if _is_eager(ga):
+        ctx.grads = [ga, gb, gs, gt]
+    else:  # traced (torch.compile, opcheck): the gradients are saved and scaled out of place
+        ctx.save_for_backward(a, b, logit_scale, logit_bias, ga, gb, gs, gt)
+        ctx.grads = None
+
+
+def _sigmoid_onepass_backward(ctx, g_loss, *_unused):
+    # The gradients computed by the forward are those of the summed loss: the upstream gradient
+    # scales them. The first backward (in eager mode) scales them in place and hands them over,
+    # so the peak holds one set of N x D gradients; a later backward through the same graph
+    # (retain_graph=True) recomputes them from the inputs.
+    need = ctx.needs_input_grad
+    if g_loss is None:  # only the gradient outputs were used: they are constants
+        return None, None, None, None, None, None
+    saved = ctx.saved_tensors
+    a, b, logit_scale, logit_bias = saved[:4]
+    if len(saved) > 4:  # traced by torch.compile: out of place
+        ga, gb, gs, gt = saved[4:]
+        g = g_loss.to(ga.dtype)
+        ga, gb = g * ga, g * gb
+    elif ctx.grads is not None:
+        ga, gb, gs, gt = ctx.grads
+        ctx.grads = None
+        g = g_loss.to(ga.dtype)
+        ga, gb = ga.mul_(g), gb.mul_(g)
+    else:
+        rows = g_loss.reshape(1).expand(a.shape[0])
+        ga, gb, gs, gt = ops.sigmoid_bwd(a, b, logit_scale, logit_bias, rows, ctx.negative_only, ctx.chunk_size)
+        return (ga if need[0] else None, gb if need[1] else None, gs if need[2] else None,
+                gt if need[3] else None, None, None)
+    return (ga.to(ctx.dtypes[0]) if need[0] else None,
+            gb.to(ctx.dtypes[1]) if need[1] else None,
+            (g.to(gs.dtype) * gs) if need[2] else None,
+            (g.to(gt.dtype) * gt) if need[3] else None, None, None)
+
+
+torch.library.register_autograd("semcomp::sigmoid_fwd_bwd", _sigmoid_onepass_backward, setup_context=_sigmoid_onepass_setup)

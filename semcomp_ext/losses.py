@@ -1,5 +1,5 @@
-"""Loss modules: an open_clip-compatible ClipLoss on the fused kernels, InfoNCELoss, and the
-multimodal loss with its distributed form.
+"""Loss modules on the fused kernels: open_clip-compatible ClipLoss and SigLipLoss, InfoNCELoss,
+and the multimodal InfoNCE loss (single-process and distributed).
 
 Layering runs one way: :mod:`.functional` (single process) <- :mod:`.distributed` (builds on
 functional) <- this module, which chooses the distributed path when asked for it. The
@@ -10,21 +10,36 @@ load it (nor torch.distributed's collectives machinery).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import nn
 
-from . import functional as F
-from .functional import _attach_bias, _check_matrix, _promote, _resolve_scale, infonce_loss
 
-__all__ = ["ClipLoss", "InfoNCELoss", "multimodal_infonce_loss"]
+from .functional import SIGMOID_BACKWARDS, infonce_loss, sigmoid_loss
+from .validation import (
+    DEFAULT_TEMPERATURE,
+    attach_bias,
+    check_matrix,
+    check_modalities,
+    check_pair,
+    check_reduction,
+    check_scale_tensor,
+    modality_pairs,
+    number,
+    promote,
+    resolve_scale,
+)
+
+__all__ = ["ClipLoss", "InfoNCELoss", "SigLipLoss", "multimodal_infonce_loss"]
 
 _IMPLS = ("gather", "ring")  # semcomp_ext.distributed.IMPLS (checked equal in the tests)
+_SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # distributed.neighbour.DIST_IMPLS (tested equal)
 
 
 def multimodal_infonce_loss(
     zs: Sequence[torch.Tensor],
-    temperature: float | torch.Tensor | None = F._DEFAULT_TEMPERATURE,
+    temperature: float | torch.Tensor | None = DEFAULT_TEMPERATURE,
     *,
     pairs: str = "all",
     anchor: int = 0,
@@ -45,23 +60,26 @@ def multimodal_infonce_loss(
     (default: the world); the loss is over the global batch W*n with ClipLoss's semantics per
     pair: local_loss, gather_with_grad, impl="gather" | "ring" (see semcomp_ext.ClipLoss).
     local_loss=False returns the global loss on every rank. reduction must be "mean" then.
-    distributed=False is :func:`semcomp_ext.functional.multimodal_infonce_loss`.
     """
     fn = "multimodal_infonce_loss"
+    zs = check_modalities(fn, zs)
+    idx = modality_pairs(fn, len(zs), pairs, anchor)
     if not distributed:
-        return F.multimodal_infonce_loss(
-            zs, temperature, pairs=pairs, anchor=anchor, logit_scale=logit_scale, reduction=reduction
-        )
-    zs = F._check_modalities(fn, zs)
-    idx = F._modality_pairs(fn, len(zs), pairs, anchor)
+        for i, z in enumerate(zs):
+            check_pair(fn, zs[0], z, ("zs[0]", f"zs[{i}]"))
+        resolve_scale(fn, temperature, logit_scale, zs[0])  # validated once, before any pair runs
+        zs = promote(fn, zs)
+        losses = [infonce_loss(zs[i], zs[j], temperature, logit_scale=logit_scale, reduction=reduction)
+                  for i, j in idx]
+        return torch.stack(losses).mean(0)
     if reduction != "mean":
         raise ValueError(f"{fn}: distributed=True supports reduction='mean' only, got {reduction!r}")
     if impl not in _IMPLS:
         raise ValueError(f"{fn}: impl must be one of {_IMPLS}, got {impl!r}")
     for i, z in enumerate(zs):
-        _check_matrix(fn, f"zs[{i}]", z)
-    zs = _promote(fn, zs)
-    s = _resolve_scale(fn, temperature, logit_scale, zs[0])
+        check_matrix(fn, f"zs[{i}]", z)
+    zs = promote(fn, zs)
+    s = resolve_scale(fn, temperature, logit_scale, zs[0])
     from .distributed import distributed_infonce
 
     return distributed_infonce(
@@ -119,15 +137,15 @@ class ClipLoss(nn.Module):
             if dist.is_available() and dist.is_initialized() and dist.get_rank(self.group) != self.rank:
                 raise ValueError(f"ClipLoss: rank={self.rank} but this process is rank {dist.get_rank(self.group)} of the group")
             if torch.is_tensor(image_features) and torch.is_tensor(text_features):
-                image_features, text_features = _promote("ClipLoss", (image_features, text_features))
-            scale = _resolve_scale("ClipLoss", None, logit_scale, image_features)
+                image_features, text_features = promote("ClipLoss", (image_features, text_features))
+            scale = resolve_scale("ClipLoss", None, logit_scale, image_features)
             loss = distributed_infonce(
                 [image_features, text_features], scale, [(0, 1)],
                 local_loss=self.local_loss, gather_with_grad=self.gather_with_grad, impl=self.impl,
                 world_size=self.world_size, group=self.group, names=("image_features", "text_features"),
                 fn="ClipLoss", check_shapes=self.check_shapes,
             )
-            loss = _attach_bias(loss, "ClipLoss", logit_bias)
+            loss = attach_bias(loss, "ClipLoss", logit_bias)
         else:
             loss = infonce_loss(image_features, text_features, logit_scale=logit_scale, logit_bias=logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
@@ -146,7 +164,7 @@ class InfoNCELoss(nn.Module):
                  max_logit_scale: float = 100.0, reduction: str = "mean"):
         super().__init__()
         fn = "InfoNCELoss"
-        F._check_reduction(fn, reduction)
+        check_reduction(fn, reduction)
         self.reduction = reduction
         self.max_logit_scale = max_logit_scale
         if torch.is_tensor(temperature):
@@ -155,11 +173,11 @@ class InfoNCELoss(nn.Module):
                     f"{fn}: learnable=True makes its own parameter from a number; a tensor temperature "
                     "is used as given (pass an nn.Parameter or a tensor that requires grad to learn it)"
                 )
-            F._check_scale_tensor(fn, "temperature", temperature, temperature)
+            check_scale_tensor(fn, "temperature", temperature, temperature)
             self.temperature = temperature  # an nn.Parameter registers itself here
             self.log_logit_scale = None
             return
-        t = F._number(fn, "temperature", temperature)
+        t = number(fn, "temperature", temperature)
         if not (t > 0 and t < float("inf")):
             raise ValueError(f"{fn}: temperature must be finite and > 0, got {temperature}")
         self.temperature = None
@@ -182,3 +200,71 @@ class InfoNCELoss(nn.Module):
         if a.dtype == torch.float64:
             scale = scale.double()
         return infonce_loss(a, b, logit_scale=scale, reduction=self.reduction)
+
+
+class SigLipLoss(nn.Module):
+    """Drop-in for ``open_clip.loss.SigLipLoss`` on the fused sigmoid loss.
+
+    Same constructor and ``forward(image_features, text_features, logit_scale, logit_bias,
+    output_dict=False)``; the loss is the local block (positives on the diagonal) plus, for
+    ``world_size > 1``, a negative-only block against every other rank's text features, each
+    divided by the local batch size. Text features travel by ``dist_impl``: "bidir" (default;
+    both neighbours per step), "shift" (ring), "reduce" (all_reduce per rank) or "gather"
+    (all_gather), with gradients returned to their owners as in open_clip. ``cache_labels`` is
+    accepted for compatibility (no label matrix is built). ``group``: an optional process group
+    (open_clip uses the default one). Extra keyword arguments go to :func:`sigmoid_loss`
+    (``backward``, ``chunk_size``).
+    """
+
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        dist_impl: Optional[str] = None,
+        *,
+        group=None,
+        backward: str = "auto",
+        chunk_size: int = 0,
+    ):
+        super().__init__()
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl or "bidir"
+        if self.dist_impl not in _SIGLIP_DIST_IMPLS:
+            raise ValueError(f"SigLipLoss: dist_impl must be one of {_SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
+        if backward not in SIGMOID_BACKWARDS:
+            raise ValueError(f"SigLipLoss: backward must be one of {SIGMOID_BACKWARDS}, got {backward!r}")
+        self.group = group
+        self.backward_mode = backward
+        self.chunk_size = chunk_size
+        self.prev_num_logits = 0
+        self.labels = {}
+
+    # open_clip's helpers, for code that calls them (they build N x N matrices)
+    def get_ground_truth(self, device, dtype, num_logits, negative_only=False) -> torch.Tensor:
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        if not negative_only:
+            labels = labels + 2 * torch.eye(num_logits, device=device, dtype=dtype)
+        return labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        logits = logit_scale * image_features @ text_features.T
+        return logits if logit_bias is None else logits + logit_bias
+
+    def _loss(self, image_features, text_features, logit_scale, logit_bias=None, negative_only=False):
+        return sigmoid_loss(image_features, text_features, logit_scale, logit_bias, negative_only=negative_only,
+                            backward=self.backward_mode, chunk_size=self.chunk_size)
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        loss = self._loss(image_features, text_features, logit_scale, logit_bias)
+        if self.world_size > 1:
+            from .distributed.neighbour import sigmoid_remote_loss
+
+            def neg(t):
+                return self._loss(image_features, t, logit_scale, logit_bias, negative_only=True)
+
+            loss = loss + sigmoid_remote_loss(neg, text_features, rank=self.rank, world_size=self.world_size,
+                                              dist_impl=self.dist_impl, group=self.group)
+        return {"contrastive_loss": loss} if output_dict else loss

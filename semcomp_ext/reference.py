@@ -15,6 +15,7 @@ __all__ = [
     "infonce_rect_reference",
     "centroids_reference",
     "select_features_reference",
+    "sigmoid_loss_reference",
 ]
 
 
@@ -61,3 +62,18 @@ def centroids_reference(x: torch.Tensor, ids: torch.Tensor, num_groups: int, fea
 def select_features_reference(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Column gather x[:, index]."""
     return x.index_select(1, index.long())
+
+
+def sigmoid_loss_reference(a, b, logit_scale, logit_bias=None, *, negative_only=False, reduction="mean"):
+    """Sigmoid (SigLIP) loss through the full Na x Nb logit matrix (semcomp_ext.sigmoid_loss's
+    formula and reductions)."""
+    z = logit_scale * (a @ b.T)
+    if logit_bias is not None:
+        z = z + logit_bias
+    y = -torch.ones_like(z)
+    if not negative_only:
+        y = y + 2 * torch.eye(a.shape[0], b.shape[0], dtype=z.dtype, device=z.device)
+    rows = -torch.nn.functional.logsigmoid(y * z).sum(1)
+    if reduction == "none":
+        return rows
+    return rows.sum() / a.shape[0] if reduction == "mean" else rows.sum()

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from .distributed.verify import _data as _clip_data
+from .distributed.neighbour import DIST_IMPLS
+from .distributed.verify import make_data as make_clip_data
 
-DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 BACKWARDS = ("auto", "recompute")
 
 
-def _data(world, n, d, dtype, seed=0):
+def make_data(world, n, d, dtype, seed=0):
     """The distributed checks' embeddings (same generator stream), with a scale and a bias."""
-    (img, txt), _ = _clip_data(world, n, d, dtype, seed)
+    (img, txt), _ = make_clip_data(world, n, d, dtype, seed)
     return img, txt, torch.tensor(3.0, dtype=dtype), torch.tensor(-2.0, dtype=dtype)
 
 
@@ -55,7 +55,7 @@ def siglip_parity_worker(rank, world, n, d):
     oc_loss = open_clip_siglip_class()
     out = {}
     for dtype in (torch.float64, torch.float32):
-        img, txt, s, t = _data(world, n, d, dtype)
+        img, txt, s, t = make_data(world, n, d, dtype)
         mine = slice(rank * n, (rank + 1) * n)
         upstream = 1.0 + 0.5 * rank
         for impl in DIST_IMPLS:

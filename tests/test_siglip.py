@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import semcomp_ext as sc
-from semcomp_ext.siglip import sigmoid_loss_reference as reference
+from semcomp_ext.reference import sigmoid_loss_reference as reference
 
 ops = torch.ops.semcomp
 BACKWARDS = ["recompute", "onepass"]
@@ -195,7 +195,7 @@ def test_open_clip_parity_single_process(dtype, tol, backward):
 def test_distributed_parity_with_open_clip(world):
     from semcomp_ext.distributed.launch import launch
     from semcomp_ext.siglip_verify import BACKWARDS as BWS
-    from semcomp_ext.siglip_verify import DIST_IMPLS, _data, siglip_parity_worker
+    from semcomp_ext.siglip_verify import DIST_IMPLS, make_data, siglip_parity_worker
 
     n, d = 4, 8
     per_rank = launch(siglip_parity_worker, world, (n, d), timeout=150, pg_timeout=30)
@@ -207,7 +207,7 @@ def test_distributed_parity_with_open_clip(world):
                 if what != "value":
                     assert value <= tol[case.split("/")[0]], f"W={world} rank {rank} {case} {what}: {value:.3g}"
     # the ranks' losses add up to the global loss (positives on the global diagonal) / n
-    img, txt, s, t = _data(world, n, d, torch.float64)
+    img, txt, s, t = make_data(world, n, d, torch.float64)
     total = reference(img, txt, s, t, reduction="sum") / n
     for case in per_rank[0]:
         if case.startswith("float64"):

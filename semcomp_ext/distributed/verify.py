@@ -16,7 +16,7 @@ import torch.nn.functional as F
 COMBOS = [(False, False), (False, True), (True, False), (True, True)]  # (local_loss, gather_with_grad)
 
 
-def _data(world, n, d, dtype, seed, m=2):
+def make_data(world, n, d, dtype, seed, m=2):
     g = torch.Generator().manual_seed(seed)
     zs = [F.normalize(torch.randn(world * n, d, generator=g, dtype=torch.float64), dim=1).to(dtype) for _ in range(m)]
     return zs, torch.tensor(1.0 / 0.07, dtype=dtype)
@@ -82,7 +82,7 @@ def clip_parity_worker(rank, world, n, d, dtype_name, seed=0):
 
     oc = import_open_clip()
     dtype = getattr(torch, dtype_name)
-    zs_all, scale = _data(world, n, d, dtype, seed)
+    zs_all, scale = make_data(world, n, d, dtype, seed)
     local_zs = [z[rank * n:(rank + 1) * n] for z in zs_all]
     out = {}
     for local, wg in COMBOS:
@@ -107,7 +107,7 @@ def multimodal_worker(rank, world, n, d, dtype_name, m=3, seed=1):
     import semcomp_ext as sc
 
     dtype = getattr(torch, dtype_name)
-    zs_all, scale = _data(world, n, d, dtype, seed, m)
+    zs_all, scale = make_data(world, n, d, dtype, seed, m)
     local_zs = [z[rank * n:(rank + 1) * n] for z in zs_all]
     out = {}
     for pairs in ("all", "anchor"):
@@ -149,7 +149,7 @@ def temperature_gradcheck_worker(rank, world, n, d, seed=2):
     so the collectives inside line up. Returns {case: passed}."""
     import semcomp_ext as sc
 
-    zs_all, _ = _data(world, n, d, torch.float64, seed, m=3)
+    zs_all, _ = make_data(world, n, d, torch.float64, seed, m=3)
     local_zs = [z[rank * n:(rank + 1) * n] for z in zs_all]
     out = {}
     for impl in ("gather", "ring"):

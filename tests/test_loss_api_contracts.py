@@ -1,5 +1,6 @@
-"""API contracts of the losses and ops: a learnable temperature, exact zeros at N = 1, one
-exception type for bad input, one-way layering (no import cycle), mixed-dtype promotion."""
+"""API contracts of the losses and ops: a learnable temperature, temperature or logit_scale
+(never both), exact zeros at N = 1, one exception type for bad input, one-way layering (no
+import cycle, no private names across modules), mixed-dtype promotion, lazy exports."""
 
 import subprocess
 import sys
@@ -74,13 +75,44 @@ def test_infonce_loss_module_refuses_learnable_with_tensor():
         sc.InfoNCELoss(torch.tensor(0.1), learnable=True)
 
 
-@pytest.mark.parametrize("mm", [sc.multimodal_infonce_loss, functional.multimodal_infonce_loss],
-                         ids=["package", "functional"])
 @pytest.mark.parametrize("pairs", ["all", "anchor"])
-def test_multimodal_temperature_tensor_gradcheck(mm, pairs):
+def test_multimodal_temperature_tensor_gradcheck(pairs):
     zs = [_pair(7, 4, seed=s)[0] for s in range(3)]
     t = _temp()
-    assert torch.autograd.gradcheck(lambda t: mm(zs, t, pairs=pairs), (t,))
+    assert torch.autograd.gradcheck(lambda t: sc.multimodal_infonce_loss(zs, t, pairs=pairs), (t,))
+
+
+# ---- 1b. temperature or logit_scale, never both ---------------------------------------------
+
+
+@pytest.mark.parametrize("call", [
+    lambda a, b: sc.infonce_loss(a, b, 0.07, logit_scale=1.0),
+    lambda a, b: sc.infonce_loss(a, b, temperature=0.07, logit_scale=torch.tensor(2.0)),
+    lambda a, b: sc.infonce_loss(a, b, 0.5, logit_scale=1.0, symmetric=False),
+    lambda a, b: sc.multimodal_infonce_loss([a, b], 0.07, logit_scale=1.0),
+    lambda a, b: sc.multimodal_infonce_loss([a, b], 0.07, logit_scale=1.0, distributed=True),
+], ids=["positional-0.07", "keyword-0.07", "rect", "multimodal", "multimodal-distributed"])
+def test_temperature_and_logit_scale_both_given_is_value_error(call):
+    """An explicit temperature, even equal to the default 0.07, together with logit_scale."""
+    a, b = _pair(5, 4, torch.float32)
+    with pytest.raises(ValueError, match=r"give temperature or logit_scale, not both \(got temperature=0\.\d+"):
+        call(a, b)
+
+
+def test_default_temperature_gives_way_to_logit_scale():
+    import copy
+    import inspect
+    import pickle
+
+    a, b = _pair(6, 4)
+    by_scale = sc.infonce_loss(a, b, logit_scale=2.0)
+    torch.testing.assert_close(by_scale, sc.infonce_loss(a, b, 0.5), rtol=0, atol=0)
+    torch.testing.assert_close(sc.multimodal_infonce_loss([a, b], logit_scale=2.0), by_scale, rtol=0, atol=0)
+    default = inspect.signature(sc.infonce_loss).parameters["temperature"].default
+    assert default == 0.07 and repr(default) == "0.07"
+    torch.testing.assert_close(sc.infonce_loss(a, b), sc.infonce_loss(a, b, 0.07), rtol=0, atol=0)
+    for same in (copy.copy(default), copy.deepcopy(default), pickle.loads(pickle.dumps(default))):
+        torch.testing.assert_close(sc.infonce_loss(a, b, same, logit_scale=2.0), by_scale, rtol=0, atol=0)
 
 
 # ---- 2. N = 1: loss and gradients exactly zero ---------------------------------------------
@@ -204,9 +236,6 @@ def test_functional_does_not_import_distributed():
         "import semcomp_ext.functional\n"
         "import semcomp_ext\n"
         "assert 'semcomp_ext.distributed' not in sys.modules, sorted(m for m in sys.modules if 'semcomp' in m)\n"
-        "from semcomp_ext import functional\n"
-        "import inspect\n"
-        "assert 'distributed' not in inspect.signature(functional.multimodal_infonce_loss).parameters\n"
         "import semcomp_ext.distributed\n"  # the other direction is allowed
         "print('ok')\n"
     )
@@ -214,11 +243,65 @@ def test_functional_does_not_import_distributed():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
+def test_one_multimodal_infonce_loss():
+    from semcomp_ext import losses
+
+    assert not hasattr(functional, "multimodal_infonce_loss")
+    assert sc.multimodal_infonce_loss is losses.multimodal_infonce_loss
+
+
+def test_sigmoid_loss_is_layered_like_infonce():
+    """sigmoid_loss in functional, SigLipLoss beside ClipLoss, the reference in reference, the
+    neighbour exchange in distributed; semcomp_ext.siglip only re-exports them."""
+    from semcomp_ext import losses, reference, siglip
+    from semcomp_ext.distributed import neighbour
+
+    assert sc.sigmoid_loss is functional.sigmoid_loss is siglip.sigmoid_loss
+    assert sc.SigLipLoss is losses.SigLipLoss is siglip.SigLipLoss
+    assert siglip.sigmoid_loss_reference is reference.sigmoid_loss_reference
+    assert losses._SIGLIP_DIST_IMPLS == neighbour.DIST_IMPLS
+
+
+def test_no_module_imports_private_names_of_another():
+    """`from .x import _name` and `x._name` across the loss/op modules: what is shared is public."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(sc.__file__).parent
+    files = [root / f for f in ("_ops.py", "functional.py", "validation.py", "losses.py", "siglip.py", "reference.py",
+                                "siglip_verify.py", "metrics.py", "features.py")]
+    files += sorted((root / "distributed").glob("*.py")) + sorted((root / "bench").glob("*.py"))
+    bad = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                bad += [f"{f.name}: from {node.module} import {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__") and a.name != "_C"]
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in ("F", "functional", "losses", "validation")):
+                bad.append(f"{f.name}: {node.value.id}.{node.attr}")
+    assert not bad, bad
+
+
 def test_clip_loss_impls_match_the_distributed_package():
     from semcomp_ext import losses
     from semcomp_ext.distributed import IMPLS
 
     assert losses._IMPLS == IMPLS
+
+
+def test_search_and_build_index_exported_without_importing_faiss():
+    code = (
+        "import sys\n"
+        "import semcomp_ext as sc\n"
+        "assert 'faiss' not in sys.modules and 'semcomp_ext.compress.index' not in sys.modules\n"
+        "from semcomp_ext.compress import index\n"
+        "assert sc.search is index.search and sc.build_index is index.build_index\n"
+        "assert {'search', 'build_index'} <= set(sc.__all__)\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
 # ---- 5. mixed dtypes are promoted ----------------------------------------------------------
