@@ -54,7 +54,7 @@ def test_workers_equal_ray(tmp_path):
 
 def test_bad_workers_named(tmp_path, capsys):
     make_clip_layout(tmp_path / "in", metadata=False)
-    with pytest.raises(ValueError, match="--workers must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
         compress(_opts(tmp_path, tmp_path / "out", workers=0))
     with pytest.raises(SystemExit):
         main(["compress", str(tmp_path / "in"), "-o", str(tmp_path / "o2"), "--workers", "0"])

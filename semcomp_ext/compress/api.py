@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from . import atomic, fsio, manifest
 from .codecs import parse_codec
 from .lock import LOCK, OutputLock, stale_note
+from .options import NORMALIZE, CompressOptions, check_choice, check_int, check_rfs, check_storage
+from .progress import Progress
 from .readers import DEFAULT_BATCH_ROWS, concept_dtype, discover, open_concepts, validate
 
 if TYPE_CHECKING:  # the pipeline imports torch: only when a job runs (fast `--help`)
@@ -22,40 +24,9 @@ _OURS = _WRITTEN + (manifest.MANIFEST, manifest.JOURNAL)
 _SPILL_TARGET = 256 << 20  # bytes of worst-case spill per partition: bounds reduce memory
 
 
-@dataclass
-class CompressOptions:
-    inputs: list
-    out: str
-    metadata: str | None = None
-    concepts: str | None = None
-    concept_column: str = "concept"
-    embedding_column: str = "embedding"
-    drop_rate: float | None = None
-    keep: int | None = None
-    seed: int = 0
-    normalize: str = "none"
-    out_dtype: str | None = None  # float32 | float16; None: the input dtype (float64 input -> float32)
-    codec: str | None = None  # storage codec (codecs.parse_codec); None = out_dtype
-    codec_sample_rows: int = 65536
-    batch_size: int = DEFAULT_BATCH_ROWS
-    partitions: int = 0
-    skip_invalid: bool = False
-    engine: str = "local"
-    ray_address: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    quiet: bool = False
-    workers: int | None = None    # local engine: shards in parallel (None: the usable cores)
-    modalities: list | None = None  # ["NAME=PATH", ...] instead of `inputs` (a file or folder each)
-    storage_options: dict | None = None  # fsspec options for URL inputs/outputs (never written or logged)
-    device: str = "cpu"  # cpu | cuda | cuda:N: where the centroid + RFS runs (same bytes; not in the manifest)
-
-
 def _prepare_out(opts: CompressOptions) -> dict | None:
     """Apply the empty / --resume / --overwrite rules; return the old manifest on resume."""
     out = opts.out
-    if opts.resume and opts.overwrite:
-        raise ValueError("give --resume or --overwrite, not both")
     if fsio.is_url(out):
         fsio.refresh(out)
         names = fsio.listdir(out) if fsio.isdir(out) else []
@@ -80,59 +51,6 @@ def _prepare_out(opts: CompressOptions) -> dict | None:
     return None
 
 
-class Progress:
-    """A tqdm bar when `stream` is a terminal; otherwise a log line every `interval` seconds
-    (tasks done/total, rows, GB, GB/s, ETA) and one at the end; nothing when quiet."""
-
-    def __init__(self, total_bytes: int, total_tasks: int, quiet: bool = False, desc: str = "compress",
-                 interval: float = 5.0, stream=None):
-        self.stream = stream or sys.stderr
-        self.total_bytes, self.total_tasks, self.desc, self.interval = total_bytes, total_tasks, desc, interval
-        self.bytes = self.tasks = self.rows = self.start_bytes = 0
-        self.t0 = self.last = time.monotonic()
-        self.bar, self.log = None, False
-        if quiet:
-            return
-        if self.stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, file=self.stream)
-        else:
-            self.log = True
-
-    def skip(self, nbytes: int, tasks: int, rows: int = 0) -> None:
-        """Work done by an earlier (resumed) run: counted as done (the line counts the whole
-        job), not in the rate."""
-        self.start_bytes += nbytes
-        self.update(nbytes, tasks, rows)
-
-    def update(self, nbytes: int, tasks: int = 1, rows: int = 0) -> None:
-        self.bytes += nbytes
-        self.tasks += tasks
-        self.rows += rows
-        if self.bar is not None:
-            self.bar.update(nbytes)
-        elif self.log and time.monotonic() - self.last >= self.interval:
-            self._line()
-
-    def _line(self) -> None:
-        self.last = now = time.monotonic()
-        dt = max(now - self.t0, 1e-9)
-        rate = (self.bytes - self.start_bytes) / dt
-        left = self.total_bytes - self.bytes
-        eta = f"{int(left / rate) // 60}:{int(left / rate) % 60:02d}" if rate > 0 else "?"
-        print(f"semcomp {self.desc}: {self.tasks}/{self.total_tasks} tasks, {self.rows:,} rows, "
-              f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB, {rate / 1e9:.2f} GB/s, "
-              f"{dt:.1f} s, ETA {eta}", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.log:
-            self._line()
-            self.log = False
-
-
 def default_workers() -> int:
     """The cores this process may run on (affinity / cgroup cpusets), not the machine's."""
     try:
@@ -150,23 +68,11 @@ def build_plan(opts: CompressOptions) -> Plan:
     from .. import RandomFeatureSelector, __version__
     from .pipeline import Plan
 
-    if opts.out_dtype not in (None, "float32", "float16"):
-        raise ValueError(f"--out-dtype must be float32 or float16, got {opts.out_dtype!r}")
-    if opts.codec is not None and opts.out_dtype is not None and opts.codec != opts.out_dtype:
-        raise ValueError(f"give --codec or --out-dtype, not both (got --codec {opts.codec!r}, --out-dtype {opts.out_dtype!r})")
-    if opts.codec is not None:
-        parse_codec(opts.codec, seed=opts.seed)  # a bad spec is reported before any input is opened
-    if opts.normalize not in ("none", "input", "output", "both"):
-        raise ValueError(f"--normalize must be none, input, output or both, got {opts.normalize!r}")
-    if opts.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    opts.validated()  # (again: a caller may have changed a field)
     mods, meta_dir = discover(opts.inputs, opts.metadata, opts.embedding_column, getattr(opts, "modalities", None))
     dim, in_dtype, meta = validate(mods, meta_dir, opts.embedding_column)
     codec = parse_codec(opts.codec or opts.out_dtype or default_out_dtype(in_dtype), seed=opts.seed)
-    if codec.needs_fit and opts.codec_sample_rows < 1:
-        raise ValueError(f"--codec-sample-rows must be >= 1, got {opts.codec_sample_rows}")
-    if opts.drop_rate is not None and opts.keep is not None:
-        raise ValueError("give --drop-rate or --keep, not both")
+    check_rfs(opts.drop_rate, opts.keep, dim)
     sel = RandomFeatureSelector(dim, keep=opts.keep, seed=opts.seed) if opts.keep is not None else \
         RandomFeatureSelector(dim, drop_rate=opts.drop_rate or 0.0, seed=opts.seed)
     concepts = None
@@ -277,6 +183,7 @@ def compress(opts: CompressOptions) -> dict:
 def _compress(opts: CompressOptions) -> dict:
     import dataclasses
 
+    opts.validated()
     fsio.configure(opts.storage_options)
     opts = dataclasses.replace(opts, out=fsio.local(opts.out))
     from .device import resolve_device
@@ -341,16 +248,12 @@ def _run_job(opts: CompressOptions, plan: Plan) -> dict:
         from .engines import run_local
 
         workers = default_workers() if opts.workers is None else opts.workers
-        if workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {workers}")
         runner = lambda fn, p, items, cb: run_local(fn, p, items, cb, workers)  # noqa: E731
     elif opts.engine == "ray":
         from .engines import require_ray, run_ray
 
         require_ray()
-        runner = lambda fn, p, items, cb: run_ray(fn, p, items, cb, opts.ray_address)  # noqa: E731
-    else:
-        raise ValueError(f"--engine must be local or ray, got {opts.engine!r}")
+        runner = lambda fn, p, items, cb: run_ray(fn, p, items, cb, opts.ray_address, opts.workers)  # noqa: E731
 
     from .pipeline import concept_map_task, concept_reduce_task, pair_task
 
@@ -417,16 +320,31 @@ class CompressedArrays:
 
     @property
     def compression_ratio(self) -> float:
-        """Bytes of the M input embeddings (their dtype) / bytes of one stored code."""
-        return compression_ratio_bytes(self.num_modalities, self.dim, self.in_dtype, self.codec, len(self.index))
+        """Bytes of the M input embeddings (their dtype) / stored bytes per item: one code plus
+        the codebook shared by the rows (a fitted codec's)."""
+        return compression_ratio_bytes(self.num_modalities, self.dim, self.in_dtype, self.codec, len(self.index),
+                                       rows=len(self.rows))
 
 
-def compression_ratio_bytes(num_modalities: int, dim: int, in_dtype: str, codec, keep: int) -> float:
+def codebook_bytes(codec) -> int:
+    """Bytes of a fitted codec's parameters (its codebook, stored in the manifest); 0 for the
+    codecs that fit nothing (float32, float16, binary)."""
+    if not getattr(codec, "needs_fit", False):
+        return 0
+    import json
+
+    return len(json.dumps(codec.to_manifest()).encode())
+
+
+def compression_ratio_bytes(num_modalities: int, dim: int, in_dtype: str, codec, keep: int,
+                            rows: int | None = None) -> float:
     """Input bytes per item (M embeddings of D values in their real dtype) / stored bytes per
-    item (the codec's code of the K kept features): 2 x 768 fp16 -> 384 fp16 is 4.0."""
+    item (the codec's code of the K kept features, plus, with `rows`, the codebook shared by
+    that many items): 2 x 768 fp16 -> 384 fp16 is 4.0."""
     import numpy as np
 
-    return num_modalities * dim * np.dtype(in_dtype).itemsize / codec.bytes_per_vector(keep)
+    stored = codec.bytes_per_vector(keep) + (codebook_bytes(codec) / max(rows, 1) if rows is not None else 0)
+    return num_modalities * dim * np.dtype(in_dtype).itemsize / stored
 
 
 def compress_arrays(arrays, *, drop_rate: float | None = None, keep: int | None = None, seed: int = 0,
@@ -470,17 +388,12 @@ def compress_arrays(arrays, *, drop_rate: float | None = None, keep: int | None 
     if len(xs) and len({a.dtype for a in xs}) > 1:
         xs = [a.astype(np.float32) for a in xs]
     n, dim = xs[0].shape
-    if normalize not in ("none", "input", "output", "both"):
-        raise ValueError(f"compress_arrays: normalize must be none, input, output or both, got {normalize!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"compress_arrays: batch_size must be an int >= 1, got {batch_size!r}")
-    if codec is not None and out_dtype is not None and codec != out_dtype:
-        raise ValueError(f"compress_arrays: give codec or out_dtype, not both (got {codec!r}, {out_dtype!r})")
-    if out_dtype not in (None, "float32", "float16"):
-        raise ValueError(f"compress_arrays: out_dtype must be float32 or float16, got {out_dtype!r}")
+    check_choice("normalize", normalize, NORMALIZE)
+    check_int("batch_size", batch_size, 1)
+    check_int("codec_sample_rows", codec_sample_rows, 1)
+    check_storage(codec, out_dtype)
+    check_rfs(drop_rate, keep, dim)
     cdc = parse_codec(codec or out_dtype or default_out_dtype(in_dtype), seed=seed)
-    if keep is not None and drop_rate is not None:
-        raise ValueError("compress_arrays: give drop_rate or keep, not both")
     sel = RandomFeatureSelector(dim, keep=keep, seed=seed) if keep is not None else \
         RandomFeatureSelector(dim, drop_rate=drop_rate or 0.0, seed=seed)
     import torch
@@ -499,8 +412,6 @@ def compress_arrays(arrays, *, drop_rate: float | None = None, keep: int | None 
         rows.append(r)
     cent = np.concatenate(blocks) if blocks else np.zeros((0, sel.keep), np.float32)
     if cdc.needs_fit:
-        if codec_sample_rows < 1:
-            raise ValueError(f"compress_arrays: codec_sample_rows must be >= 1, got {codec_sample_rows}")
         cdc.fit(cent[:codec_sample_rows])
     else:
         cdc.dim = sel.keep

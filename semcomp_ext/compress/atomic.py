@@ -81,6 +81,9 @@ def atomic_file(path: str):
             pass
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise DiskFullError(errno.ENOSPC, f"disk full while writing {path}") from exc
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            # a bare "[Errno 27] File too large" names no file: name the one being written
+            raise OSError(exc.errno, f"{exc.strerror or exc} while writing {path}") from exc
         raise
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .readers import DEFAULT_BATCH_ROWS
@@ -17,27 +18,53 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def stored_ratio(m: dict) -> float:
+    """Input bytes / every stored byte. Pairs mode: per item, M x D values of the input dtype
+    against one code plus the codebook shared by all rows (a fitted codec's, stored in the
+    manifest). Concepts mode: the input files' bytes against the centroid and concept-id files'
+    plus the codebook (rows become concepts: no per-item ratio)."""
+    from .api import codebook_bytes, compression_ratio_bytes
+    from .codecs import codec_from_manifest
+
+    p = m["parameters"]
+    codec = codec_from_manifest(m)
+    if p["mode"] == "pairs":
+        return compression_ratio_bytes(len(p["modalities"]), p["dim"], p["in_dtype"], codec, p["keep"],
+                                       rows=m.get("rows_out"))
+    src = sum(s["bytes"] for s in m["sources"] if s["modality"] in p["modalities"])
+    dst = sum(sh[k]["bytes"] for sh in m["shards"] for k in ("centroids", "concepts") if sh.get(k))
+    return src / max(dst + codebook_bytes(codec), 1)
+
+
 def compress_summary(m: dict, out: str, seconds: float | None = None) -> str:
-    """A few lines for people: where, rows, bytes and the compression ratio (real dtypes)."""
-    from .api import compression_ratio_bytes
+    """A few lines for people: where, rows, bytes and the compression ratio (real dtypes,
+    every stored byte counted: codes and codebook)."""
+    from .api import codebook_bytes
     from .codecs import codec_from_manifest
 
     p = m["parameters"]
     codec = codec_from_manifest(m)
     mods = p["modalities"]
     src = sum(s["bytes"] for s in m["sources"] if s["modality"] in mods)
-    dst = sum(sh[k]["bytes"] for sh in m["shards"] for k in ("centroids", "concepts") if sh.get(k))
-    ratio = compression_ratio_bytes(len(mods), p["dim"], p["in_dtype"], codec, p["keep"])
+    book = codebook_bytes(codec)
+    dst = sum(sh[k]["bytes"] for sh in m["shards"] for k in ("centroids", "concepts") if sh.get(k)) + book
+    ratio = stored_ratio(m)
     item_in = f"{len(mods)} x {p['dim']} {p['in_dtype']}"
     item_out = f"{p['keep']} {codec.name}" + (f" ({codec.bytes_per_vector(p['keep']):g} B)" if codec.name not in
                                               ("float32", "float16") else "")
+    with_book = f" + a {_size(book)} codebook" if book else ""
+    drop = f" (drop rate {p['drop_rate']:g})" if p.get("drop_rate") else ""
+    if p["mode"] == "concepts":
+        shape = (f"  rows -> concepts: {m['rows_in']:,} rows of {item_in} -> {m['rows_out']:,} concepts of "
+                 f"{item_out}{with_book}: stored bytes {ratio:.2f}x smaller{drop}")
+    else:
+        shape = f"  per item: {item_in} -> {item_out}{with_book}: {ratio:.2f}x smaller{drop}"
     what = "concepts" if p["mode"] == "concepts" else "rows"
     lines = [
         f"semcomp compress: {out}: {m['rows_in']:,} rows of {', '.join(mods)} -> {m['rows_out']:,} {what}, "
         f"{m['num_shards']} shard(s); manifest {m['status']}",
-        f"  per item: {item_in} -> {item_out}: {ratio:.2f}x smaller"
-        + (f" (drop rate {p['drop_rate']:g})" if p.get("drop_rate") else ""),
-        f"  files: {_size(src)} in -> {_size(dst)} out"
+        shape,
+        f"  files: {_size(src)} in -> {_size(dst)} out" + (" (codebook included)" if book else "")
         + (f"; {m['invalid_rows_skipped']:,} rows with NaN/Inf skipped" if m.get("invalid_rows_skipped") else "")
         + (f"; {seconds:.1f} s" if seconds is not None else ""),
     ]
@@ -47,19 +74,32 @@ def compress_summary(m: dict, out: str, seconds: float | None = None) -> str:
 def interrupted(command: str, hint: str | None = None) -> None:
     """Ctrl-C: one line (with how to continue) and exit 130 at once. Worker threads stuck in a
     stalled store's requests are not waited for (the interpreter's exit would join them)."""
-    import os
     import threading
 
     print(f"semcomp {command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):
+            pass
         os._exit(130)
     raise SystemExit(130)
 
 
+def emit(text: str) -> None:
+    """Print to stdout; a reader that went away (`semcomp ... --json | head`) ends the output
+    quietly instead of a BrokenPipeError traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+
+
 def _storage_error(exc: Exception) -> str:
     """The one-line message of an I/O error; a TypeError only when an fsspec backend rejected a
-    --storage-options name (the message names the option, never a value), else re-raised."""
+    --storage-options name (the message names the option, never a value), else re-raised. An
+    OSError without a file name gets none added here: the library names its files."""
     if isinstance(exc, TypeError):
         if "unexpected keyword argument" not in str(exc):
             raise exc
@@ -67,12 +107,43 @@ def _storage_error(exc: Exception) -> str:
     return str(exc)
 
 
+_RESUME_HINT = "rerun the same command with --resume to continue (the shards written so far are kept)"
+
+
+def _run(command: str, args, fn, resume_hint: bool = False) -> int:
+    """Run one command's work: options errors in the flags' words, an unreachable store, a
+    missing optional dependency or Ctrl-C as one line; the return code of `fn` otherwise."""
+    from .analysis import SourceMismatchError
+    from .fsio import configure, parse_storage_options, storage_errors
+    from .options import OptionError, flag_message
+
+    try:
+        if hasattr(args, "storage_options"):
+            args.so = parse_storage_options(args.storage_options)
+            configure(args.so)
+        return fn(args)
+    except KeyboardInterrupt:
+        interrupted(command, _RESUME_HINT if resume_hint else None)
+    except OptionError as exc:
+        raise ValueError(flag_message(exc)) from None
+    except SourceMismatchError as exc:
+        raise ValueError(f"{exc} (--force)") from None
+    except (ImportError, TypeError, *storage_errors()) as exc:  # storage_errors: evaluated after the backend loaded
+        if isinstance(exc, (FileNotFoundError, FileExistsError)):
+            raise
+        print(f"semcomp {command}: error: {_storage_error(exc)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _compress(args) -> int:
+    return _run("compress", args, _compress_job, resume_hint=True)
+
+
+def _compress_job(args) -> int:
     import time
 
-    from .api import CompressOptions, compress, compression_ratio_bytes
-    from .codecs import codec_from_manifest
-    from .fsio import parse_storage_options
+    from .api import CompressOptions, compress
 
     opts = CompressOptions(
         inputs=args.inputs, out=args.out, metadata=args.metadata, concepts=args.concepts,
@@ -82,73 +153,63 @@ def _compress(args) -> int:
         batch_size=args.batch_size, partitions=args.partitions,
         skip_invalid=args.skip_invalid, engine=args.engine, ray_address=args.ray_address,
         resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, workers=args.workers,
-        modalities=args.modality, storage_options=parse_storage_options(args.storage_options),
-        device=args.device,
+        modalities=args.modality, storage_options=args.so, device=args.device,
     )
     t0 = time.perf_counter()
-    from .fsio import storage_errors
-
-    try:
-        m = compress(opts)
-    except KeyboardInterrupt:
-        interrupted("compress", f"continue with the same command and --resume (the shards written so far are kept)")
-    except (ImportError, TypeError, *storage_errors()) as exc:  # storage_errors: evaluated after the backend loaded
-        if isinstance(exc, (FileNotFoundError, FileExistsError)):
-            raise
-        print(f"semcomp compress: error: {_storage_error(exc)}", file=sys.stderr)
-        return 2
+    m = compress(opts)
     if args.json:
         p = m["parameters"]
         status = {k: m[k] for k in ("status", "num_shards", "rows_in", "rows_out", "invalid_rows_skipped")}
-        status.update(out=args.out, modalities=p["modalities"], dim=p["dim"], in_dtype=p["in_dtype"], keep=p["keep"],
-                      codec=p["codec"], compression_ratio=compression_ratio_bytes(
-                          len(p["modalities"]), p["dim"], p["in_dtype"], codec_from_manifest(m), p["keep"]))
-        print(json.dumps(status))
+        status.update(out=args.out, mode=p["mode"], modalities=p["modalities"], dim=p["dim"], in_dtype=p["in_dtype"],
+                      keep=p["keep"], codec=p["codec"], compression_ratio=stored_ratio(m),
+                      seconds=round(time.perf_counter() - t0, 3))
+        emit(json.dumps(status))
     elif not args.quiet:
-        print(compress_summary(m, args.out, time.perf_counter() - t0))
+        emit(compress_summary(m, args.out, time.perf_counter() - t0))
     return 0
 
 
 def _verify(args) -> int:
-    from .fsio import configure, local, parse_storage_options, storage_errors
+    return _run("verify", args, _verify_folder)
+
+
+def _verify_folder(args) -> int:
+    from .fsio import local
     from .manifest import verify
 
-    configure(parse_storage_options(args.storage_options))
     args.dir = local(args.dir)
-    try:
-        problems = verify(args.dir)
-    except (ImportError, TypeError, *storage_errors()) as exc:  # no fsspec backend, an unreachable or forbidden store
-        if isinstance(exc, FileNotFoundError):
-            raise
-        print(f"semcomp verify: error: {_storage_error(exc)}", file=sys.stderr)
-        return 2
+    problems = verify(args.dir)
+    if args.json:
+        emit(json.dumps({"dir": args.dir, "ok": not problems, "problems": problems}))
+        return 1 if problems else 0
     for p in problems:
         print(f"semcomp verify: {p}", file=sys.stderr)
     if not problems and not args.quiet:
-        print(f"{args.dir}: ok")
+        emit(f"{args.dir}: ok")
     return 1 if problems else 0
 
 
 def _gap(args) -> int:
+    return _run("gap", args, _gap_report)
+
+
+def _gap_report(args) -> int:
     from .analysis import gap_report
 
-    try:
-        rep = gap_report(args.inputs, batch_size=args.batch_size, column=args.embedding_column, quiet=args.quiet,
-                         modalities=args.modality)
-    except ImportError as exc:  # an optional dependency (pyarrow for parquet)
-        print(f"semcomp gap: error: {exc}", file=sys.stderr)
-        return 2
+    rep = gap_report(args.inputs, batch_size=args.batch_size, column=args.embedding_column,
+                     quiet=args.quiet, modalities=args.modality)
     if args.json:
-        print(json.dumps(rep, indent=1))
+        emit(json.dumps(rep, indent=1))
         return 0
-    print(f"semcomp gap: {rep['rows']:,} rows of {', '.join(rep['modalities'])} (D {rep['dim']}, {rep['in_dtype']})")
+    lines = [f"semcomp gap: {rep['rows']:,} rows of {', '.join(rep['modalities'])} (D {rep['dim']}, {rep['in_dtype']})"]
     for pair, g in rep["modality_gap"].items():
-        print(f"  {pair}: modality gap {g:.3f}, true-pair cosine {rep['true_pair_cosine'][pair]:.3f}")
+        lines.append(f"  {pair}: modality gap {g:.3f}, true-pair cosine {rep['true_pair_cosine'][pair]:.3f}")
     if len(rep["modality_gap"]) > 1:
-        print(f"  mean modality gap {rep['mean_modality_gap']:.3f}")
+        lines.append(f"  mean modality gap {rep['mean_modality_gap']:.3f}")
     ev = rep["explained_variance_components"]
-    print(f"  principal components for 90/95/99% of the variance: {ev['0.9']} / {ev['0.95']} / {ev['0.99']} "
-          f"of {rep['dim']}")
+    lines.append(f"  principal components for 90/95/99% of the variance: {ev['0.9']} / {ev['0.95']} / {ev['0.99']} "
+                 f"of {rep['dim']}")
+    emit("\n".join(lines))
     return 0
 
 
@@ -197,57 +258,55 @@ def format_eval(rep: dict) -> str:
 
 
 def _eval(args) -> int:
+    return _run("eval", args, _eval_report)
+
+
+def _eval_report(args) -> int:
     from .analysis import eval_report
 
-    try:
-        rep = eval_report(args.inputs, args.compressed, args.labels, label_column=args.label_column,
-                          test_fraction=args.test_fraction, max_rows=args.max_rows, k=args.k, seed=args.seed,
-                          column=args.embedding_column, drop_rates=args.drop_rates, normalize=args.normalize,
-                          codec=args.codec, rfs_seed=args.rfs_seed, modalities=args.modality, quiet=args.quiet)
-    except ImportError as exc:  # an optional dependency (pyarrow for parquet, faiss for a faiss codec)
-        print(f"semcomp eval: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(rep, indent=1) if args.json else format_eval(rep))
+    rep = eval_report(args.inputs, args.compressed, args.labels, label_column=args.label_column,
+                      test_fraction=args.test_fraction, max_rows=args.max_rows, k=args.k, sample_seed=args.sample_seed,
+                      column=args.embedding_column, drop_rates=args.drop_rates, normalize=args.normalize,
+                      codec=args.codec, seed=args.seed, modalities=args.modality, quiet=args.quiet,
+                      force=args.force)
+    emit(json.dumps(rep, indent=1) if args.json else format_eval(rep))
     return 0
 
 
 def _index(args) -> int:
-    from .fsio import parse_storage_options, storage_errors
+    return _run("index", args, _index_build)
+
+
+def _index_build(args) -> int:
     from .index import build_index
 
-    so = parse_storage_options(args.storage_options)
-    try:
-        info = build_index(args.dir, index_factory=args.index_factory, nprobe=args.nprobe, seed=args.seed,
-                           quiet=args.quiet, storage_options=so)
-    except (ImportError, TypeError, *storage_errors()) as exc:  # no faiss / fsspec backend, an unreachable store
-        if isinstance(exc, FileNotFoundError):
-            raise
-        print(f"semcomp index: error: {_storage_error(exc)}", file=sys.stderr)
-        return 2
-    if not args.quiet:
-        print(json.dumps({k: info[k] for k in ("factory", "ntotal", "dim", "nprobe", "train_rows", "build_seconds")}))
+    info = build_index(args.dir, index_factory=args.index_factory, nprobe=args.nprobe, seed=args.sample_seed,
+                       quiet=args.quiet, storage_options=args.so)
+    summary = {k: info.get(k) for k in ("factory", "ntotal", "dim", "nprobe", "train_rows", "build_seconds")}
+    if args.json:
+        emit(json.dumps(summary))
+    elif not args.quiet:
+        emit(f"semcomp index: {args.dir}/index: {summary['factory']} over {summary['ntotal']:,} vectors of dim "
+             f"{summary['dim']}" + (f", nprobe {summary['nprobe']}" if summary["nprobe"] else "")
+             + f"; trained on {summary['train_rows']:,} rows, built in {summary['build_seconds']:.1f} s")
     return 0
 
 
 def _search(args) -> int:
+    return _run("search", args, _search_index)
+
+
+def _search_index(args) -> int:
     import numpy as np
 
-    from .fsio import parse_storage_options, storage_errors
     from .index import format_table, search
 
-    so = parse_storage_options(args.storage_options)
     try:
         queries = np.load(args.query, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"--query: cannot read {args.query!r} as a .npy array: {exc}") from exc
-    try:
-        res = search(args.dir, queries, args.k, nprobe=args.nprobe, exact=args.exact, storage_options=so)
-    except (ImportError, TypeError, *storage_errors()) as exc:  # no faiss / fsspec backend, an unreachable store
-        if isinstance(exc, FileNotFoundError):
-            raise
-        print(f"semcomp search: error: {_storage_error(exc)}", file=sys.stderr)
-        return 2
-    print(json.dumps(res.to_records(), default=str) if args.json else format_table(res))
+        raise ValueError(f"--query: cannot read {args.query!r} as a .npy array: {exc}") from None
+    res = search(args.dir, queries, args.k, nprobe=args.nprobe, exact=args.exact, storage_options=args.so)
+    emit(json.dumps(res.to_records(), default=str) if args.json else format_table(res))
     return 0
 
 
@@ -284,6 +343,18 @@ def _add_inputs(p) -> None:
     p.add_argument("--modality", action="append", metavar="NAME=PATH", help=_MODALITY_HELP)
 
 
+def _add_common(p, json_help: str, quiet_help: str) -> None:
+    """The flags every command of this module takes: --storage-options, --json, -q."""
+    p.add_argument("--storage-options", metavar="JSON", help=_STORAGE_HELP)
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+
+
+def _hidden_alias(p, flag: str, dest: str, **kw) -> None:
+    """An earlier spelling of a flag, still accepted, not shown in --help."""
+    p.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+
+
 def _check_inputs(args) -> None:
     """Cheap checks before anything is imported or opened: one way of naming the inputs."""
     from .readers import LayoutError
@@ -299,15 +370,18 @@ def _check_inputs(args) -> None:
 
 
 def _check_compress(args) -> None:
+    """The options object's own checks (torch-free), before the job's imports."""
+    from .options import CompressOptions, OptionError, flag_message
+
     _check_inputs(args)
-    if args.resume and args.overwrite:
-        raise ValueError("give --resume or --overwrite, not both")
-    if args.drop_rate is not None and not 0 <= args.drop_rate < 1:
-        raise ValueError(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
-    if args.keep is not None and args.keep < 1:
-        raise ValueError(f"--keep must be >= 1, got {args.keep}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        CompressOptions(inputs=args.inputs, out=args.out, modalities=args.modality, drop_rate=args.drop_rate,
+                        keep=args.keep, seed=args.seed, normalize=args.normalize, out_dtype=args.out_dtype,
+                        codec=args.codec, codec_sample_rows=args.codec_sample_rows, batch_size=args.batch_size,
+                        partitions=args.partitions, engine=args.engine, resume=args.resume, overwrite=args.overwrite,
+                        workers=args.workers, device=args.device).validated()
+    except OptionError as exc:
+        raise ValueError(flag_message(exc)) from None
 
 
 def _check_eval(args) -> None:
@@ -317,6 +391,13 @@ def _check_eval(args) -> None:
 
 
 def register(sub) -> None:
+    _register_compress(sub)
+    _register_verify_gap(sub)
+    _register_eval(sub)
+    _register_index_search(sub)
+
+
+def _register_compress(sub) -> None:
     c = sub.add_parser("compress", help="pair/concept centroids + random feature selection over embedding shards",
                        description="Centroid of each item over its modalities, then random feature selection, "
                                    "streamed to OUT. Example: semcomp compress img_emb.npy text_emb.npy -o out "
@@ -331,7 +412,7 @@ def register(sub) -> None:
     g = c.add_mutually_exclusive_group()
     g.add_argument("--drop-rate", type=float, help="fraction of features dropped by RFS (default 0: keep all)")
     g.add_argument("--keep", type=int, help="number of features kept by RFS (instead of --drop-rate)")
-    c.add_argument("--seed", type=int, default=0, help="RFS seed")
+    c.add_argument("--seed", type=int, default=0, help="RFS seed (which features are kept)")
     c.add_argument("--normalize", default="none", choices=["none", "input", "output", "both"],
                    help="L2-normalise each input embedding (input), each centroid over its kept columns (output), "
                         "or both; a value is required (--normalize input)")
@@ -348,7 +429,8 @@ def register(sub) -> None:
     c.add_argument("--engine", default="local", choices=["local", "ray"], help="local threads, or Ray Data tasks")
     c.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     c.add_argument("--workers", type=_positive_int, default=None,
-                   help="local engine: shards processed in parallel (default: the usable cores)")
+                   help="shards processed in parallel: threads (local engine; default: the usable cores) or Ray "
+                        "tasks at once (--engine ray; default: every CPU of the cluster)")
     c.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
                    help="where the centroid + RFS runs (default cpu). cuda: blocks staged in pinned host "
                         "buffers, copies overlapped with compute; byte-identical output for every mode "
@@ -356,31 +438,34 @@ def register(sub) -> None:
                         "--engine local only; see docs/compress.md")
     c.add_argument("--resume", action="store_true", help="continue an interrupted (or failed) job from its manifest")
     c.add_argument("--overwrite", action="store_true", help="replace a previous semcomp output in --out")
-    c.add_argument("--storage-options", metavar="JSON", help=_STORAGE_HELP)
-    c.add_argument("--json", action="store_true", help="print one JSON status line instead of the summary")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+    _add_common(c, "print one JSON status line instead of the summary", "no progress and no summary")
     c.set_defaults(func=_compress, validate=_check_compress)
 
+
+def _register_verify_gap(sub) -> None:
     v = sub.add_parser("verify", help="check a compressed folder against its manifest.json")
     v.add_argument("dir", help="output folder of `semcomp compress`")
-    v.add_argument("--storage-options", metavar="JSON", help=_STORAGE_HELP)
-    v.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    _add_common(v, "print {dir, ok, problems} as JSON instead of the lines", "print problems only")
     v.set_defaults(func=_verify)
 
     gp = sub.add_parser("gap", help="modality gap, true-pair cosine and explained variance of a folder (streamed)")
     _add_inputs(gp)
     gp.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_ROWS, help="rows per block")
     gp.add_argument("--embedding-column", default="embedding", help="list column of parquet embedding shards")
-    gp.add_argument("--json", action="store_true", help="JSON output")
-    gp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_common(gp, "print the report as JSON instead of the table", "no progress (the report is still printed)")
     gp.set_defaults(func=_gap, validate=_check_inputs)
 
+
+def _register_eval(sub) -> None:
     e = sub.add_parser("eval", help="what compression costs: accuracy / retrieval of compressed vs original embeddings",
                        description="Scores the original embeddings, a compressed folder and/or a sweep of drop "
                                    "rates on a seeded sample of the rows. Example: semcomp eval img_emb.npy "
                                    "text_emb.npy --labels labels.npy --drop-rates 0.5,0.75,0.9,0.95")
     _add_inputs(e)
-    e.add_argument("--compressed", help="output folder of `semcomp compress` (pairs mode) made from these inputs")
+    e.add_argument("--compressed", help="output folder of `semcomp compress` (pairs mode) made from these inputs "
+                                        "(checked against its manifest: paths, sizes, mtimes)")
+    e.add_argument("--force", action="store_true", help="score --compressed even if the inputs are not the files "
+                                                        "its manifest records")
     e.add_argument("--labels", help="integer class labels, one per input row: .npy, parquet (--label-column) or a "
                                     "folder of shards; without labels only retrieval is reported")
     e.add_argument("--drop-rates", type=_drop_rates, help="comma list: also evaluate centroid + RFS at these drop "
@@ -388,26 +473,28 @@ def register(sub) -> None:
     e.add_argument("--normalize", choices=["none", "input", "output", "both"],
                    help="--drop-rates: normalisation (default: the compressed folder's, else none)")
     e.add_argument("--codec", help="--drop-rates: stored form (default: the compressed folder's, else the input dtype)")
-    e.add_argument("--rfs-seed", type=int, help="--drop-rates: RFS seed (default: the compressed folder's, else 0)")
+    e.add_argument("--seed", type=int, default=None, help="--drop-rates: RFS seed (default: the compressed folder's, else 0)")
+    _hidden_alias(e, "--rfs-seed", "seed", type=int)
     e.add_argument("--label-column", default="label", help="label column of parquet labels")
     e.add_argument("--embedding-column", default="embedding", help="list column of parquet embedding shards")
     e.add_argument("--test-fraction", type=float, default=0.2, help="held-out fraction of the evaluated rows")
     e.add_argument("--max-rows", type=int, default=20000,
                    help="rows evaluated: a seeded random sample of this many (0 = every row; held in memory)")
     e.add_argument("--k", type=int, default=10, help="kNN neighbours")
-    e.add_argument("--seed", type=int, default=0, help="seed of the row sample and the train/test split")
-    e.add_argument("--json", action="store_true", help="JSON output")
-    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--sample-seed", type=int, default=0, help="seed of the row sample and the train/test split")
+    _add_common(e, "print the report as JSON instead of the table", "no progress (the report is still printed)")
     e.set_defaults(func=_eval, validate=_check_eval)
 
+
+def _register_index_search(sub) -> None:
     ix = sub.add_parser("index", help="build a faiss index of a compressed folder (saved in DIR/index/)")
     ix.add_argument("dir", help="output folder of `semcomp compress`")
-    ix.add_argument("--index-factory", help="faiss index_factory string (default: Flat below 10000 rows, else "
-                                            "RR,IVF,PQ sized as autofaiss does; see docs/compress.md)")
-    ix.add_argument("--nprobe", type=_positive_int, help="IVF lists searched per query (default: nlist // 16)")
-    ix.add_argument("--seed", type=int, default=0, help="seed of the training sample")
-    ix.add_argument("--storage-options", metavar="JSON", help=_STORAGE_HELP)
-    ix.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+    ix.add_argument("--index-factory", help="faiss index_factory string (default: chosen from the size of the "
+                                            "folder, as autofaiss does; see docs/compress.md)")
+    ix.add_argument("--nprobe", type=_positive_int, help="IVF lists searched per query (default: tuned on the index)")
+    ix.add_argument("--sample-seed", type=int, default=0, help="seed of the training sample")
+    _hidden_alias(ix, "--seed", "sample_seed", type=int)
+    _add_common(ix, "print the index summary as JSON instead of the line", "no progress and no summary")
     ix.set_defaults(func=_index)
 
     se = sub.add_parser("search", help="k nearest compressed rows of full-dimensional query embeddings")
@@ -417,6 +504,6 @@ def register(sub) -> None:
     se.add_argument("--nprobe", type=_positive_int, help="IVF lists searched (default: the index's)")
     se.add_argument("--exact", action="store_true", help="exact streamed search, ignoring DIR/index/ (on a URL: "
                                                          "downloads every shard; without it a URL needs an index)")
-    se.add_argument("--storage-options", metavar="JSON", help=_STORAGE_HELP)
-    se.add_argument("--json", action="store_true", help="JSON output: per query a list of {rank, id, row, score, metadata}")
+    _add_common(se, "print per query a list of {rank, id, row, score, metadata} as JSON instead of the table",
+                "nothing on stderr but errors (the results are still printed)")
     se.set_defaults(func=_search)

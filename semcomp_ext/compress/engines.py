@@ -88,12 +88,14 @@ def _ray_worker(fn, plan, row):
     return {"record": json.dumps(fn(plan, int(row["item"])))}
 
 
-def run_ray(fn, plan, items, on_done, address: str | None = None) -> None:
-    """One Ray Data row per shard task; results stream back (any order) to on_done."""
+def run_ray(fn, plan, items, on_done, address: str | None = None, workers: int | None = None) -> None:
+    """One Ray Data row per shard task; results stream back (any order) to on_done. `workers`:
+    at most this many tasks at once (and the CPUs of a local Ray started here); None: every
+    CPU of the cluster."""
     if not items:
         return
-    ray = init_ray(address)
+    ray = init_ray(address, num_cpus=workers)
     ds = ray.data.from_items([{"item": int(i)} for i in items], override_num_blocks=len(items))
-    ds = ds.map(lambda row: _ray_worker(fn, plan, row), num_cpus=1)
+    ds = ds.map(lambda row: _ray_worker(fn, plan, row), num_cpus=1, **({"concurrency": workers} if workers else {}))
     for row in ds.iter_rows():
         on_done(json.loads(row["record"]))
