@@ -20,7 +20,7 @@
 
 namespace semcomp::mma {
 
-// True when q (bf16/fp16, on a CUDA device) can run these kernels: compute capability >= 8.0
+// True when q (bf16/fp16, d > 0, on a CUDA device) can run these kernels: compute capability >= 8.0
 // and a torch with the mixed-dtype GEMM overloads (mm.dtype_out, torch >= 2.8).
 bool available(const at::Tensor& q);
 

@@ -152,18 +152,28 @@ __device__ __forceinline__ void tile_loop(const uint16_t* __restrict__ q, int64_
                                           Epi&& epi) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp % kWarpsM, wn = warp / kWarpsM;
-  const int64_t kt = ceil_div(d, kBK), total = (t1 - t0) * kt;
-  auto load = [&](int64_t it) {
-    const int64_t ct = t0 + it / kt, k0 = (it % kt) * kBK;
-    uint16_t* st = smem + (it % kStages) * kStageElems;
-    load_rows<VEC>(q, q_rows, d, r0, k0, st);
-    load_rows<VEC>(k, nk, d, ct * kBN, k0, st + kBM * kBK);
+  const int kt = static_cast<int>(ceil_div(d, kBK));
+  const int64_t total = (t1 - t0) * kt;
+  // the next step to prefetch: (column tile, D step), its stage, and how many remain
+  int64_t ld_ct = t0, ld_left = total;
+  int ld_ks = 0, ld_stage = 0;
+  auto load_next = [&]() {
+    if (ld_left > 0) {
+      uint16_t* st = smem + ld_stage * kStageElems;
+      const int64_t k0 = int64_t(ld_ks) * kBK;
+      load_rows<VEC>(q, q_rows, d, r0, k0, st);
+      load_rows<VEC>(k, nk, d, ld_ct * kBN, k0, st + kBM * kBK);
+      --ld_left;
+      if (++ld_ks == kt) {
+        ld_ks = 0;
+        ++ld_ct;
+      }
+    }
+    ld_stage = ld_stage + 1 == kStages ? 0 : ld_stage + 1;
+    cp_async_commit();  // possibly empty: keeps one group per step
   };
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < total) load(st);
-    cp_async_commit();
-  }
+  for (int st = 0; st < kStages - 1; ++st) load_next();
   float acc[kMI][kNJ][4];
 #pragma unroll
   for (int mi = 0; mi < kMI; ++mi)
@@ -171,14 +181,15 @@ __device__ __forceinline__ void tile_loop(const uint16_t* __restrict__ q, int64_
     for (int nj = 0; nj < kNJ; ++nj)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][nj][e] = 0.f;
-  int64_t ks = 0, ct = t0;  // D step and column tile of step `it`
+  int ks = 0, rd_stage = 0;
+  int64_t ct = t0;  // D step, stage and column tile of step `it`
   for (int64_t it = 0; it < total; ++it) {
     cp_async_wait<kStages - 2>();  // this thread's copies of step `it` have landed
     __syncthreads();               // everyone's have, and step it - 1's buffer is free
-    if (it + kStages - 1 < total) load(it + kStages - 1);
-    cp_async_commit();             // possibly empty: keeps the group count per step fixed
-    const uint16_t* st = smem + (it % kStages) * kStageElems;
+    load_next();                   // step it + kStages - 1, into step it - 1's buffer
+    const uint16_t* st = smem + rd_stage * kStageElems;
     mma_stage<BF16>(st, st + kBM * kBK, wm, wn, lane, acc);
+    rd_stage = rd_stage + 1 == kStages ? 0 : rd_stage + 1;
     if (++ks == kt) {
       epi(ct, acc);
 #pragma unroll
@@ -236,28 +247,33 @@ mma_fwd_kernel(const uint16_t* __restrict__ q, int64_t nq, const uint16_t* __res
   for (int mi = 0; mi < kMI; ++mi) row[mi][0] = row[mi][1] = Lse2<float>::empty();
 
   auto epi = [&](int64_t ct, float (&acc)[kMI][kNJ][4]) {
-    const int64_t c0 = ct * kBN, cw = c0 + wn * kWN + 2 * tq;  // column of (nj = 0, e = 0)
+    const int64_t c0 = ct * kBN;
+    // element (nj, b) of this thread is column c0 + cw + nj * 8 + b, valid when nj * 8 + b < ncol
+    const int cw = wn * kWN + 2 * tq;
+    const int ncol = static_cast<int>(std::min<int64_t>(nk - c0, kBN)) - cw;
     // logits; -inf past nk (they drop out of maxima and sums)
 #pragma unroll
     for (int nj = 0; nj < kNJ; ++nj)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const bool ok = cw + nj * 8 + (e & 1) < nk;
+        const bool ok = nj * 8 + (e & 1) < ncol;
 #pragma unroll
         for (int mi = 0; mi < kMI; ++mi) acc[mi][nj][e] = ok ? mul_rn(acc[mi][nj][e], s) : neg_inf<float>();
       }
-    // the positive logit S_i,i+offset, stored by the one thread holding it
-    if (c0 < r0 + kBM + offset && r0 + offset < c0 + kBN) {
+    // the positive logit S_i,i+offset (tile column = tile row + dd), stored by its one holder
+    const int64_t dd64 = r0 + offset - c0;
+    if (dd64 > -kBM && dd64 < kBN) {
+      const int dd = static_cast<int>(dd64);
 #pragma unroll
       for (int mi = 0; mi < kMI; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int64_t i = r0 + wm * kWM + mi * 16 + g + 8 * h;
+          const int lr = wm * kWM + mi * 16 + g + 8 * h, target = lr + dd - cw;
 #pragma unroll
           for (int nj = 0; nj < kNJ; ++nj)
 #pragma unroll
             for (int b = 0; b < 2; ++b)
-              if (row_ok[mi][h] && cw + nj * 8 + b == i + offset) diag[i] = acc[mi][nj][2 * h + b];
+              if (row_ok[mi][h] && nj * 8 + b == target) diag[r0 + lr] = acc[mi][nj][2 * h + b];
         }
     }
     // rows: the warp's 64 columns -> (max, sum) over the quad, folded into the running state
@@ -394,17 +410,21 @@ mma_grad_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k, 
     }
 
   auto epi = [&](int64_t ct, float (&acc)[kMI][kNJ][4]) {
-    const int64_t c0 = ct * kBN, cw = c0 + wn * kWN + 2 * tq;
-    const bool diag_here = c0 < r0 + kBM + offset && r0 + offset < c0 + kBN;
+    const int64_t c0 = ct * kBN;
+    const int cw = wn * kWN + 2 * tq;  // (nj, b) is column c0 + cw + nj * 8 + b
+    const int ncol = static_cast<int>(std::min<int64_t>(nk - c0, kBN)) - cw;
+    const int64_t dd64 = r0 + offset - c0;  // diagonal: tile column = tile row + dd
+    const bool diag_here = dd64 > -kBM && dd64 < kBN;
+    const int dd = diag_here ? static_cast<int>(dd64) : 0;
     float cl[kNJ][2], cc[kNJ][2];
     if constexpr (SYM) {
 #pragma unroll
       for (int nj = 0; nj < kNJ; ++nj)
 #pragma unroll
         for (int b = 0; b < 2; ++b) {
-          const int64_t j = cw + nj * 8 + b;
-          cl[nj][b] = j < nk ? clse[j] : 0.f;
-          cc[nj][b] = j < nk ? ccoef[j] : 0.f;
+          const bool ok = nj * 8 + b < ncol;
+          cl[nj][b] = ok ? clse[c0 + cw + nj * 8 + b] : 0.f;
+          cc[nj][b] = ok ? ccoef[c0 + cw + nj * 8 + b] : 0.f;
         }
     }
 #pragma unroll
@@ -412,31 +432,29 @@ mma_grad_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k, 
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if (!row_ok[mi][h]) continue;
-        const int64_t i = r0 + wm * kWM + mi * 16 + g + 8 * h;
-        uint16_t* grow = gbuf + (i - i0) * ld_g;
+        const int lr = wm * kWM + mi * 16 + g + 8 * h, target = diag_here ? lr + dd - cw : -1;
+        uint16_t* grow = gbuf + (r0 - i0 + lr) * ld_g + c0 + cw;
 #pragma unroll
         for (int nj = 0; nj < kNJ; ++nj) {
           uint16_t out[2];
 #pragma unroll
           for (int b = 0; b < 2; ++b) {
-            const int64_t j = cw + nj * 8 + b;
             float gv = 0.f;
-            if (j < nk) {
+            if (nj * 8 + b < ncol) {
               const float w = acc[mi][nj][2 * h + b];
               const float x = mul_rn(w, s);
               gv = rc[mi][h] * exp_diff(x, rl[mi][h]);
               if constexpr (SYM) gv += cc[nj][b] * exp_diff(x, cl[nj][b]);
-              if (diag_here && j == i + offset) gv -= dc[mi][h];
+              if (nj * 8 + b == target) gv -= dc[mi][h];
               ds[mi][h] += gv * w;
             }
             out[b] = T(sg * gv).x;
           }
-          const int64_t j = cw + nj * 8;
-          if (pair_store && j + 1 < nk) {
-            *reinterpret_cast<uint32_t*>(grow + j) = uint32_t(out[0]) | (uint32_t(out[1]) << 16);
+          if (pair_store && nj * 8 + 1 < ncol) {
+            *reinterpret_cast<uint32_t*>(grow + nj * 8) = uint32_t(out[0]) | (uint32_t(out[1]) << 16);
           } else {
-            if (j < nk) grow[j] = out[0];
-            if (j + 1 < nk) grow[j + 1] = out[1];
+            if (nj * 8 < ncol) grow[nj * 8] = out[0];
+            if (nj * 8 + 1 < ncol) grow[nj * 8 + 1] = out[1];
           }
         }
       }
@@ -723,6 +741,7 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
 bool available(const at::Tensor& q) {
   if (!SEMCOMP_MMA_OUT_DTYPE) return false;
   if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) return false;
+  if (q.size(1) == 0) return false;  // every logit 0: the gemm path (no D step to run here)
 #if defined(EMU_HAVE_TORCH)  // the host emulator (shared/tools/cuda-emu) runs the sm_80 code
 #if defined(EMU_CUDA_ARCH)
   return true;

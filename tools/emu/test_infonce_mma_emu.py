@@ -187,7 +187,7 @@ def case(dt, n, d, chunk=0, s_val=14.3, nq=None, off=None):
             tol = (4 * eps if nm != "gs" else 1e-4) * mg + 1e-6
             chk_exact(f"sym bwd {nm} {tag}", x.dtype == y.dtype and x.shape == y.shape, f"dtype/shape {x.dtype} {y.dtype}")
             chk(f"sym bwd[{kind}] mma-vs-gemm {nm} {tag}", x, y, tol)
-            chk(f"sym bwd[{kind}] mma-vs-CPU {nm} {tag}", x, z, tol)
+            chk(f"sym bwd[{kind}] mma-vs-CPU {nm} {tag}", x, z, 2 * tol)  # two independent roundings of s*G
             chk(f"sym bwd[{kind}] mma-vs-fp64 {nm} {tag}", x, ref, tol)
         if kind == "mean":
             tg = torch_mean_grads(a, b, s_val, 0, True)
@@ -227,12 +227,24 @@ def case(dt, n, d, chunk=0, s_val=14.3, nq=None, off=None):
         for nm, x, y, z, ref, mg in zip(("gq", "gk", "gs"), bm, bg, bc, grads, mags):
             tol = (4 * eps if nm != "gs" else 1e-4) * mg + 1e-6
             chk(f"rect bwd[{kind}] mma-vs-gemm {nm} {rt}", x, y, tol)
-            chk(f"rect bwd[{kind}] mma-vs-CPU {nm} {rt}", x, z, tol)
+            chk(f"rect bwd[{kind}] mma-vs-CPU {nm} {rt}", x, z, 2 * tol)  # two independent roundings of s*G
             chk(f"rect bwd[{kind}] mma-vs-fp64 {nm} {rt}", x, ref, tol)
         if kind == "mean":
             tg = torch_mean_grads(q, b, s_val, off, False)
             for nm, x, ref, t in zip(("gq", "gk", "gs"), bm, grads, tg):
                 chk_vs_torch(f"rect bwd[mean] mma-vs-fp64/torch {nm} {rt}", x, ref, t, 1e-7)
+
+
+def chk_nan(tag, x, ref, peer=None):
+    """NaN in x exactly where the fp64 reference has NaN. peer: the gemm path's output from the
+    same cuBLAS stand-in; the CPU bf16 torch.mm that stands in for cuBLAS here also spreads a
+    NaN row of its left operand to a neighbouring output row (a CPU kernel artefact, absent in
+    fp32), so a superset of the reference is accepted only when the gemm path shows the same."""
+    xn, rn = torch.isnan(x), torch.isnan(ref)
+    ok = torch.equal(xn, rn)
+    if not ok and peer is not None and x.dtype == torch.bfloat16:
+        ok = bool((xn | ~rn).all()) and torch.equal(xn, torch.isnan(peer))
+    chk_exact(tag, ok, f"NaN pattern differs: {int(xn.sum())} vs reference {int(rn.sum())}")
 
 
 def nan_case(dt, n, d, bad_row, in_k=False):
@@ -246,29 +258,27 @@ def nan_case(dt, n, d, bad_row, in_k=False):
     fm = run(MMA, E.infonce_fwd, a, b, s, 0)
     fr = ref_fwd(a, b, s_val, 0, True)
     for nm, x, r in zip(("loss", "rlse", "clse"), fm, fr):
-        chk_exact(f"{tag} fwd {nm}", torch.equal(torch.isnan(x), torch.isnan(r)),
-                  f"NaN pattern differs: {int(torch.isnan(x).sum())} vs reference {int(torch.isnan(r).sum())}")
+        chk_nan(f"{tag} fwd {nm}", x, r)
         chk(f"{tag} fwd {nm} mma-vs-fp64", x, r, 1e-5 * s_val)
     rc, cc, dc = mean_coefs(n, True)
     gm = run(MMA, E.infonce_bwd, a, b, s, fm[1], fm[2], rc, cc, dc, 0)
     grads, _ = ref_bwd(a, b, s_val, fr[1], fr[2], rc, cc, dc, 0, True)
     for nm, x, r in zip(("ga", "gb", "gs"), gm, grads):
-        chk_exact(f"{tag} bwd {nm}", torch.equal(torch.isnan(x), torch.isnan(r)),
-                  f"NaN pattern differs: {int(torch.isnan(x).sum())} vs reference {int(torch.isnan(r).sum())}")
+        chk_nan(f"{tag} bwd {nm}", x, r)
     nq = n - 1
     q = a[:nq]
     rm = run(MMA, E.infonce_rect_fwd, q, b, s, 1, 0)
     rr = ref_fwd(q, b, s_val, 1, False)
     for nm, x, r in zip(("loss", "lse"), rm, rr):
-        chk_exact(f"{tag} rect fwd {nm}", torch.equal(torch.isnan(x), torch.isnan(r)),
-                  f"NaN pattern differs: {int(torch.isnan(x).sum())} vs reference {int(torch.isnan(r).sum())}")
+        chk_nan(f"{tag} rect fwd {nm}", x, r)
         chk(f"{tag} rect fwd {nm} mma-vs-fp64", x, r, 1e-5 * s_val)
     rc, _, dc = mean_coefs(nq, False)
     bm = run(MMA, E.infonce_rect_bwd, q, b, s, rm[1], rc, dc, 1, 0)
+    rg = run(GEMM, E.infonce_rect_fwd, q, b, s, 1, 0)
+    bg = run(GEMM, E.infonce_rect_bwd, q, b, s, rg[1], rc, dc, 1, 0)
     grads, _ = ref_bwd(q, b, s_val, rr[1], None, rc, None, dc, 1, False)
-    for nm, x, r in zip(("gq", "gk", "gs"), bm, grads):
-        chk_exact(f"{tag} rect bwd {nm}", torch.equal(torch.isnan(x), torch.isnan(r)),
-                  f"NaN pattern differs: {int(torch.isnan(x).sum())} vs reference {int(torch.isnan(r).sum())}")
+    for nm, x, r, p in zip(("gq", "gk", "gs"), bm, grads, bg):
+        chk_nan(f"{tag} rect bwd {nm}", x, r, p)
 
 
 torch.manual_seed(0)
