@@ -79,3 +79,23 @@ def test_abandoned_reader_closes_inside_threading_bookkeeping(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("closing an abandoned reader deadlocked")
     assert r.returncode == 0 and "closed (1000, 8)" in r.stdout, r.stderr[-2000:]
+
+
+def test_write_errors_name_their_file(tmp_path):
+    """A file-size limit (EFBIG, "[Errno 27] File too large" with no file name) is one line
+    naming the file being written."""
+    import resource
+
+    rng = np.random.default_rng(0)
+    for m in ("img", "text"):
+        np.save(tmp_path / f"{m}.npy", rng.standard_normal((4000, 64)).astype(np.float32))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    r = subprocess.run([sys.executable, "-m", "semcomp_ext.cli", "compress", str(tmp_path / "img.npy"),
+                        str(tmp_path / "text.npy"), "-o", str(tmp_path / "out"), "-q"],
+                       capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "File too large" in err and "centroids_00000.npy" in err, err
