@@ -105,10 +105,12 @@ def test_fixed_pixel_image_tower(tmp_path):
         train(TrainConfig(out_dir=str(tmp_path / "x"), image_tower="pixels", text_tower="minilm", steps=1, **SMALL))
 
 
-def _cli_train(capsys, out, *extra):
+def _cli_train(capsys, out, *extra, quiet=True):
     rc = main(["train", "-o", str(out), "--dataset", "digits", "--limit", "128", "--batch-size", "32", "--warmup", "1",
-               "--temperature", "0.1", "--checkpoint-every", "2", "-q", "--json", *extra])
+               "--temperature", "0.1", "--checkpoint-every", "2", "--json", *(["-q"] if quiet else []), *extra])
     captured = capsys.readouterr()
+    if rc == 0 and quiet:
+        assert captured.err == ""
     return rc, (json.loads(captured.out) if rc == 0 else None), captured.err
 
 
@@ -119,8 +121,10 @@ def test_finished_run_is_extended_with_resume(tmp_path, capsys):
     # the same --out again without --resume is refused in one line, before anything is built
     rc, _, err = _cli_train(capsys, tmp_path / "r", "--steps", "6")
     assert rc == 2 and err.startswith("semcomp train: error: --out") and "--resume" in err
-    rc, ext, _ = _cli_train(capsys, tmp_path / "r", "--steps", "6", "--resume")
+    rc, ext, err = _cli_train(capsys, tmp_path / "r", "--steps", "6", "--resume", quiet=False)
     assert rc == 0 and ext["step"] == 6 and ext["steps"] == 6
+    # stderr is not a terminal here: progress as one log line per checkpoint, no bar
+    assert [line.split(", loss")[0] for line in err.splitlines()] == ["semcomp train: step 6/6"], err
     ck = load_checkpoint(str(tmp_path / "r" / CHECKPOINT))
     assert ck["step"] == 6 and ck["done"] and ck["history"][:4] == h4 and len(ck["history"]) == 6
     assert ck["history"][4:] != h4[2:4]  # new batches were trained, not replayed numbers

@@ -181,8 +181,6 @@ def train(cfg: TrainConfig) -> dict:
     schedule, step, history) every cfg.checkpoint_every steps and at the end."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from ..losses import ClipLoss
-
     rank, world = _dist_env(cfg.device)
     device = torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     _seed_all(cfg.seed)
@@ -206,14 +204,7 @@ def train(cfg: TrainConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT)
     step, history, elapsed = _restore(cfg, ckpt_path, model, opt, sched)
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
-    else:
-        loss_fn = ClipLoss()
+    net, loss_fn = _parallel(model, device, rank, world)
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     def save():
@@ -257,6 +248,18 @@ def train(cfg: TrainConfig) -> dict:
             json.dump({k: v for k, v in summary.items() if k != "history"} | {"final_loss": history[-1] if history else None}, f, indent=2)
     summary.update(model=model, preprocess=preprocess, tokenizer=tokenizer)
     return summary
+
+
+def _parallel(model, device, rank: int, world: int):
+    """(network to call, loss): DDP and the distributed ClipLoss over several processes."""
+    from ..losses import ClipLoss
+
+    if world == 1:
+        return model, ClipLoss()
+    from torch.nn.parallel import DistributedDataParallel
+
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return net, ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
 
 
 def _step(net, model, loss_fn, opt, sched, images, tokens, world: int) -> float:

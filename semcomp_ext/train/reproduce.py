@@ -116,11 +116,46 @@ def check_config(cfg: ReproduceConfig) -> None:
         raise ValueError("reproduce: --drop-rates must include 0 (the reference of claim (c))")
 
 
+def _run_one(cfg: ReproduceConfig, ds: str, seed: int, tau: float, splits, labelled: bool, rs, dim, keeps,
+             timings: dict, key: str):
+    """Train (or reuse) one encoder pair, embed both splits and measure it: (result, dim, keeps);
+    dim and keeps are fixed by the first run of a dataset."""
+    from .evaluate import evaluate_pair, faiss_threads, rfs_keeps
+
+    train_data, test_data = splits
+    tcfg = TrainConfig(out_dir=_tau_dir(cfg.out_dir, tau, ds, seed), model=cfg.model, text_tower=cfg.text_tower,
+                       image_tower=cfg.image_tower, dataset=ds, data_root=cfg.data_root, limit=cfg.limit,
+                       temperature=tau, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                       warmup=cfg.warmup, seed=seed, checkpoint_every=max(50, cfg.steps // 4),
+                       threads=cfg.threads, quiet=True)
+    t0 = time.perf_counter()
+    summary = train(tcfg)
+    timings["train_s"][key] = time.perf_counter() - t0
+    model, preprocess, tokenizer = summary["model"], summary["preprocess"], summary["tokenizer"]
+    t0 = time.perf_counter()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        size = image_size(model)
+        tr = embed(model, PairDataset(train_data, tokenizer, preprocess, size))
+        te = embed(model, PairDataset(test_data, tokenizer, preprocess, size))
+        if dim is None:
+            dim = tr[0].shape[1]
+            keeps = rfs_keeps(dim, cfg.drop_rates, cfg.targets)
+        with faiss_threads(torch.get_num_threads()):
+            res = evaluate_pair(tr, te, train_data.labels if labelled else None,
+                                test_data.labels if labelled else None, keeps=keeps,
+                                rfs_seeds=list(cfg.rfs_seeds), codec_seeds=cfg.codec_seeds, k=cfg.knn_k,
+                                seed=0, w_item=rs.w_item)
+    timings["eval_s"][key] = time.perf_counter() - t0
+    hist = summary["history"]
+    res["train"] = {"steps": summary["step"], "final_loss_avg10": sum(hist[-10:]) / len(hist[-10:])}
+    return res, dim, keeps
+
+
 def reproduce(cfg: ReproduceConfig) -> dict:
     from tqdm.auto import tqdm
 
     from ..eval.intervals import Resampler
-    from .evaluate import evaluate_pair, faiss_threads, rfs_keeps
 
     check_config(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -140,32 +175,8 @@ def reproduce(cfg: ReproduceConfig) -> dict:
             runs[seed] = {}
             for tau in sorted(cfg.temperatures):
                 key = f"{ds}/seed_{seed}/tau_{tau:g}"
-                tcfg = TrainConfig(out_dir=_tau_dir(cfg.out_dir, tau, ds, seed), model=cfg.model, text_tower=cfg.text_tower,
-                                   image_tower=cfg.image_tower, dataset=ds, data_root=cfg.data_root, limit=cfg.limit,
-                                   temperature=tau, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                   warmup=cfg.warmup, seed=seed, checkpoint_every=max(50, cfg.steps // 4),
-                                   threads=cfg.threads, quiet=True)
-                t0 = time.perf_counter()
-                summary = train(tcfg)
-                timings["train_s"][key] = time.perf_counter() - t0
-                model, preprocess, tokenizer = summary["model"], summary["preprocess"], summary["tokenizer"]
-                t0 = time.perf_counter()
-                with torch.random.fork_rng():
-                    torch.manual_seed(seed)
-                    size = image_size(model)
-                    tr = embed(model, PairDataset(train_data, tokenizer, preprocess, size))
-                    te = embed(model, PairDataset(test_data, tokenizer, preprocess, size))
-                    if dim is None:
-                        dim = tr[0].shape[1]
-                        keeps = rfs_keeps(dim, cfg.drop_rates, cfg.targets)
-                    with faiss_threads(torch.get_num_threads()):
-                        res = evaluate_pair(tr, te, train_data.labels if labelled else None,
-                                            test_data.labels if labelled else None, keeps=keeps,
-                                            rfs_seeds=list(cfg.rfs_seeds), codec_seeds=cfg.codec_seeds, k=cfg.knn_k,
-                                            seed=0, w_item=rs.w_item)
-                timings["eval_s"][key] = time.perf_counter() - t0
-                hist = summary["history"]
-                res["train"] = {"steps": summary["step"], "final_loss_avg10": sum(hist[-10:]) / len(hist[-10:])}
+                res, dim, keeps = _run_one(cfg, ds, seed, tau, (train_data, test_data), labelled, rs, dim, keeps,
+                                           timings, key)
                 runs[seed][f"{tau:g}"] = res
                 bar.update(1)
                 if not cfg.quiet and not tty:
