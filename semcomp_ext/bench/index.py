@@ -26,8 +26,9 @@ import time
 
 import numpy as np
 
-__all__ = ["clustered", "write_pair_input", "compress_rows", "index_in_child", "index_case", "unit_rows",
-           "recalls", "search_recall_set"]
+__all__ = ["clustered", "write_pair_input", "compress_rows", "index_in_child", "index_case", "run_index_benchmark",
+           "unit_rows", "recalls", "search_recall_set", "faiss_version", "synthetic_clip", "reproduce_quick_embeddings",
+           "run_search_benchmark"]
 
 GEN_ROWS = 1 << 16
 
@@ -142,6 +143,37 @@ def index_case(work: str, n: int, dim: int, dtype: str, *, clusters: int, querie
     }
 
 
+def faiss_version() -> str | None:
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss.__version__
+
+
+def run_index_benchmark(cases, *, work: str, queries: int = 1000, rows_per_cluster: int = 100, spread: float = 1.0,
+                        index_args=(), log=print) -> dict:
+    """Every (rows, dim, dtype) of `cases` through `index_case` (clusters = rows //
+    rows_per_cluster); the payload of benchmarks/results/index_cpu.json (environment added
+    by the caller)."""
+    from semcomp_ext.compress.heartbeat import usable_cores
+
+    rows = []
+    for n, dim, dtype in cases:
+        r = index_case(work, n, dim, dtype, clusters=max(1, n // rows_per_cluster), queries=queries, spread=spread,
+                       index_args=index_args)
+        log(json.dumps({k: v for k, v in r.items() if k not in ("choice", "nprobe_tuning")}))
+        rows.append(r)
+    return {
+        "what": "semcomp index (the CLI's main in a fresh child process) on a compressed folder of clustered "
+                "synthetic unit rows; recall@10 of `semcomp search` at the index's default nprobe against "
+                "exact search over the same stored vectors",
+        "data": f"clusters = rows // {rows_per_cluster} random unit centres, noise norm {spread}, normalised; "
+                f"{queries} held-out queries from the same clusters",
+        "faiss": faiss_version(), "usable_cores": usable_cores(), "results": rows,
+    }
+
+
 def recalls(got: np.ndarray, truth: np.ndarray, k: int) -> dict:
     """10-recall@10 (overlap of the top k) and 1-recall@k (the exact nearest in the top k)."""
     overlap = np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(got, truth)])
@@ -187,3 +219,60 @@ def search_recall_set(work: str, name: str, img: np.ndarray, txt: np.ndarray, qu
         res["drops"][str(drop)] = row
     shutil.rmtree(os.path.join(work, name), ignore_errors=True)
     return res
+
+
+def synthetic_clip(rows: int, queries: int, seed: int = 0):
+    """(img, txt, queries): embeddings shaped like CLIP ViT-B/32's (D = 512, unit rows, two
+    modalities with a modality gap, low-rank signal: semcomp_ext.synthetic.make_multimodal);
+    the queries are image embeddings of held-out concepts."""
+    from semcomp_ext.synthetic import make_multimodal
+
+    n = rows + queries
+    s = make_multimodal(num_classes=100, per_class=n // 100 + 1, dim=512, latent=64, gap=0.8, noise=0.5, seed=seed)
+    perm = np.random.default_rng(seed).permutation(len(s.labels))
+    img, txt = (z.numpy()[perm] for z in s.zs)
+    return img[:rows], txt[:rows], img[rows:n]
+
+
+def reproduce_quick_embeddings(run_dir: str, tau: float = 0.07):
+    """(train img, train txt, test img): the encoder pair of `semcomp reproduce --quick`'s
+    configuration at temperature tau (its first dataset and seed), trained in RUN_DIR/tau_{tau}
+    (reused when a finished run is there), embedding its train and test pairs."""
+    import torch
+
+    from semcomp_ext.train.data import PairDataset, load_pairs
+    from semcomp_ext.train.loop import TrainConfig, train
+    from semcomp_ext.train.models import embed, image_size
+    from semcomp_ext.train.reproduce import QUICK, ReproduceConfig
+
+    cfg = ReproduceConfig(out_dir=run_dir, temperatures=(tau,), quiet=True, **QUICK)
+    tcfg = TrainConfig(out_dir=os.path.join(run_dir, f"tau_{tau:g}"), model=cfg.model, text_tower=cfg.text_tower,
+                       dataset=cfg.dataset, data_root=cfg.data_root, limit=cfg.limit, temperature=tau, steps=cfg.steps,
+                       batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, seed=cfg.seed,
+                       checkpoint_every=max(50, cfg.steps // 4), threads=cfg.threads, quiet=True)
+    train_data, test_data = load_pairs(cfg.dataset, cfg.data_root, cfg.limit)
+    summary = train(tcfg)
+    model, preprocess, tokenizer = summary["model"], summary["preprocess"], summary["tokenizer"]
+    size = image_size(model)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        tr = embed(model, PairDataset(train_data, tokenizer, preprocess, size))
+        te = embed(model, PairDataset(test_data, tokenizer, preprocess, size))
+    return tr[0].numpy(), tr[1].numpy(), te[0].numpy()
+
+
+def run_search_benchmark(*, work: str, rows: int = 20000, queries: int = 1000, indexes=("flat",),
+                         reproduce_dir: str | None = None, skip_reproduce: bool = False, k: int = 10, log=print) -> dict:
+    """The payload of benchmarks/results/search_cpu.json: `search_recall_set` on the synthetic
+    CLIP-like set and (unless skip_reproduce) on the `reproduce --quick` encoders' embeddings."""
+    payload = {"k": k, "normalize": "output", "sets": {}}
+    img, txt, q = synthetic_clip(rows, queries)
+    payload["sets"]["synthetic_clip_like"] = search_recall_set(work, "synthetic", img, txt, q, indexes=indexes, k=k, log=log)
+    if not skip_reproduce:
+        t0 = time.perf_counter()
+        img, txt, q = reproduce_quick_embeddings(reproduce_dir or os.path.join(work, "reproduce"))
+        t_embed = round(time.perf_counter() - t0, 1)
+        res = search_recall_set(work, "reproduce_quick", img, txt, q, indexes=indexes, k=k, log=log)
+        res["train_and_embed_s"] = t_embed
+        payload["sets"]["reproduce_quick_tau0.07"] = res
+    return payload

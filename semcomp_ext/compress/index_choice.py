@@ -15,7 +15,7 @@ chosen on the built index to meet a recall target, see `index`).
   Where even 16 lists exceed the budget, 16 lists.
 
 The estimate assumes faiss's k-means and assignment run at ~30 GFLOP/s a thread (measured
-35-45 on the 2-core EPYC of docs/compress.md), so the choice depends on the thread count:
+35-45 on the 2-core VM of docs/compress.md), so the choice depends on the thread count:
 pass `threads` for a reproducible choice.
 """
 
