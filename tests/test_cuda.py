@@ -209,3 +209,83 @@ def test_autocast_cuda_runs_the_bf16_kernels():
     torch.testing.assert_close(out.detach(), sc.infonce_loss(a.detach().bfloat16(), b.bfloat16(), logit_scale=s))
     (g,) = torch.autograd.grad(out, a)
     assert g.dtype == torch.float32 and torch.isfinite(g).all()
+
+
+# ---- the tile implementation: d = 0, chunked column partials -----------------------------
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_tile_impl_with_zero_features_runs_the_gemm_path(sym, tile_impl):
+    """d = 0: every logit is 0 (loss = log N per row), every gradient 0; routed to the gemm
+    path (the tile kernels need d > 0)."""
+    n = 70
+    q = torch.empty(n, 0, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.empty(n + (0 if sym else 5), 0, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    s = torch.tensor(14.3, device="cuda", requires_grad=True)
+    if sym:
+        rows = sc.infonce_loss(q, k, logit_scale=s, reduction="none")
+    else:
+        rows = sc.infonce_rect_loss(q, k, s, offset=3)
+    torch.testing.assert_close(rows.float(), torch.full((n,), torch.log(torch.tensor(float(k.shape[0]))).item(),
+                                                        device="cuda"))
+    _, _, gs = torch.autograd.grad(rows.sum(), (q, k, s))
+    assert float(gs) == 0.0
+
+
+def test_tile_forward_chunks_its_column_partials(tile_impl):
+    """N = 65536 (column partials of every row block would take 256 MiB): the forward keeps
+    at most 128 MiB of them plus O(N), and the chunked merge equals the gemm path."""
+    n, d = 65536, 64
+    a, b = _unit(n, d, torch.bfloat16), _unit(n, d, torch.bfloat16)
+    s = torch.tensor(20.0, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss, r, c = ops.infonce_fwd(a, b, s, 0)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - 3 * n * 4  # outputs: loss, row and column LSEs
+    assert extra <= 140 * 2**20, f"{extra / 2**20:.0f} MiB"
+    previous = sc.set_infonce_cuda_impl("gemm")
+    try:
+        want = ops.infonce_fwd(a, b, s, 0)
+    finally:
+        sc.set_infonce_cuda_impl(previous)
+    for x, y in zip((loss, r, c), want):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
+
+
+# ---- SigLIP in mixed precision -------------------------------------------------------------
+
+
+def _siglip_grads(fn, a, b, s, t, g):
+    a, b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    rows = fn(a, b, s, t)
+    return (rows.detach(), *torch.autograd.grad((rows * g.to(rows.dtype)).sum(), (a, b)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [300, 8192])
+def test_siglip_low_precision_within_twice_torch_same_dtype(dtype, n):
+    """bf16/fp16 GEMM operands with fp32 accumulation: losses and gradients (upstream 1/N, so
+    fp16 s*G needs its pre-scale) within twice plain PyTorch's error in the same dtype."""
+    from semcomp_ext.siglip import sigmoid_loss_reference
+
+    d = 64
+    a, b = _unit(n, d, dtype), _unit(n, d, dtype)
+    g = torch.full((n,), 1.0 / n, device="cuda")
+    s, t = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
+
+    def ours(x, y, u, v):
+        return sc.sigmoid_loss(x, y, u, v, reduction="none")
+
+    def plain(x, y, u, v):
+        return sigmoid_loss_reference(x, y, u.to(x.dtype), v.to(x.dtype), reduction="none")
+
+    def exact(x, y, u, v):
+        return sigmoid_loss_reference(x.double(), y.double(), u.double(), v.double(), reduction="none")
+
+    mine, theirs, truth = (_siglip_grads(f, a, b, s, t, g) for f in (ours, plain, exact))
+    assert mine[1].dtype == dtype and mine[2].dtype == dtype
+    for name, o, p, w in zip(("loss", "grad_a", "grad_b"), mine, theirs, truth):
+        e_ours, e_torch = (float((x.double() - w).norm() / w.norm()) for x in (o, p))
+        assert torch.isfinite(o).all() and e_ours <= 2 * e_torch + 1e-7, (name, e_ours, e_torch)

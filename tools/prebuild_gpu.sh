@@ -91,6 +91,17 @@ t_build=$SECONDS
 cmake --build "$BUILD" -j "$JOBS" 2>&1 | tee "$GB/cmake-build.log" | grep -E 'error|warning|^\[' || true
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "prebuild_gpu.sh: build failed (see $GB/cmake-build.log)" >&2; exit 1; }
 SO=$(ls "$BUILD"/_C.*.so | head -1)
+# a shared module links even with a missing definition (it would fail at import on the GPU)
+missing=$(nm -D --undefined-only "$SO" | c++filt | grep -E 'semcomp::' || true)
+if [ -n "$missing" ]; then
+  echo "prebuild_gpu.sh: the module leaves project symbols undefined (re-run to re-glob csrc):" >&2
+  echo "$missing" >&2
+  exit 1
+fi
+if [ "$(source_hash)" != "$HASH" ]; then
+  echo "prebuild_gpu.sh: csrc changed during the build; run it again" >&2
+  exit 1
+fi
 
 # ---- 4. the carried folder ------------------------------------------------------------------
 OUTD="$GB/prebuilt"

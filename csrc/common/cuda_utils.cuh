@@ -1,22 +1,33 @@
 // Helpers shared by the CUDA backends: warp/block reductions, an online (max, sum)
 // log-sum-exp state, 16-byte vector access, device-side index validation with one host sync,
-// and the "column CSR" that turns a column index with duplicates into a deterministic,
-// atomic-free scatter (used by both gather_columns_bwd and segment_mean_bwd).
+// and the gather kernel over a "column CSR" (csrc/common/column_csr.cuh) that turns a column
+// index with duplicates into a deterministic, atomic-free scatter (gather_columns_bwd and
+// segment_mean_bwd). No cub here: every unit includes this header.
 //
 // Headers: only c10/cuda (no ATen/cuda/CUDAContext.h, which needs cuSPARSE headers).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cub/device/device_radix_sort.cuh>
+#include <torch/version.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define SEMCOMP_MM_OUT_DTYPE 1  // aten::mm.dtype_out / addmm.dtype_out exist
+#else
+#define SEMCOMP_MM_OUT_DTYPE 0
+#endif
 
 namespace semcomp::cuda {
 
@@ -158,6 +169,43 @@ struct Lse2 {
   __device__ __forceinline__ A lse_natural() const { return m + log2_(s) * kLn2<A>; }
 };
 
+// ---- mixed-precision GEMM helpers (bf16/fp16 operands, fp32 accumulation and output) -------
+
+#if SEMCOMP_MM_OUT_DTYPE
+// acc (fp32) += m1 m2 with bf16/fp16 operands. Some torch versions accept an fp32 `self` in
+// addmm.dtype_out, others insist it has the operands' dtype (the check fires before any
+// launch, leaving acc untouched); then fall back, for the rest of the process, to
+// mm.dtype_out into a scratch block plus add_ (one extra pass over acc per call). `mode`
+// remembers the choice: 0 untried, 1 addmm, 2 fallback.
+inline void addmm_fp32_accumulate(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2,
+                                  at::Tensor& scratch, std::atomic<int>& mode) {
+  if (mode.load() != 2) {
+    try {
+      at::addmm_out(acc, acc, m1, m2, at::kFloat, /*beta=*/1, /*alpha=*/1);
+      mode.store(1);
+      return;
+    } catch (const c10::Error&) {
+      if (mode.load() == 1) throw;
+      mode.store(2);
+    }
+  }
+  if (!scratch.defined()) scratch = at::empty_like(acc);
+  at::mm_out(scratch, m1, m2, at::kFloat);
+  acc.add_(scratch);
+}
+#endif
+
+// fp16 gradient blocks: with small upstream gradients (reduction="mean" at large N) most
+// entries of s*G lie below fp16's smallest subnormal (6e-8) and would flush to zero. They
+// are stored times an exact power of two p = 2^floor(log2(2^14 / bound)) (exponent clamped to
+// [-30, 60], 0 for a NaN bound), `bound` (a one-element device tensor) being the largest
+// possible |entry|: chosen on the device, no sync. The GEMMs that read the
+// block then write fp32, and their results are multiplied by 1/p (exact).
+inline at::Tensor pow2_prescale(const at::Tensor& bound) {
+  const at::Tensor e = bound.reshape({}).reciprocal().mul(16384.0).log2().floor();
+  return e.nan_to_num(0.0, 60.0, -30.0).clamp(-30.0, 60.0).exp2().reshape({1}).contiguous();
+}
+
 // ---- 16-byte vector access -------------------------------------------------------------
 
 template <typename T, int V>
@@ -245,85 +293,9 @@ inline void raise_if_bad(const char* op, const char* name, const at::Tensor& hos
   TORCH_CHECK_VALUE(false, op, ": ", name, "[", pos, "] = ", v, " is out of range [0, ", bound, ")");
 }
 
-// ---- column CSR: index (K entries in [0, dim)) -> for each column d the list of c with
-// index[c] == d, in increasing c (radix sort is stable). Scatters then become gathers:
+// ---- column CSR (csrc/common/column_csr.cuh builds it: the cub radix sort is compiled in
+// that one unit). Scatters over a column index with duplicates become gathers:
 //   out[:, d] = sum_{t in [off[d], off[d+1])} in[:, src[t]]   (fixed order, no atomics).
-
-template <typename I>
-__global__ void lower_bounds_kernel(const I* __restrict__ sorted, int64_t n,
-                                    int64_t num_keys, int64_t* __restrict__ offsets) {
-  // offsets[g] = first position p with sorted[p] >= g, for g in [0, num_keys].
-  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g <= num_keys;
-       g += int64_t(gridDim.x) * blockDim.x) {
-    int64_t lo = 0, hi = n;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (sorted[mid] < g) lo = mid + 1; else hi = mid;
-    }
-    offsets[g] = lo;
-  }
-}
-
-inline void launch_lower_bounds(const int64_t* sorted, int64_t n, int64_t num_keys,
-                                int64_t* offsets, cudaStream_t stream) {
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>(ceil_div(num_keys + 1, threads), 65536);
-  lower_bounds_kernel<<<blocks, threads, 0, stream>>>(sorted, n, num_keys, offsets);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename I>
-__global__ void iota_kernel(I* __restrict__ out, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = i;
-}
-
-// Number of low bits that hold every key in [0, num_keys): radix passes only over those.
-inline int key_bits(int64_t num_keys) {
-  int b = 1;
-  while (b < 63 && (int64_t{1} << b) < num_keys) ++b;
-  return b;
-}
-
-// Stable sort of keys (int64 in [0, num_keys), validated by the caller) with their
-// positions: returns (sorted_keys, perm) with keys[perm[p]] == sorted_keys[p].
-inline std::pair<at::Tensor, at::Tensor> stable_sort_by_key(const at::Tensor& keys,
-                                                            int64_t num_keys,
-                                                            cudaStream_t stream) {
-  const int64_t n = keys.numel();
-  auto opts = keys.options().dtype(at::kLong);
-  at::Tensor pos = at::empty({n}, opts), sorted = at::empty({n}, opts), perm = at::empty({n}, opts);
-  if (n == 0) return {sorted, perm};
-  TORCH_CHECK_VALUE(n <= std::numeric_limits<int>::max(),
-              "semcomp: cub radix sort supports at most 2^31-1 items, got ", n);
-  iota_kernel<<<std::min<int64_t>(ceil_div(n, 256), 65536), 256, 0, stream>>>(
-      pos.data_ptr<int64_t>(), n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int bits = key_bits(num_keys);
-  size_t temp_bytes = 0;
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-      nullptr, temp_bytes, keys.const_data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
-      pos.const_data_ptr<int64_t>(), perm.data_ptr<int64_t>(), static_cast<int>(n), 0, bits,
-      stream));
-  // Temporary storage from the caching allocator (stream-ordered, no cudaMalloc per call).
-  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, keys.options().dtype(at::kByte));
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-      temp.data_ptr(), temp_bytes, keys.const_data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
-      pos.const_data_ptr<int64_t>(), perm.data_ptr<int64_t>(), static_cast<int>(n), 0, bits,
-      stream));
-  return {sorted, perm};
-}
-
-// (offsets (dim + 1), src (K)) for a validated int64 column index; see above.
-inline std::pair<at::Tensor, at::Tensor> column_csr(const at::Tensor& index, int64_t dim,
-                                                    cudaStream_t stream) {
-  auto [sorted, perm] = stable_sort_by_key(index, dim, stream);
-  at::Tensor offsets = at::empty({dim + 1}, index.options().dtype(at::kLong));
-  launch_lower_bounds(sorted.const_data_ptr<int64_t>(), index.numel(), dim,
-                      offsets.data_ptr<int64_t>(), stream);
-  return {offsets, perm};
-}
 
 // out[i, d] = scale_i * sum_{t in [off[d], off[d+1])} in[src_row_i, src[t]]  for d < dim,
 // or, with off == nullptr (identity columns), scale_i * in[src_row_i, d].

@@ -20,6 +20,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "common/column_csr.cuh"
 #include "common/cuda_utils.cuh"
 #include "gather/gather.h"
 

@@ -2,7 +2,7 @@
 // rows of q are processed in chunks of C rows. Per chunk:
 //
 //   forward   W = q_c k^T            cuBLAS via ATen, fp32 output (fp64 for fp64 inputs)
-//             fwd_tile_kernel        one read of W: per-tile row partials and, for the
+//             logit_partials_kernel  one read of W: per-tile row partials and, for the
 //                                    symmetric form, per-tile column partials (max, sum)
 //             row_merge_kernel       row LSE r_i, diagonal S_ii (and the rect loss)
 //             col_merge_kernel       folds the chunk's column partials into running
@@ -16,10 +16,12 @@
 // Numerics: every LSE is kept as an online state (max m, sum of exp(S - m)) in natural units,
 // each exponential computed as exp2((S - m) log2(e)) (one MUFU.EX2 in fp32), so a logit scale
 // of 100 cannot overflow (the running max is subtracted first). The logits S = W s are
-// computed by mul_rn (never fused into an FMA) in the forward and the backward alike, so the
-// backward sees the forward's S bit for bit (one column: exp(S - r) is exactly 1, and the
-// loss and all gradients at N = 1 are exactly 0). Partials are merged in a fixed order:
-// no float atomics anywhere, results are bit-for-bit reproducible for a given chunk size.
+// computed by mul_rn (never fused into an FMA) in the forward and the backward alike, and both
+// passes split the rows into the same chunks (infonce_chunks.h), so every W block has the same
+// shape and operands in both: the backward sees the forward's S bit for bit (one column:
+// exp(S - r) is exactly 1, and the loss and all gradients at N = 1 are exactly 0). Partials
+// are merged in a fixed order: no float atomics anywhere, results are bit-for-bit
+// reproducible for a given chunk size.
 // bf16/fp16 inputs: GEMMs read the inputs in their own dtype (tensor cores) and write fp32
 // through ATen's out_dtype overloads (torch >= 2.8); the G block is rounded once to the input
 // dtype for the two backward GEMMs (as PyTorch's own bf16 autograd would do), dq is written
@@ -40,20 +42,15 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <atomic>
 
-#include "common/cuda_utils.cuh"
+#include "common/cuda_utils.cuh"  // also SEMCOMP_MM_OUT_DTYPE
 #include "infonce/infonce.h"
+#include "infonce/infonce_chunks.h"
 #include "infonce/infonce_tile.h"
-
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-#define SEMCOMP_MM_OUT_DTYPE 1  // aten::mm.dtype_out / addmm.dtype_out exist
-#else
-#define SEMCOMP_MM_OUT_DTYPE 0
-#endif
+#include "infonce/infonce_mma.h"
 
 namespace semcomp {
 namespace {
@@ -62,15 +59,14 @@ using namespace semcomp::cuda;
 
 constexpr int kThreads = 256;            // 8 warps in every kernel below
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kTileRows = 64;        // rows of W per fwd tile (8 per warp)
-constexpr int64_t kBudgetBytes = 128ll << 20;  // default chunk workspace (W + G blocks)
+constexpr int64_t kTileRows = 64;        // rows of W per partials tile (8 per warp)
 
 template <typename A>
 __device__ __forceinline__ bool scale_ok(A s) {
   return s > A(0) && s <= std::numeric_limits<A>::max();  // false for NaN, inf, <= 0
 }
 
-// ---- forward ------------------------------------------------------------------------------
+// ---- forward (gemm path) ----------------------------------------------------------------
 // Tile = kTileRows rows x 32*V columns of W (V = 16 bytes / sizeof(A) when nk % V == 0).
 // Thread mapping: lane l owns columns j0 + l*V .. + V - 1; warp w walks rows w, w + 8, ...
 // Row partial: warp max, then warp sum of exp2(x - max), written by lane 0 per row.
@@ -78,7 +74,7 @@ __device__ __forceinline__ bool scale_ok(A s) {
 // 8 warp states are merged in warp order through shared memory.
 template <typename A, int V, bool SYM>
 __global__ void __launch_bounds__(kThreads)
-fwd_tile_kernel(const A* __restrict__ W, int64_t c, int64_t nk, const A* __restrict__ scale,
+logit_partials_kernel(const A* __restrict__ W, int64_t c, int64_t nk, const A* __restrict__ scale,
                 A* __restrict__ row_pm, A* __restrict__ row_ps, int64_t n_ct,
                 A* __restrict__ col_pm, A* __restrict__ col_ps) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -269,17 +265,15 @@ unsigned grid_1d(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kThreads), 65536)));
 }
 
-// Rows per chunk: the requested size, or the largest multiple of 64 whose blocks
-// (bytes_per_elem per element of the C x nk block) fit in kBudgetBytes, clamped to [64, 8192].
-int64_t pick_chunk(int64_t requested, int64_t rows, int64_t cols, int64_t bytes_per_elem) {
-  if (requested > 0) return std::min(requested, rows);
-  int64_t c = kBudgetBytes / (std::max<int64_t>(cols, 1) * bytes_per_elem);
-  c = std::clamp<int64_t>(c / 64 * 64, 64, 8192);
-  return std::min(c, rows);
-}
-
 template <typename T>
 constexpr bool kMixed = SEMCOMP_MM_OUT_DTYPE && !std::is_same_v<T, acc_t<T>>;
+
+// gemm path: rows per chunk, the same in the forward and the backward (infonce_chunks.h).
+template <typename T>
+int64_t gemm_chunk(int64_t requested, int64_t rows, int64_t cols) {
+  return chunks::chunk_rows(requested, rows, cols,
+                            chunks::gemm_bytes_per_logit(sizeof(acc_t<T>), sizeof(T), kMixed<T>));
+}
 
 template <typename T>
 at::Tensor gemm_operand(const at::Tensor& x) {
@@ -300,30 +294,6 @@ void dots(at::Tensor& out, const at::Tensor& qc, const at::Tensor& k) {
   at::mm_out(out, qc, k.t());
 }
 
-#if SEMCOMP_MM_OUT_DTYPE
-// acc (fp32) += m1 m2 with bf16/fp16 operands. Some torch versions accept an fp32 `self` in
-// addmm.dtype_out, others insist it has the operands' dtype (the check fires before any
-// launch, leaving acc untouched); then fall back, for the rest of the process, to
-// mm.dtype_out into a scratch block plus add_ (one extra pass over acc per chunk).
-void accumulate_mixed(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2,
-                      at::Tensor& scratch) {
-  std::atomic<int>& mode = infonce_dk_accumulate_mode();  // 0 untried, 1 addmm, 2 fallback
-  if (mode.load() != 2) {
-    try {
-      at::addmm_out(acc, acc, m1, m2, at::kFloat, /*beta=*/1, /*alpha=*/1);
-      mode.store(1);
-      return;
-    } catch (const c10::Error&) {
-      if (mode.load() == 1) throw;
-      mode.store(2);
-    }
-  }
-  if (!scratch.defined()) scratch = at::empty_like(acc);
-  at::mm_out(scratch, m1, m2, at::kFloat);
-  acc.add_(scratch);
-}
-#endif
-
 // The forward's last step, shared by both implementations: the column LSEs from the merged
 // column states and, for the symmetric form, loss_i = (r_i + c_i)/2 - S_ii.
 template <typename A, bool SYM>
@@ -343,44 +313,52 @@ std::vector<at::Tensor> finish_fwd(const at::Tensor& cm, const at::Tensor& cs, c
 }
 
 // The tile kernels run for bf16/fp16 when selected (infonce_cuda_impl() == 2). "auto" keeps
-// the gemm path until the tile kernels have been timed against it on a GPU.
+// the gemm path until the tile kernels have been timed against it on a GPU. d = 0 (every
+// logit 0) always takes the gemm path: the tile kernels need d > 0.
 template <typename T>
-bool use_tile() {
-  return kMixed<T> && infonce_cuda_impl().load() == 2;
+bool use_tile(int64_t d) {
+  return kMixed<T> && d > 0 && infonce_cuda_impl().load() == 2;
 }
 
-// Forward on the tile kernels: logits never leave the SM. q, k contiguous bf16/fp16.
+// Forward on the tile kernels: logits never leave the SM. q, k contiguous bf16/fp16, d > 0.
+// The symmetric form runs in chunks of rows whose column partials fit the budget of
+// infonce_chunks.h; each chunk's partials are folded into running column states, in row-block
+// order (the same fold as one pass over all rows). Row partials of every chunk land in one
+// (splits, nq) buffer, merged once at the end.
 template <bool SYM>
 std::vector<at::Tensor> tile_fwd_impl(const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& s, int64_t offset) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   const int64_t nq = q.size(0), nk = k.size(0);
   const auto opts = q.options().dtype(at::kFloat);
-  const int64_t n_rb = ceil_div(nq, tile::kBM), n_ct = ceil_div(nk, tile::kBN);
+  const int64_t C = chunks::tile_fwd_chunk_rows(nq, nk, SYM);
+  const int64_t n_rb = ceil_div(C, tile::kBM), n_ct = ceil_div(nk, tile::kBN);
   TORCH_CHECK_VALUE(n_rb <= kMaxGridX, "infonce: too many rows (", nq, ")");
   const int64_t splits = tile::pick_splits(n_rb, n_ct, tile::device_sms(q));
   at::Tensor rpm = at::empty({splits, nq}, opts), rps = at::empty({splits, nq}, opts);
-  at::Tensor diag = at::empty({nq}, opts), cpm, cps;
+  at::Tensor diag = at::empty({nq}, opts), cpm, cps, cm, cs;
   if constexpr (SYM) {
     cpm = at::empty({n_rb, nk}, opts);
     cps = at::empty({n_rb, nk}, opts);
+    cm = at::full({nk}, -std::numeric_limits<double>::infinity(), opts);
+    cs = at::zeros({nk}, opts);
   }
   const float* sp = s.const_data_ptr<float>();
-  tile::launch_fwd(q, k, sp, offset, SYM, splits, rpm, rps, cpm, cps, diag);
+  for (int64_t i0 = 0; i0 < nq; i0 += C) {
+    const int64_t c = std::min(C, nq - i0);
+    tile::launch_fwd(q, k, sp, offset, SYM, splits, i0, c, rpm, rps, cpm, cps, diag);
+    if constexpr (SYM) {
+      col_merge_kernel<float><<<grid_1d(nk), kThreads, 0, stream>>>(
+          cpm.const_data_ptr<float>(), cps.const_data_ptr<float>(), ceil_div(c, tile::kBM), nk,
+          cm.data_ptr<float>(), cs.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
   at::Tensor rlse = at::empty({nq}, opts), loss = at::empty({nq}, opts);
   tile_row_finish_kernel<SYM><<<grid_1d(nq), kThreads, 0, stream>>>(
       rpm.const_data_ptr<float>(), rps.const_data_ptr<float>(), splits, nq,
       diag.const_data_ptr<float>(), sp, rlse.data_ptr<float>(), loss.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor cm, cs;
-  if constexpr (SYM) {
-    cm = at::full({nk}, -std::numeric_limits<double>::infinity(), opts);
-    cs = at::zeros({nk}, opts);
-    col_merge_kernel<float><<<grid_1d(nk), kThreads, 0, stream>>>(
-        cpm.const_data_ptr<float>(), cps.const_data_ptr<float>(), n_rb, nk, cm.data_ptr<float>(),
-        cs.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
   return finish_fwd<float, SYM>(cm, cs, rlse, diag, loss, sp, stream);
 }
 
@@ -394,8 +372,10 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
   const int64_t nq = q.size(0), nk = k.size(0);
   const auto opts = q_in.options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
   const at::Tensor s = logit_scale.reshape({1}).to(opts).contiguous();  // stays on device
-  if (use_tile<T>()) return tile_fwd_impl<SYM>(q, k, s, offset);
-  const int64_t C = pick_chunk(chunk, nq, nk, sizeof(A));
+  if (use_tile<T>(q.size(1))) return tile_fwd_impl<SYM>(q, k, s, offset);
+  if (kMixed<T> && infonce_cuda_impl().load() == 3 && mma::available(q))  // "mma" (sm_80+)
+    return mma::fwd(q, k, s, offset, SYM, chunk);
+  const int64_t C = gemm_chunk<T>(chunk, nq, nk);
   const int V = nk % VW == 0 ? VW : 1;
   const int64_t n_ct = ceil_div(nk, 32 * V), n_rt = ceil_div(C, kTileRows);
   TORCH_CHECK_VALUE(n_rt <= kMaxGridY, "infonce: chunk_size too large (", C, ")");
@@ -419,10 +399,10 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
     A* cpm_p = SYM ? cpm.data_ptr<A>() : nullptr;
     A* cps_p = SYM ? cps.data_ptr<A>() : nullptr;
     if (V == VW) {
-      fwd_tile_kernel<A, VW, SYM><<<grid, kThreads, 0, stream>>>(
+      logit_partials_kernel<A, VW, SYM><<<grid, kThreads, 0, stream>>>(
           w.const_data_ptr<A>(), c, nk, sp, rpm.data_ptr<A>(), rps.data_ptr<A>(), n_ct, cpm_p, cps_p);
     } else {
-      fwd_tile_kernel<A, 1, SYM><<<grid, kThreads, 0, stream>>>(
+      logit_partials_kernel<A, 1, SYM><<<grid, kThreads, 0, stream>>>(
           w.const_data_ptr<A>(), c, nk, sp, rpm.data_ptr<A>(), rps.data_ptr<A>(), n_ct, cpm_p, cps_p);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -440,6 +420,105 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
   return finish_fwd<A, SYM>(cm, cs, rlse, diag, loss, sp, stream);
 }
 
+// ---- backward, in steps ---------------------------------------------------------------------
+
+// The backward's per-row (and, symmetric, per-column) inputs in the accumulation dtype,
+// contiguous on the device; s is the logit scale as a (1,) device tensor.
+struct BwdCoefs {
+  at::Tensor s, rlse, rcoef, dcoef, clse, ccoef;  // clse, ccoef: symmetric form only
+};
+
+BwdCoefs bwd_coefs(const at::TensorOptions& opts, bool sym, const at::Tensor& logit_scale,
+                   const at::Tensor& rlse, const at::Tensor& clse, const at::Tensor& rcoef,
+                   const at::Tensor& ccoef, const at::Tensor& dcoef) {
+  BwdCoefs b;
+  b.s = logit_scale.reshape({1}).to(opts).contiguous();
+  b.rlse = rlse.to(opts).contiguous();
+  b.rcoef = rcoef.to(opts).contiguous();
+  b.dcoef = dcoef.to(opts).contiguous();
+  if (sym) {  // column LSEs in natural units, as the forward wrote them
+    b.clse = clse.to(opts).contiguous();
+    b.ccoef = ccoef.to(opts).contiguous();
+  }
+  return b;
+}
+
+// fp16 G blocks are stored times a power of two (pow2_prescale, cuda_utils.cuh) chosen so that
+// the largest possible entry, s * (max|row_coef| + max|col_coef| + max|diag_coef|), lands near
+// 2^14; dq is then computed in fp32 and both gradients are multiplied by 1/p before the cast.
+at::Tensor fp16_grad_prescale(const BwdCoefs& b, bool sym) {
+  at::Tensor m = b.rcoef.abs().amax().add(b.dcoef.abs().amax());
+  if (sym) m = m.add(b.ccoef.abs().amax());
+  return pow2_prescale(m.mul(b.s.reshape({})));
+}
+
+// gemm path, one chunk of rows [i0, i0 + c): W = q_c k^T in fp32 (fp64) into w, then
+// grad_kernel stores s*G into g (GT: the input dtype when the GEMMs run mixed, else over W in
+// place) and the rows' shares of d(logit_scale) into ds_rows.
+template <typename T, bool SYM>
+void grad_block_gemm(at::Tensor& w, at::Tensor& g, const at::Tensor& qc, const at::Tensor& k,
+                     int64_t i0, int64_t offset, const BwdCoefs& b, const acc_t<T>* gsp,
+                     at::Tensor& ds_rows, cudaStream_t stream) {
+  using A = acc_t<T>;
+  using GT = std::conditional_t<kMixed<T>, T, A>;
+  constexpr int VW = 16 / sizeof(A);
+  const int64_t c = qc.size(0), nk = k.size(0);
+  dots<T>(w, qc, k);
+  // Vector loads of W, col_lse and col_coef need nk % VW == 0 and 16-byte aligned vectors
+  // (col_lse and col_coef may arrive as views with an odd storage offset).
+  const bool ccoef_aligned =
+      !SYM || (aligned16(b.ccoef.const_data_ptr()) && aligned16(b.clse.const_data_ptr()));
+  const A* c2p = SYM ? b.clse.const_data_ptr<A>() : nullptr;
+  const A* ccp = SYM ? b.ccoef.const_data_ptr<A>() : nullptr;
+  GT* gp = reinterpret_cast<GT*>(g.data_ptr());
+  const unsigned blocks = static_cast<unsigned>(c);
+  if (nk % VW == 0 && ccoef_aligned) {
+    grad_kernel<A, GT, VW, SYM><<<blocks, kThreads, 0, stream>>>(
+        w.const_data_ptr<A>(), gp, nk, i0, offset, b.s.const_data_ptr<A>(),
+        b.rlse.const_data_ptr<A>(), b.rcoef.const_data_ptr<A>(), b.dcoef.const_data_ptr<A>(), c2p,
+        ccp, gsp, ds_rows.data_ptr<A>());
+  } else {
+    grad_kernel<A, GT, 1, SYM><<<blocks, kThreads, 0, stream>>>(
+        w.const_data_ptr<A>(), gp, nk, i0, offset, b.s.const_data_ptr<A>(),
+        b.rlse.const_data_ptr<A>(), b.rcoef.const_data_ptr<A>(), b.dcoef.const_data_ptr<A>(), c2p,
+        ccp, gsp, ds_rows.data_ptr<A>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Tile path, one chunk of rows [i0, i0 + c) (bf16/fp16, fp32 coefficients): s*G straight from
+// the tensor-core tiles into g; the per-split ds shares are summed into ds_rows (fixed order).
+void grad_block_tile(const at::Tensor& q, const at::Tensor& k, int64_t i0, int64_t c,
+                     int64_t offset, bool sym, int64_t splits, const BwdCoefs& b,
+                     const float* gsp, at::Tensor& g, at::Tensor& ds_part, at::Tensor& ds_rows) {
+  tile::launch_grad(q, k, b.s.const_data_ptr<float>(), i0, c, offset, sym, splits,
+                    b.rlse.const_data_ptr<float>(), b.rcoef.const_data_ptr<float>(),
+                    b.dcoef.const_data_ptr<float>(), sym ? b.clse.const_data_ptr<float>() : nullptr,
+                    sym ? b.ccoef.const_data_ptr<float>() : nullptr, gsp, g, ds_part);
+  ds_rows.narrow(0, i0, c).copy_(at::sum(ds_part.narrow(1, 0, c), 0));
+}
+
+// The two products of one chunk: dq_c = (sG) k into gq_blk (one rounding to the GEMM dtype;
+// fp32 when the block is pre-scaled) and dk += (sG)^T q_c into the fp32 (fp64) accumulator gk.
+template <typename T, bool kPrescale>
+void apply_grad_block(const at::Tensor& g, const at::Tensor& qc, const at::Tensor& k,
+                      at::Tensor gq_blk, at::Tensor& gk, at::Tensor& scratch) {
+#if SEMCOMP_MM_OUT_DTYPE
+  if constexpr (kPrescale) {
+    at::mm_out(gq_blk, g, k, at::kFloat);  // p * dq_c in fp32
+  } else {
+    at::mm_out(gq_blk, g, k);
+  }
+  if constexpr (kMixed<T>) {
+    addmm_fp32_accumulate(gk, g.t(), qc, scratch, infonce_dk_accumulate_mode());
+    return;
+  }
+#else
+  at::mm_out(gq_blk, g, k);
+#endif
+  at::addmm_out(gk, gk, g.t(), qc, /*beta=*/1, /*alpha=*/1);
+}
+
 template <typename T, bool SYM>
 std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
                                  const at::Tensor& logit_scale, const at::Tensor& rlse_in,
@@ -447,44 +526,19 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
                                  const at::Tensor& ccoef_in, const at::Tensor& dcoef_in,
                                  int64_t offset, int64_t chunk) {
   using A = acc_t<T>;
-  // G block dtype: the input dtype when the GEMMs run mixed (bf16/fp16 in, fp32 out),
-  // otherwise the accumulation dtype, written in place over W.
-  using GT = std::conditional_t<kMixed<T>, T, A>;
-  constexpr int VW = 16 / sizeof(A);
+  constexpr bool kPrescale = kMixed<T> && std::is_same_v<T, at::Half>;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q_in.device().index()).stream();
   const at::Tensor q = gemm_operand<T>(q_in), k = gemm_operand<T>(k_in);
   const int64_t nq = q.size(0), nk = k.size(0);
   const auto opts = q_in.options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
-  const at::Tensor s = logit_scale.reshape({1}).to(opts).contiguous();
-  const at::Tensor rlse = rlse_in.to(opts).contiguous(), rcoef = rcoef_in.to(opts).contiguous();
-  const at::Tensor dcoef = dcoef_in.to(opts).contiguous();
-  at::Tensor clse, ccoef;  // column LSEs in natural units, as the forward wrote them
-  if constexpr (SYM) {
-    clse = clse_in.to(opts).contiguous();
-    ccoef = ccoef_in.to(opts).contiguous();
-  }
-  // The tile path needs only the G block (input dtype); the gemm path also the fp32 W block.
-  const bool tiled = use_tile<T>();
-  const int64_t C =
-      pick_chunk(chunk, nq, nk, tiled ? sizeof(T) : sizeof(A) + (kMixed<T> ? sizeof(T) : 0));
-  // Vector loads of W, col_lse and col_coef need nk % VW == 0 and 16-byte aligned vectors
-  // (col_lse and col_coef may arrive as views with an odd storage offset).
-  const bool ccoef_aligned =
-      !SYM || (aligned16(ccoef.const_data_ptr()) && aligned16(clse.const_data_ptr()));
-  const int V = (nk % VW == 0 && ccoef_aligned) ? VW : 1;
-  // fp16 G blocks: with reduction="mean" at large N most entries of s*G (~1e-8..1e-25) lie
-  // below fp16's smallest subnormal (6e-8) and would flush to zero. They are stored times an
-  // exact power of two p, chosen on the device (no sync) so that the largest possible entry,
-  // s * (max|row_coef| + max|col_coef| + max|diag_coef|), lands near 2^14; dq is then computed
-  // in fp32 and both gradients are multiplied by 1/p (exact) before the final cast.
-  constexpr bool kPrescale = kMixed<T> && std::is_same_v<T, at::Half>;
-  at::Tensor gscale;
-  if constexpr (kPrescale) {
-    at::Tensor m = rcoef.abs().amax().add(dcoef.abs().amax());
-    if constexpr (SYM) m = m.add(ccoef.abs().amax());
-    const at::Tensor e = m.mul(s.reshape({})).reciprocal().mul(16384.0).log2().floor();
-    gscale = e.nan_to_num(0.0, 60.0, -30.0).clamp(-30.0, 60.0).exp2().reshape({1}).contiguous();
-  }
+  const BwdCoefs b = bwd_coefs(opts, SYM, logit_scale, rlse_in, clse_in, rcoef_in, ccoef_in, dcoef_in);
+  if (kMixed<T> && infonce_cuda_impl().load() == 3 && mma::available(q))  // "mma" (sm_80+)
+    return mma::bwd(q, k, logit_scale, b.s, b.rlse, b.rcoef, b.dcoef, b.clse, b.ccoef, offset, SYM, chunk);
+  // The tile path needs only the G block (input dtype); the gemm path also the W block, and
+  // splits the rows exactly as its forward did.
+  const bool tiled = use_tile<T>(q.size(1));
+  const int64_t C = tiled ? chunks::chunk_rows(chunk, nq, nk, sizeof(T)) : gemm_chunk<T>(chunk, nq, nk);
+  const at::Tensor gscale = kPrescale ? fp16_grad_prescale(b, SYM) : at::Tensor();
   const A* gsp = kPrescale ? gscale.const_data_ptr<A>() : nullptr;
   at::Tensor ws = tiled ? at::Tensor() : at::empty({C, nk}, opts);
   at::Tensor gbuf = kMixed<T> ? at::empty({C, nk}, q.options()) : ws;
@@ -496,56 +550,21 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
   }
   // dq in the GEMM dtype (cast at the end), or fp32 when the G blocks are pre-scaled
   at::Tensor gq = at::empty({nq, q.size(1)}, kPrescale ? opts : q.options());
-  at::Tensor gk = at::zeros({nk, k.size(1)}, opts);         // fp32 (fp64) accumulator
+  at::Tensor gk = at::zeros({nk, k.size(1)}, opts);  // fp32 (fp64) accumulator
   at::Tensor ds_rows = at::empty({nq}, opts);
-  at::Tensor scratch;  // only for the accumulate_mixed fallback
-  const A* sp = s.const_data_ptr<A>();
+  at::Tensor scratch;  // only for the addmm_fp32_accumulate fallback
   for (int64_t i0 = 0; i0 < nq; i0 += C) {
     const int64_t c = std::min(C, nq - i0);
-    at::Tensor gblk = gbuf.narrow(0, 0, c);
+    at::Tensor g = gbuf.narrow(0, 0, c);
     const at::Tensor qc = q.narrow(0, i0, c);
-    const A* c2p = SYM ? clse.const_data_ptr<A>() : nullptr;
-    const A* ccp = SYM ? ccoef.const_data_ptr<A>() : nullptr;
-    if constexpr (kMixed<T>) {
-      if (tiled) {  // s*G straight from the tensor-core tiles; ds shares summed over splits
-        tile::launch_grad(q, k, sp, i0, c, offset, SYM, splits, rlse.const_data_ptr<A>(),
-                          rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, gsp,
-                          gblk, ds_part);
-        ds_rows.narrow(0, i0, c).copy_(at::sum(ds_part.narrow(1, 0, c), 0));
-      }
-    }
-    if (!tiled) {  // the gemm path: W = q_c k^T in fp32, then the G kernel
-      at::Tensor w = ws.narrow(0, 0, c);
-      dots<T>(w, qc, k);
-      GT* gp = reinterpret_cast<GT*>(gblk.data_ptr());
-      if (V == VW) {
-        grad_kernel<A, GT, VW, SYM><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
-            w.const_data_ptr<A>(), gp, nk, i0, offset, sp, rlse.const_data_ptr<A>(),
-            rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, gsp, ds_rows.data_ptr<A>());
-      } else {
-        grad_kernel<A, GT, 1, SYM><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
-            w.const_data_ptr<A>(), gp, nk, i0, offset, sp, rlse.const_data_ptr<A>(),
-            rcoef.const_data_ptr<A>(), dcoef.const_data_ptr<A>(), c2p, ccp, gsp, ds_rows.data_ptr<A>());
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    at::Tensor gq_blk = gq.narrow(0, i0, c);
-#if SEMCOMP_MM_OUT_DTYPE
-    if constexpr (kPrescale) {
-      at::mm_out(gq_blk, gblk, k, at::kFloat);  // p * dq_c in fp32
+    if (tiled) {
+      grad_block_tile(q, k, i0, c, offset, SYM, splits, b, reinterpret_cast<const float*>(gsp), g,
+                      ds_part, ds_rows);
     } else {
-      at::mm_out(gq_blk, gblk, k);  // dq_c = (sG) k, one rounding to the GEMM dtype
+      at::Tensor w = ws.narrow(0, 0, c);
+      grad_block_gemm<T, SYM>(w, g, qc, k, i0, offset, b, gsp, ds_rows, stream);
     }
-#else
-    at::mm_out(gq_blk, gblk, k);
-#endif
-#if SEMCOMP_MM_OUT_DTYPE
-    if constexpr (kMixed<T>) {
-      accumulate_mixed(gk, gblk.t(), qc, scratch);  // dk += (sG)^T q_c in fp32
-      continue;
-    }
-#endif
-    at::addmm_out(gk, gk, gblk.t(), qc, /*beta=*/1, /*alpha=*/1);
+    apply_grad_block<T, kPrescale>(g, qc, k, gq.narrow(0, i0, c), gk, scratch);
   }
   // Deterministic reduction of the row shares (ATen's sum has a fixed order for a fixed size).
   at::Tensor gs = at::sum(ds_rows).reshape(logit_scale.sizes()).to(logit_scale.scalar_type());

@@ -17,6 +17,10 @@
 // stored as s*G (times the pre-scale) in the input dtype; row shares of sum_j G_ij dot_ij are
 // summed per split.
 //
+// d must be positive: with d = 0 the D loop of dot_tile is empty, and so are the barriers that
+// order the previous tile's epilogue reads of sm.s before its next store (the callers route
+// d = 0 to the gemm path).
+//
 // Without tensor cores (the host emulator in shared/tools/cuda-emu, or __CUDA_ARCH__ < 800)
 // the same tile is computed by plain FMAs with the same thread layout for the epilogue,
 // so everything but the WMMA calls can be checked on a CPU.
@@ -163,13 +167,14 @@ __device__ __forceinline__ void split_range(int64_t n_ct, int64_t split, int64_t
 template <typename T, bool SYM>
 __global__ void __launch_bounds__(kThreads)
 tile_fwd_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ k, int64_t nk,
-                int64_t d, const float* __restrict__ scale, int64_t offset, bool vec,
-                float* __restrict__ row_pm, float* __restrict__ row_ps,
-                float* __restrict__ col_pm, float* __restrict__ col_ps,
-                float* __restrict__ diag) {
+                int64_t d, const float* __restrict__ scale, int64_t i0, int64_t c,
+                int64_t offset, bool vec, float* __restrict__ row_pm,
+                float* __restrict__ row_ps, float* __restrict__ col_pm,
+                float* __restrict__ col_ps, float* __restrict__ diag) {
   __shared__ Smem<T> sm;
+  // rb: row block of the chunk [i0, i0 + c); rows past rows_end are outside the chunk
   const int64_t rb = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
-  const int64_t r0 = rb * kBM, n_ct = ceil_div(nk, kBN);
+  const int64_t r0 = i0 + rb * kBM, rows_end = i0 + c, n_ct = ceil_div(nk, kBN);
   int64_t t0, t1;
   split_range(n_ct, split, splits, t0, t1);
   const float s = scale[0];
@@ -182,7 +187,7 @@ tile_fwd_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ k, in
   const int cj = t & 63, rg = t >> 6;
   for (int64_t ct = t0; ct < t1; ++ct) {
     const int64_t c0 = ct * kBN;
-    dot_tile(q, nq, k, nk, d, r0, c0, vec, sm);
+    dot_tile(q, rows_end, k, nk, d, r0, c0, vec, sm);
     // rows: tile max, then the sum against it, over the 4 lanes of the row
     float x[16];
     float m = neg_inf<float>();
@@ -203,13 +208,13 @@ tile_fwd_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ k, in
     row.merge(m, e2);  // a tile always holds a valid column: m is finite or NaN
     // the positive logit of row i, if this tile holds column i + offset
     const int64_t jd = i + offset - c0 - cq;
-    if (i < nq && jd >= 0 && jd < 16) diag[i] = mul_rn(sm.s[rr * kLdS + cq + jd], s);
+    if (i < rows_end && jd >= 0 && jd < 16) diag[i] = mul_rn(sm.s[rr * kLdS + cq + jd], s);
     if constexpr (SYM) {
       Lse2<float> col = Lse2<float>::empty();
 #pragma unroll 4
       for (int e = 0; e < 16; ++e) {
         const int r = rg * 16 + e;
-        if (r0 + r < nq) col.add(mul_rn(sm.s[r * kLdS + cj], s));
+        if (r0 + r < rows_end) col.add(mul_rn(sm.s[r * kLdS + cj], s));
       }
       sm.cm[rg][cj] = col.m;
       sm.cs[rg][cj] = col.s;
@@ -222,7 +227,7 @@ tile_fwd_kernel(const T* __restrict__ q, int64_t nq, const T* __restrict__ k, in
       }
     }
   }
-  if ((t & 3) == 0 && i < nq) {
+  if ((t & 3) == 0 && i < rows_end) {
     row_pm[split * nq + i] = row.m;
     row_ps[split * nq + i] = scale_ok(s) ? row.s : std::numeric_limits<float>::quiet_NaN();
   }
@@ -301,17 +306,13 @@ void dispatch_half(const at::Tensor& q, F&& f) {
 
 }  // namespace
 
-int64_t pick_splits(int64_t row_blocks, int64_t col_tiles, int64_t sms) {
-  const int64_t want = ceil_div(2 * sms, std::max<int64_t>(row_blocks, 1));
-  return std::clamp<int64_t>(want, 1, std::clamp<int64_t>(col_tiles, 1, 65535));  // grid.y limit
-}
-
 void launch_fwd(const at::Tensor& q, const at::Tensor& k, const float* scale, int64_t offset,
-                bool sym, int64_t splits, at::Tensor& row_pm, at::Tensor& row_ps,
-                at::Tensor& col_pm, at::Tensor& col_ps, at::Tensor& diag) {
+                bool sym, int64_t splits, int64_t i0, int64_t c, at::Tensor& row_pm,
+                at::Tensor& row_ps, at::Tensor& col_pm, at::Tensor& col_ps, at::Tensor& diag) {
   const int64_t nq = q.size(0), nk = k.size(0), d = q.size(1);
+  TORCH_CHECK(d > 0, "semcomp tile: d = 0 (the caller routes it to the gemm path)");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  const dim3 grid(static_cast<unsigned>(ceil_div(nq, kBM)), static_cast<unsigned>(splits));
+  const dim3 grid(static_cast<unsigned>(ceil_div(c, kBM)), static_cast<unsigned>(splits));
   const bool vec = vec_ok(q, k, d);
   dispatch_half(q, [&](auto tag) {
     using T = decltype(tag);
@@ -321,11 +322,11 @@ void launch_fwd(const at::Tensor& q, const at::Tensor& k, const float* scale, in
     float* cps = sym ? col_ps.data_ptr<float>() : nullptr;
     if (sym) {
       tile_fwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(
-          qp, nq, kp, nk, d, scale, offset, vec, row_pm.data_ptr<float>(),
+          qp, nq, kp, nk, d, scale, i0, c, offset, vec, row_pm.data_ptr<float>(),
           row_ps.data_ptr<float>(), cpm, cps, diag.data_ptr<float>());
     } else {
       tile_fwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(
-          qp, nq, kp, nk, d, scale, offset, vec, row_pm.data_ptr<float>(),
+          qp, nq, kp, nk, d, scale, i0, c, offset, vec, row_pm.data_ptr<float>(),
           row_ps.data_ptr<float>(), cpm, cps, diag.data_ptr<float>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -337,6 +338,7 @@ void launch_grad(const at::Tensor& q, const at::Tensor& k, const float* scale, i
                  const float* rcoef, const float* dcoef, const float* c2, const float* ccoef,
                  const float* gscale, at::Tensor& gbuf, at::Tensor& ds_part) {
   const int64_t nk = k.size(0), d = q.size(1);
+  TORCH_CHECK(d > 0, "semcomp tile: d = 0 (the caller routes it to the gemm path)");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   const dim3 grid(static_cast<unsigned>(ceil_div(c, kBM)), static_cast<unsigned>(splits));
   const int64_t ld_g = gbuf.stride(0);

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 
+#include "common/column_csr.cuh"
 #include "common/cuda_utils.cuh"
 #include "segment/segment.h"
 

@@ -1,11 +1,12 @@
 // Fused sigmoid (SigLIP) loss on CUDA (math in siglip.h). The Na x Nb logit matrix is never
 // built: rows of a are processed in chunks of C rows. Per chunk:
 //
-//   W = a_c b^T                      cuBLAS via ATen, in the accumulation dtype
+//   W = a_c b^T                      cuBLAS via ATen, fp32 output (fp64 for fp64 inputs)
 //   rows_kernel<LOSS, GRAD>          one block per row of W: the row's loss sum_j softplus(z)
 //                                    (minus z_ii for the positive), and with GRAD the block
-//                                    s*G written over W plus the row shares of d scale
-//                                    (sum_j G_ij W_ij) and d bias (sum_j G_ij)
+//                                    s*G (over W in place, or in the input dtype: below) plus
+//                                    the row shares of d scale (sum_j G_ij W_ij) and d bias
+//                                    (sum_j G_ij)
 //   da_c = (sG) b,  db += (sG)^T a_c two GEMMs (GRAD only)
 //   finally: fixed-order sums of the per-row partials (no float atomics anywhere).
 //
@@ -17,8 +18,14 @@
 // logit_scale and logit_bias stay on the device: the kernels read them through pointers (no
 // host sync). A non-finite value cannot raise without a sync, so on CUDA it poisons the outputs
 // (NaN losses and gradients) instead; the CPU backend raises.
-// bf16/fp16 inputs are converted to fp32 once (2 x N x D x 4 bytes, still O(N)); the GEMMs then
-// run in fp32. fp64 stays fp64.
+// bf16/fp16 inputs run mixed, as InfoNCE's gemm path: the GEMMs read the inputs in their own
+// dtype (tensor cores) and accumulate and write in fp32 (ATen's out_dtype overloads, torch >=
+// 2.8); the s*G block is rounded once to the input dtype for the two backward GEMMs (as
+// PyTorch's own low-precision autograd rounds the logits' gradient), fp16 times a power-of-two
+// pre-scale (pow2_prescale) so that small entries do not flush to zero; da is written in fp32
+// by one GEMM and db accumulated across chunks in an fp32 buffer. Losses, d scale and d bias
+// come from the fp32 W and G. fp32 and fp64 inputs stay in their dtype; on older torch bf16
+// and fp16 are converted to fp32 once (2 x N x D x 4 bytes).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -31,7 +38,8 @@
 
 #include <algorithm>
 
-#include "common/cuda_utils.cuh"
+#include "common/cuda_utils.cuh"  // also SEMCOMP_MM_OUT_DTYPE, addmm_fp32_accumulate
+#include "infonce/infonce.h"      // infonce_dk_accumulate_mode(): how torch takes an fp32 bias
 #include "siglip/siglip.h"
 
 namespace semcomp {
@@ -40,7 +48,8 @@ namespace {
 using namespace semcomp::cuda;
 
 constexpr int kThreads = 256;
-constexpr int64_t kBudgetElems = int64_t{32} << 20;  // default chunk: 32M logits (128 MB fp32)
+// default chunk: the W block (and, mixed, the G block) of one chunk fits 128 MiB
+constexpr int64_t kBudgetBytes = int64_t{128} << 20;
 
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
@@ -52,19 +61,24 @@ __device__ __forceinline__ bool finite_(A x) {
   return x - x == A(0);  // false for NaN and +-inf
 }
 
-// One block per row rr of the chunk (global row i = i0 + rr). W: c x nb, row-major.
+// One block per row rr of the chunk (global row i = i0 + rr). W: c x nb, row-major; with GRAD
+// s*G (times gscale[0] when given) is stored to G (c x nb, GT), which may be W itself (GT ==
+// A: each element is read before the same thread overwrites it).
 // softplus(z) = max(z, 0) + log1p(e), sigmoid(z) = (z >= 0 ? 1 : e) / (1 + e), e = exp(-|z|).
-template <typename A, bool LOSS, bool GRAD>
+template <typename A, typename GT, bool LOSS, bool GRAD>
 __global__ void __launch_bounds__(kThreads)
-rows_kernel(A* __restrict__ W, int64_t nb, int64_t i0, const A* __restrict__ scale,
-            const A* __restrict__ bias, const A* __restrict__ grad_rows, bool positive,
-            A* __restrict__ row_loss, A* __restrict__ row_ds, A* __restrict__ row_db) {
+rows_kernel(const A* W, GT* G, int64_t nb, int64_t i0, const A* __restrict__ scale,
+            const A* __restrict__ bias, const A* __restrict__ grad_rows,
+            const A* __restrict__ gscale, bool positive, A* __restrict__ row_loss,
+            A* __restrict__ row_ds, A* __restrict__ row_db) {
   const int64_t rr = blockIdx.x;
   const int64_t i = i0 + rr;
   A s = *scale, t = *bias;
   if (!finite_(s) || !finite_(t)) s = t = std::numeric_limits<A>::quiet_NaN();
   const A g = GRAD ? (grad_rows != nullptr ? grad_rows[i] : A(1)) : A(0);
-  A* row = W + rr * nb;
+  const A sg = gscale != nullptr ? s * gscale[0] : s;  // stored: s*G, times the fp16 pre-scale
+  const A* row = W + rr * nb;
+  GT* grow = G + rr * nb;
   A l = 0, ds = 0, db = 0;
   for (int64_t j = threadIdx.x; j < nb; j += kThreads) {
     const A x = row[j];
@@ -80,7 +94,7 @@ rows_kernel(A* __restrict__ W, int64_t nb, int64_t i0, const A* __restrict__ sca
       const A gj = (pos ? -g : g) * (yz >= A(0) ? r : e * r);
       ds += gj * x;
       db += gj;
-      row[j] = s * gj;  // the GEMMs take s*G
+      grow[j] = static_cast<GT>(sg * gj);  // the GEMMs take s*G
     }
   }
   if (LOSS) {
@@ -97,55 +111,100 @@ rows_kernel(A* __restrict__ W, int64_t nb, int64_t i0, const A* __restrict__ sca
   }
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+template <typename T>
+constexpr bool kMixed = SEMCOMP_MM_OUT_DTYPE && !std::is_same_v<T, acc_t<T>>;
 
-int64_t pick_chunk(int64_t requested, int64_t rows, int64_t cols) {
+// Rows per chunk: the requested size, or as many as fit the budget with bytes_per_elem bytes
+// per element of the C x nb block(s). The same with and without GRAD, so a separate backward
+// splits the rows as its forward did.
+int64_t pick_chunk(int64_t requested, int64_t rows, int64_t cols, int64_t bytes_per_elem) {
   if (requested > 0) return std::min(requested, rows);
-  const int64_t c = std::max<int64_t>(1, kBudgetElems / std::max<int64_t>(cols, 1));
+  const int64_t c = std::max<int64_t>(1, kBudgetBytes / (std::max<int64_t>(cols, 1) * bytes_per_elem));
   return std::min(c, rows);
+}
+
+// A GEMM operand: the input itself when the GEMMs run mixed, else in the accumulation dtype.
+template <typename T>
+at::Tensor gemm_operand(const at::Tensor& x) {
+  if constexpr (kMixed<T>) return x.contiguous();
+  return x.to(std::is_same_v<acc_t<T>, double> ? at::kDouble : at::kFloat).contiguous();
+}
+
+// out (accumulation dtype) = m1 m2 (fp32 output from bf16/fp16 operands when mixed).
+template <typename T>
+void mm_acc(at::Tensor out, const at::Tensor& m1, const at::Tensor& m2) {
+#if SEMCOMP_MM_OUT_DTYPE
+  if constexpr (kMixed<T>) {
+    at::mm_out(out, m1, m2, at::kFloat);
+    return;
+  }
+#endif
+  at::mm_out(out, m1, m2);
+}
+
+// acc (accumulation dtype) += m1 m2.
+template <typename T>
+void addmm_acc(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2, at::Tensor& scratch) {
+#if SEMCOMP_MM_OUT_DTYPE
+  if constexpr (kMixed<T>) {
+    addmm_fp32_accumulate(acc, m1, m2, scratch, infonce_dk_accumulate_mode());
+    return;
+  }
+#endif
+  acc.addmm_(m1, m2, /*beta=*/1, /*alpha=*/1);
 }
 
 struct Outputs {
   at::Tensor loss, total, ga, gb, gs, gt;
 };
 
-template <bool LOSS, bool GRAD, typename A>
+// T: the input dtype; A: the accumulation dtype; GT: the dtype of the s*G block the backward
+// GEMMs read (T when mixed, else A, written over W in place).
+template <bool LOSS, bool GRAD, typename T>
 Outputs run(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& logit_scale,
             const at::Tensor& logit_bias, const at::Tensor& grad_rows, bool negative_only,
             int64_t chunk, bool keep_acc) {
+  using A = acc_t<T>;
+  using GT = std::conditional_t<kMixed<T>, T, A>;
+  constexpr bool kPrescale = GRAD && kMixed<T> && std::is_same_v<T, at::Half>;
   const c10::cuda::CUDAGuard guard(a_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a_in.device().index()).stream();
-  const at::ScalarType acc = acc_type(a_in.scalar_type());
-  const at::Tensor a = a_in.to(acc).contiguous(), b = b_in.to(acc).contiguous();
-  const at::Tensor s = logit_scale.to(acc).reshape({1}).contiguous();
-  const at::Tensor t = logit_bias.to(acc).reshape({1}).contiguous();
-  const int64_t na = a.size(0), nb = b.size(0);
-  const auto opts = a.options();
+  const auto opts = a_in.options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
+  const at::Tensor a = gemm_operand<T>(a_in), b = gemm_operand<T>(b_in);
+  const at::Tensor s = logit_scale.to(opts).reshape({1}).contiguous();
+  const at::Tensor t = logit_bias.to(opts).reshape({1}).contiguous();
+  const int64_t na = a.size(0), nb = b.size(0), d = a.size(1);
   at::Tensor g;
-  if (GRAD && grad_rows.defined()) g = grad_rows.to(acc).contiguous();
+  if (GRAD && grad_rows.defined()) g = grad_rows.to(opts).contiguous();
+  // fp16: |s*G_ij| <= |s| max|g_i| (sigmoid < 1) bounds the stored block
+  at::Tensor gscale;
+  if constexpr (kPrescale) gscale = pow2_prescale(g.defined() ? s.abs().mul(g.abs().amax()) : s.abs());
 
-  const int64_t C = pick_chunk(chunk, na, nb);
+  const int64_t C = pick_chunk(chunk, na, nb, sizeof(A) + (kMixed<T> ? sizeof(T) : 0));
   at::Tensor ws = at::empty({C, nb}, opts);
+  at::Tensor gbuf = (GRAD && kMixed<T>) ? at::empty({C, nb}, a.options()) : ws;
   at::Tensor row_loss = at::empty({na}, opts);
   at::Tensor row_ds = at::empty({na}, opts), row_db = at::empty({na}, opts);
+  at::Tensor scratch;  // only for the addmm_fp32_accumulate fallback
   Outputs out;
   if (GRAD) {
-    out.ga = at::empty_like(a);
-    out.gb = at::zeros_like(b);
+    out.ga = at::empty({na, d}, opts);
+    out.gb = at::zeros({nb, d}, opts);
   }
   for (int64_t i0 = 0; i0 < na; i0 += C) {
     const int64_t c = std::min(C, na - i0);
-    at::Tensor block = ws.narrow(0, 0, c);
-    at::mm_out(block, a.narrow(0, i0, c), b.t());
-    rows_kernel<A, LOSS, GRAD><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
-        block.data_ptr<A>(), nb, i0, s.data_ptr<A>(), t.data_ptr<A>(),
-        g.defined() ? g.data_ptr<A>() : nullptr, !negative_only, row_loss.data_ptr<A>(),
+    at::Tensor block = ws.narrow(0, 0, c), gblock = gbuf.narrow(0, 0, c);
+    const at::Tensor ac = a.narrow(0, i0, c);
+    mm_acc<T>(block, ac, b.t());
+    rows_kernel<A, GT, LOSS, GRAD><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
+        block.const_data_ptr<A>(), reinterpret_cast<GT*>(gblock.data_ptr()), nb, i0,
+        s.const_data_ptr<A>(), t.const_data_ptr<A>(), g.defined() ? g.const_data_ptr<A>() : nullptr,
+        kPrescale ? gscale.const_data_ptr<A>() : nullptr, !negative_only, row_loss.data_ptr<A>(),
         row_ds.data_ptr<A>(), row_db.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (GRAD) {
-      at::Tensor ga_block = out.ga.narrow(0, i0, c);
-      at::mm_out(ga_block, block, b);
-      out.gb.addmm_(block.t(), a.narrow(0, i0, c), /*beta=*/1, /*alpha=*/1);
+      mm_acc<T>(out.ga.narrow(0, i0, c), gblock, b);  // da_c = (sG) b
+      addmm_acc<T>(out.gb, gblock.t(), ac, scratch);  // db += (sG)^T a_c
     }
   }
   if (LOSS) {
@@ -153,6 +212,11 @@ Outputs run(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& lo
     out.total = row_loss.sum();
   }
   if (GRAD) {
+    if constexpr (kPrescale) {
+      const at::Tensor inv = gscale.reciprocal();  // exact: a power of two
+      out.ga.mul_(inv);
+      out.gb.mul_(inv);
+    }
     if (!keep_acc) {
       out.ga = out.ga.to(a_in.scalar_type());
       out.gb = out.gb.to(b_in.scalar_type());
@@ -167,11 +231,20 @@ template <bool LOSS, bool GRAD>
 Outputs dispatch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
                  const at::Tensor& logit_bias, const at::Tensor& grad_rows, bool negative_only,
                  int64_t chunk, bool keep_acc = false) {
-  if (a.scalar_type() == at::kDouble)
-    return run<LOSS, GRAD, double>(a, b, logit_scale, logit_bias, grad_rows, negative_only, chunk,
-                                   keep_acc);
-  return run<LOSS, GRAD, float>(a, b, logit_scale, logit_bias, grad_rows, negative_only, chunk,
-                                keep_acc);
+  switch (a.scalar_type()) {
+    case at::kDouble:
+      return run<LOSS, GRAD, double>(a, b, logit_scale, logit_bias, grad_rows, negative_only,
+                                     chunk, keep_acc);
+    case at::kBFloat16:
+      return run<LOSS, GRAD, at::BFloat16>(a, b, logit_scale, logit_bias, grad_rows,
+                                           negative_only, chunk, keep_acc);
+    case at::kHalf:
+      return run<LOSS, GRAD, at::Half>(a, b, logit_scale, logit_bias, grad_rows, negative_only,
+                                       chunk, keep_acc);
+    default:
+      return run<LOSS, GRAD, float>(a, b, logit_scale, logit_bias, grad_rows, negative_only,
+                                    chunk, keep_acc);
+  }
 }
 
 at::Tensor sigmoid_fwd_cuda(const at::Tensor& a, const at::Tensor& b,
