@@ -239,7 +239,7 @@ def test_gap_from_files_human_and_json(tmp_path, capsys):
 def test_ridge_loo_matches_brute_force_leave_one_out():
     import torch
 
-    from semcomp_ext.compress.analysis import ridge_loo_accuracy
+    from semcomp_ext.eval import ridge_loo_accuracy
     from semcomp_ext.eval.probe import RIDGE_GRID
 
     g = torch.Generator().manual_seed(0)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from semcomp_ext.cli import main
-from semcomp_ext.compress import CompressOptions, api, compress, pipeline, verify
+from semcomp_ext.compress import CompressOptions, api, blocks, compress, pipeline, verify
 from semcomp_ext.compress.device import BlockPipeline, _concept_layout, resolve_device
 
 from _compress_data import make_clip_layout, tree_sha
@@ -113,7 +113,7 @@ def test_concept_sums_follow_the_cpu_kernels_order():
     ids = torch.randint(0, 4, (n,), generator=g) * 11
     ids[::7] = 1000 + torch.arange(len(ids[::7]))  # singletons beside long groups
     zs = [torch.randn(n, d, generator=g) * 10 ** torch.randint(-3, 4, (n, 1), generator=g) for _ in range(m_count)]
-    u_ref, s_ref, c_ref = pipeline._segment_sums(torch.cat(zs), ids.repeat(m_count))
+    u_ref, s_ref, c_ref = blocks.segment_sums(torch.cat(zs), ids.repeat(m_count))
     lay = _concept_layout(ids, m_count)
     rows, rank, inv, sizes = lay["arrays"]
     xs = torch.cat(zs).index_select(0, rows)

@@ -188,66 +188,6 @@ def _read_decoded(cs, sel: np.ndarray | None) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, cs.K), np.float32)
 
 
-def ridge_loo_accuracy(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor) -> tuple:
-    """Linear probe as a least-squares classifier (ridge regression of one-hot targets on
-    centred, globally scaled features, fp64; prediction = argmax), its L2 penalty chosen by
-    exact leave-one-out cross-validation on the train rows. Returns (test accuracy, chosen
-    relative L2). One eigendecomposition of the train Gram matrix serves every penalty of the
-    grid and every left-out row (the LOO prediction of row i is t_i - (t_i - f_i) / (1 - h_ii)),
-    where k-fold CV needs one per fold: the eval of 20 000 rows x 1536 dims costs seconds."""
-    from ..eval.probe import RIDGE_GRID, _centre_scale
-
-    xtr, xte = _centre_scale(xtr.double(), xte.double())
-    classes, yi = torch.unique(ytr, return_inverse=True)
-    t = torch.nn.functional.one_hot(yi, len(classes)).double()
-    tm = t.mean(0)
-    tc = t - tm
-    n = xtr.shape[0]
-    e, q = torch.linalg.eigh(xtr.T @ xtr)
-    e = e.clamp(min=0)
-    z = xtr @ q
-    zt = z.T @ tc
-    if n * xtr.shape[1] > 2_000_000:
-        # large problems: the per-penalty products (n x D x classes each) in fp32; the Gram
-        # matrix and its eigendecomposition stay fp64. Only the argmax of the fits is used.
-        z, zt, tc32 = z.float(), zt.float(), tc.float()
-    else:
-        tc32 = tc
-    z2 = z * z
-    best_acc, best_l2 = -1.0, RIDGE_GRID[0]
-    for g in RIDGE_GRID:
-        inv = (1.0 / (e + g * n)).to(z.dtype)
-        fit = z @ (inv.unsqueeze(1) * zt)
-        h = (z2 @ inv + 1.0 / n).clamp(max=1 - 1e-6)  # leverage, the intercept (centring) included
-        loo = tc32 - (tc32 - fit) / (1 - h).unsqueeze(1)
-        acc = float(((loo + tm.to(loo.dtype)).argmax(1) == yi).double().mean())
-        if acc >= best_acc - 1e-12:  # ties: the larger penalty
-            best_acc, best_l2 = acc, g
-    w = q @ ((1.0 / (e + best_l2 * n)).unsqueeze(1) * (q.T @ (xtr.T @ tc)))
-    pred = classes[(xte @ w + tm).argmax(1)]
-    return float((pred == yte).double().mean()), best_l2
-
-
-def nearest(x: torch.Tensor, qidx: torch.Tensor, k: int = 10, chunk: int = 512) -> torch.Tensor:
-    """(Q, k) rows of x nearest (cosine) to each query row x[qidx], the query itself excluded."""
-    xn = torch.nn.functional.normalize(x.float(), dim=1)
-    out = []
-    for i in range(0, len(qidx), chunk):
-        q = qidx[i:i + chunk]
-        sim = xn[q] @ xn.T
-        sim[torch.arange(len(q)), q] = -float("inf")
-        out.append(sim.topk(min(k, x.shape[0] - 1), dim=1).indices)
-    return torch.cat(out)
-
-
-def neighbour_recall(x: torch.Tensor, ref: torch.Tensor, qidx: torch.Tensor) -> float:
-    """recall@k of nearest-neighbour search in x against exact search in the reference: the
-    mean fraction of each query's k reference neighbours (`ref`, from `nearest`) that x's k
-    nearest rows recover. Needs no labels."""
-    got = nearest(x, qidx, ref.shape[1])
-    return float((got.unsqueeze(2) == ref.unsqueeze(1)).any(2).double().mean())
-
-
 def _pct(x: float) -> float:
     return round(100.0 * x, 2)
 
@@ -314,7 +254,7 @@ def eval_report(inputs, compressed: str | None = None, labels: str | None = None
     the train/test split and the recall queries. The inputs must be the files the folder's
     manifest records (path, size, mtime: SourceMismatchError otherwise) unless `force`. `delta_pt`: the change against
     the original concatenation, in percentage points; negative = lost."""
-    from ..eval import knn_accuracy
+    from ..eval import knn_accuracy, nearest, neighbour_recall, ridge_loo_accuracy
     from .api import codebook_bytes, compress_arrays, compression_ratio_bytes
 
     if rfs_seed is not None:  # the earlier name of `seed`

@@ -362,7 +362,7 @@ def compress_arrays(arrays, *, drop_rate: float | None = None, keep: int | None 
     import numpy as np
 
     from .. import RandomFeatureSelector
-    from .pipeline import _as_tensor, _check_finite, _pair_block
+    from .blocks import as_tensor, check_finite, pair_block
 
     if isinstance(arrays, dict):
         names, arrays = list(arrays), list(arrays.values())
@@ -402,9 +402,9 @@ def compress_arrays(arrays, *, drop_rate: float | None = None, keep: int | None 
     keep_all = sel.keep == dim
     blocks, rows = [], []
     for start in range(0, n, batch_size):
-        zs = [_as_tensor(np.ascontiguousarray(a[start:start + batch_size])) for a in xs]
-        mask = _check_finite(zs, names, start, skip_invalid)
-        out = _pair_block(zs, index, keep_all, normalize)
+        zs = [as_tensor(np.ascontiguousarray(a[start:start + batch_size])) for a in xs]
+        mask = check_finite(zs, names, start, skip_invalid)
+        out = pair_block(zs, index, keep_all, normalize)
         r = np.arange(start, start + zs[0].shape[0])
         if mask is not None:
             out, r = out[mask], r[mask.numpy()]

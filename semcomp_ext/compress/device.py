@@ -262,15 +262,14 @@ def _finite_rows(zs):
 
 
 def pair_blocks(plan, shards, device=None, lag: int = DEFAULT_LAG):
-    """The blocks of pipeline._pair_blocks — (first row, finite-row mask or None, centroid +
+    """The blocks of pipeline.pair_blocks — (first row, finite-row mask or None, centroid +
     RFS block, float32 on the host) — computed on `device` (default: plan.extra["device"])."""
     import torch
     import torch.nn.functional as F
 
     from .. import select_features
     from .._ops import ops
-    from .pipeline import _as_tensor, _check_finite
-    from .pipeline import _finite_rows as _finite_rows_cpu  # the CPU path's check of pair_mean's flags
+    from .blocks import as_tensor, check_finite, finite_rows  # finite_rows: the CPU path's check of the flags
     from .readers import iter_chunks
 
     p = plan.params
@@ -287,7 +286,7 @@ def pair_blocks(plan, shards, device=None, lag: int = DEFAULT_LAG):
         start = 0
         try:
             for chunk in zip(*readers):
-                zs = [_as_tensor(c) for c in chunk]
+                zs = [as_tensor(c) for c in chunk]
                 # the full-D row norms: a reduction, so on the host with the CPU path's expression
                 norms = [torch.linalg.vector_norm(z.float(), dim=1, keepdim=True).clamp_min(1e-12)
                          for z in zs] if norm_in else []
@@ -317,9 +316,9 @@ def pair_blocks(plan, shards, device=None, lag: int = DEFAULT_LAG):
             mask = None
             if not bool(got["finite"].all()):  # rare: the CPU path's check gives the mask or the error
                 if p["normalize"] == "none":  # the CPU path checks its fused pair_mean op's flags
-                    mask = _finite_rows_cpu(got["finite"], host[:m_count], paths, meta["start"], p["skip_invalid"])
+                    mask = finite_rows(got["finite"], host[:m_count], paths, meta["start"], p["skip_invalid"])
                 else:
-                    mask = _check_finite(host[:m_count], paths, meta["start"], p["skip_invalid"])
+                    mask = check_finite(host[:m_count], paths, meta["start"], p["skip_invalid"])
             out = got["out"]
             if norm_out:
                 out = F.normalize(out, dim=1)
@@ -370,7 +369,7 @@ def concept_partials(plan, shards, cshard, device=None, lag: int = DEFAULT_LAG):
     import torch
 
     from .. import select_features
-    from .pipeline import _as_tensor, _check_finite, encode_ids
+    from .blocks import as_tensor, check_finite, encode_ids
     from .readers import iter_chunks
 
     p = plan.params
@@ -398,7 +397,7 @@ def concept_partials(plan, shards, cshard, device=None, lag: int = DEFAULT_LAG):
         try:
             for chunk in zip(*readers):
                 ids = torch.from_numpy(encode_ids(chunk[0]))  # a copy: chunk[0] is a reused buffer
-                zs = [_as_tensor(c) for c in chunk[1:]]
+                zs = [as_tensor(c) for c in chunk[1:]]
                 lay, arrays = prepare(ids, zs)
                 lay.update(start=start, ids=ids)
                 yield lay, arrays
@@ -431,7 +430,7 @@ def concept_partials(plan, shards, cshard, device=None, lag: int = DEFAULT_LAG):
         for lay, host, got in blocks:
             if not bool(got["finite"].all()):  # rare: the CPU path's check, then the block again
                 zs = host[:m_count]
-                mask = _check_finite(zs, paths, lay["start"], p["skip_invalid"])
+                mask = check_finite(zs, paths, lay["start"], p["skip_invalid"])
                 if mask is not None:
                     invalid += int((~mask).sum())
                     ids = lay["ids"][mask]

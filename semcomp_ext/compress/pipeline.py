@@ -21,13 +21,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .._ops import ops
 from . import atomic, fsio
-from .readers import iter_chunks
+from .backends import backend_for
+from .blocks import decode_ids, encode_ids, partition_of  # noqa: F401 - encode_ids: part of this module's API
 
 # A test hook: sleep this many seconds after each finished task (kill -9 / resume tests).
 _SLEEP_ENV = "SEMCOMP_TEST_SLEEP_PER_SHARD"
-_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass
@@ -52,68 +51,6 @@ def _shard_obj(d: dict):
     from .readers import Shard
 
     return Shard(**d)
-
-
-def _check_finite(zs, paths, start: int, skip: bool) -> torch.Tensor | None:
-    """Boolean keep-mask of rows whose values are all finite in every modality, or None when
-    all are. A row sum is non-finite iff the row has a NaN/Inf (or overflows: rechecked)."""
-    bad = None
-    for z, path in zip(zs, paths):
-        s = z.sum(1, dtype=torch.float32)
-        fin = torch.isfinite(s)
-        if bool(fin.all()):
-            continue
-        rows = (~fin).nonzero().flatten()
-        rows = rows[~torch.isfinite(z[rows].float()).all(1)]
-        if rows.numel() == 0:
-            continue
-        if not skip:
-            raise _nonfinite_error(path, start + int(rows[0]), rows.numel())
-        if bad is None:
-            bad = torch.zeros(z.shape[0], dtype=torch.bool)
-        bad[rows] = True
-    return None if bad is None else ~bad
-
-
-def _as_tensor(a: np.ndarray) -> torch.Tensor:
-    if a.dtype == np.float64:  # float64 inputs are computed in float32 (fp32 accumulation, as for fp16/fp32)
-        return torch.from_numpy(a.astype(np.float32))
-    return torch.from_numpy(a if a.flags.writeable else a.copy())
-
-
-def _finite_rows(finite: torch.Tensor, zs, paths, start: int, skip: bool) -> torch.Tensor | None:
-    """_check_finite's result from the per-row flags of pair_mean: the keep-mask, or None when
-    every row is finite; the same error names the first modality with a bad value."""
-    if bool(finite.all()):
-        return None
-    if not skip:
-        row = int((~finite).nonzero()[0])
-        path = next(p for z, p in zip(zs, paths) if not bool(torch.isfinite(z[row]).all()))
-        raise _nonfinite_error(path, start + row, int((~finite).sum()))
-    return finite
-
-
-def _nonfinite_error(path: str, row: int, count: int) -> ValueError:
-    """The error of a NaN/Inf row when --skip-invalid is not given (one wording for every path)."""
-    return ValueError(f"non-finite values (NaN/Inf) in {path} at row {row} ({count} such rows in this block); "
-                      "rerun with --skip-invalid --resume to drop them (keeping the shards already written)")
-
-
-def _pair_block(zs, index, keep_all: bool, normalize: str) -> torch.Tensor:
-    """Centroid of M row-aligned blocks with normalisation, RFS fused into the read: each
-    modality is gathered to the kept columns first (select_features), so the mean touches K,
-    not D, columns. (Without normalisation, _pair_blocks uses the fused pair_mean op.)"""
-    from .. import pair_centroids, select_features
-
-    parts = []
-    for z in zs:
-        g = z if keep_all else select_features(z, index)
-        g = g.float()
-        if normalize in ("input", "both"):
-            # normalise by the norm of the full D-dim embedding, not of the kept columns
-            g = g / torch.linalg.vector_norm(z.float(), dim=1, keepdim=True).clamp_min(1e-12)
-        parts.append(g)
-    return pair_centroids(parts, normalize="output" if normalize in ("output", "both") else False)
 
 
 def _write_streamed(path: str, blocks, rows_max: int, keep: int, dtype, threaded: bool = True) -> dict:
@@ -256,34 +193,8 @@ def codec_sample(plan: Plan, rows: int) -> np.ndarray:
 
 def _pair_blocks(plan: Plan, shards):
     """(first row, finite-row mask or None, centroid + RFS block) for each block of rows of
-    one input shard per modality."""
-    if plan.extra.get("device"):  # --device cuda: the same blocks, from the GPU pipeline
-        from .device import pair_blocks
-
-        yield from pair_blocks(plan, shards)
-        return
-    p = plan.params
-    index = torch.tensor(plan.index, dtype=torch.int64)
-    keep_all = len(plan.index) == plan.dim
-    paths = [s.path for s in shards]
-    start = 0
-    readers = [iter_chunks(s, p["batch_size"]) for s in shards]
-    fused = p["normalize"] == "none"
-    try:
-        for chunk in zip(*readers):
-            zs = [_as_tensor(c) for c in chunk]
-            if fused:  # the common case: one pass over each row (mean, RFS gather, finite flags)
-                out, finite = ops.pair_mean(zs, None if keep_all else index)
-                mask = _finite_rows(finite, zs, paths, start, p["skip_invalid"])
-            else:
-                mask = _check_finite(zs, paths, start, p["skip_invalid"])
-                out = _pair_block(zs, index, keep_all, p["normalize"])
-            del chunk, zs  # drop the input blocks (maps) before the consumer asks for the next
-            yield start, mask, out
-            start += out.shape[0]
-    finally:  # close every reader now (files, read-ahead threads), not when collected
-        for r in readers:
-            r.close()
+    one input shard per modality, from the plan's backend."""
+    return backend_for(plan).pair_blocks(plan, shards)
 
 
 def pair_task(plan: Plan, i: int) -> dict:
@@ -329,41 +240,6 @@ def _kept_row_ids(kept_rows, total: int, batch: int) -> np.ndarray:
 # ---- concepts mode ------------------------------------------------------------------------
 
 
-_SIGN = np.uint64(1 << 63)
-
-
-def encode_ids(a: np.ndarray) -> np.ndarray:
-    """Concept ids of any integer dtype -> int64 keys, exactly and order-preserving: uint64 ids
-    have their top bit flipped (a bijection onto int64), every other dtype is widened."""
-    if a.dtype.kind == "u" and a.dtype.itemsize == 8:
-        return (a.astype(np.uint64) ^ _SIGN).view(np.int64)
-    return a.astype(np.int64)
-
-
-def decode_ids(keys: np.ndarray, dtype) -> np.ndarray:
-    """Inverse of encode_ids: the keys back in the input's id dtype."""
-    dtype = np.dtype(dtype)
-    if dtype.kind == "u" and dtype.itemsize == 8:
-        return (keys.view(np.uint64) ^ _SIGN).astype(dtype)
-    return keys.astype(dtype)
-
-
-def partition_of(ids: np.ndarray, parts: int) -> np.ndarray:
-    """Multiplicative hash of int64 ids -> partition; spreads consecutive ids evenly."""
-    h = (ids.astype(np.uint64) * _HASH_MUL) >> np.uint64(32)
-    return (h % np.uint64(parts)).astype(np.int64)
-
-
-def _segment_sums(x: torch.Tensor, ids: torch.Tensor, features=None, normalize=False):
-    """(unique ids, per-id sums, counts) of the rows of x, through the centroids kernel
-    (sorted unique ids -> contiguous groups; sum = mean * count)."""
-    from .. import centroids
-
-    uniq, inv = torch.unique(ids, sorted=True, return_inverse=True)
-    means, counts = centroids(x, inv, int(uniq.numel()), return_counts=True, features=features, normalize=normalize)
-    return uniq, means.float() * counts.unsqueeze(1).float(), counts.to(torch.int64)
-
-
 def concept_map_task(plan: Plan, i: int) -> dict:
     """Per-concept partial sums (over all modalities, kept columns) of input shard i, spilled
     as OUT/.spill/s{i}/p{p}.npz for each partition p."""
@@ -371,33 +247,7 @@ def concept_map_task(plan: Plan, i: int) -> dict:
     shards = [_shard_obj(m["shards"][i]) for m in plan.mods]
     cshard = _shard_obj(plan.concepts[i])
     paths = [s.path for s in shards]
-    p = plan.params
-    index = torch.tensor(plan.index, dtype=torch.int64)
-    features = None if len(plan.index) == plan.dim else index
-    norm = "input" if p["normalize"] in ("input", "both") else False
-    u_all, s_all, c_all = [], [], []
-    invalid, start = 0, 0
-    b = p["batch_size"]
-    chunks = zip(iter_chunks(cshard, b), *(iter_chunks(s, b) for s in shards))
-    if plan.extra.get("device"):  # --device cuda: the same per-block partials, from the GPU pipeline
-        from .device import concept_partials
-
-        u_all, s_all, c_all, invalid = concept_partials(plan, shards, cshard)
-        chunks = ()
-    for chunk in chunks:
-        ids = torch.from_numpy(encode_ids(chunk[0]))  # a copy: chunk[0] is a reused buffer
-        zs = [_as_tensor(c) for c in chunk[1:]]
-        mask = _check_finite(zs, paths, start, p["skip_invalid"])
-        start += ids.shape[0]
-        if mask is not None:
-            invalid += int((~mask).sum())
-            ids, zs = ids[mask], [z[mask] for z in zs]
-            if ids.numel() == 0:
-                continue
-        # all modalities of the block in one segment reduction: M*n rows, ids repeated
-        x = torch.cat([z.float() for z in zs]) if len(zs) > 1 else zs[0].float()
-        u, s, c = _segment_sums(x, ids.repeat(len(zs)), features, norm)
-        u_all.append(u), s_all.append(s), c_all.append(c)
+    u_all, s_all, c_all, invalid = backend_for(plan).concept_partials(plan, shards, cshard)
     spill = os.path.join(plan.out, ".spill", f"s{i:05d}")
     keep = len(plan.index)
     if u_all:

@@ -214,3 +214,41 @@ def retrieval_recall(queries, keys, ks=(1, 5, 10), *, ties: str = "pessimistic",
         return {int(k): float(((k - lo).clamp(min=0, max=None).minimum(t) / t).mean()) for k in ks}
     ranks = retrieval_ranks(queries, keys, ties=ties, chunk=chunk)
     return {int(k): float((ranks < k).double().mean()) for k in ks}
+
+
+def ridge_loo_accuracy(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor) -> tuple:
+    """Linear probe as a least-squares classifier (ridge regression of one-hot targets on
+    centred, globally scaled features, fp64; prediction = argmax), its L2 penalty chosen by
+    exact leave-one-out cross-validation on the train rows. Returns (test accuracy, chosen
+    relative L2). One eigendecomposition of the train Gram matrix serves every penalty of the
+    grid and every left-out row (the LOO prediction of row i is t_i - (t_i - f_i) / (1 - h_ii)),
+    where k-fold CV needs one per fold: the eval of 20 000 rows x 1536 dims costs seconds."""
+    xtr, xte = _centre_scale(xtr.double(), xte.double())
+    classes, yi = torch.unique(ytr, return_inverse=True)
+    t = torch.nn.functional.one_hot(yi, len(classes)).double()
+    tm = t.mean(0)
+    tc = t - tm
+    n = xtr.shape[0]
+    e, q = torch.linalg.eigh(xtr.T @ xtr)
+    e = e.clamp(min=0)
+    z = xtr @ q
+    zt = z.T @ tc
+    if n * xtr.shape[1] > 2_000_000:
+        # large problems: the per-penalty products (n x D x classes each) in fp32; the Gram
+        # matrix and its eigendecomposition stay fp64. Only the argmax of the fits is used.
+        z, zt, tc32 = z.float(), zt.float(), tc.float()
+    else:
+        tc32 = tc
+    z2 = z * z
+    best_acc, best_l2 = -1.0, RIDGE_GRID[0]
+    for g in RIDGE_GRID:
+        inv = (1.0 / (e + g * n)).to(z.dtype)
+        fit = z @ (inv.unsqueeze(1) * zt)
+        h = (z2 @ inv + 1.0 / n).clamp(max=1 - 1e-6)  # leverage, the intercept (centring) included
+        loo = tc32 - (tc32 - fit) / (1 - h).unsqueeze(1)
+        acc = float(((loo + tm.to(loo.dtype)).argmax(1) == yi).double().mean())
+        if acc >= best_acc - 1e-12:  # ties: the larger penalty
+            best_acc, best_l2 = acc, g
+    w = q @ ((1.0 / (e + best_l2 * n)).unsqueeze(1) * (q.T @ (xtr.T @ tc)))
+    pred = classes[(xte @ w + tm).argmax(1)]
+    return float((pred == yte).double().mean()), best_l2
