@@ -6,7 +6,7 @@ Each implementation runs in fresh processes; a rank's figure is the growth of it
 i.e. the memory the loss itself needed. Also records wall time of the step on rank 0 and the
 loss values (they must agree). Output: benchmarks/results/distributed_cpu.json.
 
-    python benchmarks/bench_distributed.py [--global-batch 16384] [--world-size 4] [--dim 512]
+    python -m benchmarks.bench_distributed [--global-batch 16384] [--world-size 4] [--dim 512]
 """
 
 from __future__ import annotations
@@ -14,18 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from semcomp_ext.distributed.launch import launch  # noqa: E402
-
-try:
-    from .common import cpu_peak_extra_bytes, environment, write_result
-except ImportError:  # run as a script
-    from common import cpu_peak_extra_bytes, environment, write_result
+from benchmarks.common import cpu_peak_extra_bytes, environment, median_time, write_result
+from semcomp_ext.distributed.launch import launch
 
 # Every block >= 64 KiB is mapped and unmapped on free, so resident memory follows live
 # allocations (set before the rank processes start; they inherit it).
@@ -61,10 +54,9 @@ def _worker(rank, world, impl, n, d, local_loss, gather_with_grad, seed):
 
     step()  # warm-up: thread pools, communication buffers, lazy imports are not the loss's memory
     torch.distributed.barrier()
-    t0 = time.perf_counter()
     box = {}
-    peak = cpu_peak_extra_bytes(lambda: box.setdefault("loss", step()))
-    seconds = time.perf_counter() - t0
+    peak = cpu_peak_extra_bytes(lambda: box.update(median_time(lambda: box.setdefault("loss", step()), repeats=1, warmup=0)))
+    seconds = box["median_s"]
     return {"peak_rss_delta_mib": peak / 2**20, "seconds": seconds,
             "loss": float(box["loss"].detach()), "grad_norm": float(img.grad.norm())}
 

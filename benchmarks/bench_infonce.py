@@ -12,13 +12,9 @@ gradients every method must return.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import environment, prepare_cpu_memory_measurement, write_result  # noqa: E402
-from semcomp_ext.bench.infonce import DTYPES, FLOP_CONVENTION, METHODS, bench_case  # noqa: E402
+from benchmarks.common import environment, prepare_cpu_memory_measurement, write_result
+from semcomp_ext.bench.infonce import DTYPES, FLOP_CONVENTION, METHODS, bench_case
 
 
 def main(argv=None) -> int:

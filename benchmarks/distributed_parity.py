@@ -3,24 +3,17 @@ logit-scale gradient, per (local_loss, gather_with_grad), world size and dtype, 
 semcomp gather / ring vs open_clip's ClipLoss in the same processes, vs a single-process
 reference on the global batch, and ring vs gather. Writes benchmarks/results/distributed_parity.json.
 
-    python benchmarks/distributed_parity.py [--local-batch 4] [--dim 8]
+    python -m benchmarks.distributed_parity [--local-batch 4] [--dim 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from semcomp_ext.distributed.launch import launch  # noqa: E402
-from semcomp_ext.distributed.verify import clip_parity_worker  # noqa: E402
-
-try:
-    from .common import environment, write_result
-except ImportError:  # run as a script
-    from common import environment, write_result
+from benchmarks.common import environment, write_result
+from semcomp_ext.distributed.launch import launch
+from semcomp_ext.distributed.verify import clip_parity_worker
 
 
 def main(argv=None) -> None:

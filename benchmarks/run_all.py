@@ -1,19 +1,15 @@
 """Run every benchmark for one device and regenerate the README table (the scripts call
 semcomp_ext.bench, the code behind `semcomp bench`).
 
-    python benchmarks/run_all.py               # CPU acceptance sizes
-    python benchmarks/run_all.py --device cuda # GPU sweep (issue sizes)
+    python -m benchmarks.run_all               # CPU acceptance sizes
+    python -m benchmarks.run_all --device cuda # GPU sweep (issue sizes)
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import bench_infonce, bench_segment_gather, report  # noqa: E402
+from benchmarks import bench_infonce, bench_segment_gather, report
 
 
 def main(argv=None) -> int:

@@ -98,7 +98,7 @@ def format_table(rows: list[dict]) -> str:
 
 def ceilings_text(c: dict) -> str:
     return (f"ceilings: matmul {c['matmul_tflops']:.3g} TFLOP/s ({c['dtype']}, n={c['matmul_n']}), "
-            f"copy {c['copy_gb_per_s']:.3g} GB/s ({c['copy_bytes'] >> 20} MiB)")
+            f"copy {c['copy_gb_per_s']:.3g} GB/s ({c['copy_bytes'] / 2**20:.3g} MiB)")
 
 
 def markdown(payload: dict, source: str = "") -> str:

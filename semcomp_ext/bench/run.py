@@ -92,6 +92,22 @@ def select_device(device: str) -> None:
             torch.cuda.set_device(index)
 
 
+def copy_ceiling_bytes(cfg: BenchConfig) -> int | None:
+    """Size of the run's one copy-bandwidth measurement: a copy that moves (reads plus writes) as
+    many bytes as the smallest segment/gather case, so that no case is compared with a copy
+    served from a slower memory level than its own (a small input stays in cache across the
+    timed calls; a 256 MiB copy does not). None (the default size) without such cases."""
+    es = torch.empty((), dtype=infonce.DTYPES[cfg.dtype]).element_size()
+    sizes = []
+    if "segment" in cfg.ops:
+        sizes += [segment_gather.working_set_bytes("segment", n, cfg.d_for("segment"), es, groups=g)
+                  for n in cfg.sizes_for("segment") for g in cfg.groups]
+    if "gather" in cfg.ops:
+        sizes += [segment_gather.working_set_bytes("gather", n, cfg.d_for("gather"), es, keep=k)
+                  for n in cfg.sizes_for("gather") for k in cfg.keep]
+    return max(1 << 16, min(sizes) // 2) if sizes else None
+
+
 def _load():
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -119,7 +135,7 @@ def run(cfg: BenchConfig) -> dict:
     select_device(cfg.device)
     rows: list[dict] = []
     try:
-        ceil = ceilings(cfg.device, dtype)
+        ceil = ceilings(cfg.device, dtype, copy_bytes=copy_ceiling_bytes(cfg))
         bar.update(1)
         if "infonce" in cfg.ops:
             d = cfg.d_for("infonce")

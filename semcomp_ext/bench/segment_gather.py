@@ -1,8 +1,10 @@
 """Segment mean (centroids) and column gather (random feature selection) against their torch
 peers: index_add_ / scatter_reduce_ for the mean, index_select for the gather.
 
-GB/s counts bytes read plus bytes written once (x, ids, output): the memory-bound floor, to be
-compared with the measured copy bandwidth. Inputs are random (never zeros); every method is
+GB/s counts bytes read plus bytes written once (x, ids, output; for the gather only the cache
+lines of x that hold a kept column): the memory-bound floor, to be compared with the copy
+bandwidth measured once per run at the size of the run's smallest working set (run.py), so that
+a case served from a cache is compared with a copy served from the same level. Inputs are random (never zeros); every method is
 checked against the reference before it is timed.
 """
 
@@ -27,9 +29,19 @@ def segment_bytes(n: int, d: int, groups: int, element_size: int) -> int:
     return n * d * element_size + n * 8 + groups * d * element_size
 
 
-def gather_bytes(n: int, d: int, keep: int, element_size: int) -> int:
-    """Bytes a column gather moves: whole rows of x read (cache lines), the (N, keep) result written."""
-    return n * d * element_size + n * keep * element_size
+def gather_bytes(n: int, d: int, index: torch.Tensor, element_size: int, line: int = 64) -> int:
+    """Bytes a column gather moves: of each row of x, the cache lines that hold a kept column
+    (read; whole lines, as the memory system moves them), and the (N, K) result (written)."""
+    lines = torch.unique(index.detach().cpu().long() * element_size // line).numel()
+    return n * min(d * element_size, lines * line) + n * index.numel() * element_size
+
+
+def working_set_bytes(op: str, n: int, d: int, element_size: int, *, groups: int = 0, keep: float = 0.0) -> int:
+    """Upper bound of the bytes one call of a memory-bound op moves (gather: whole rows read), known
+    before its inputs exist: what the run's copy ceiling is sized by."""
+    if op == "segment":
+        return segment_bytes(n, d, groups, element_size)
+    return n * d * element_size + n * max(1, round(keep * d)) * element_size
 
 
 def _segment_methods(x, ids, sorted_ids, groups: int):
@@ -136,5 +148,5 @@ def bench_gather(x: torch.Tensor, keep_frac: float, device: str, repeats: int, *
     k = idx.numel()
     base = {"op": "gather_columns", "n": n, "d": d, "keep": k, "dtype": str(x.dtype).replace("torch.", ""),
             "device": device}
-    return _run_rows(cases, expected, base, gather_bytes(n, d, k, x.element_size()), n * k * x.element_size(),
+    return _run_rows(cases, expected, base, gather_bytes(n, d, idx, x.element_size()), n * k * x.element_size(),
                      device, repeats, 0.0, memory, progress)

@@ -221,9 +221,12 @@ def matmul_tflops(device: str, dtype: torch.dtype, n: int | None = None, min_cal
     return {"matmul_tflops": 2 * n**3 / t["min_s"] / 1e12, "matmul_n": n, "matmul_s": t["min_s"]}
 
 
-def copy_gb_per_s(device: str, nbytes: int, repeats: int = 5) -> dict:
-    """Measured copy bandwidth, bytes read plus bytes written (best of the repeats): the ceiling
-    of memory-bound ops."""
+def copy_gb_per_s(device: str, nbytes: int, repeats: int | None = None) -> dict:
+    """Measured copy bandwidth of a copy of nbytes, bytes read plus bytes written (best of the
+    repeats): the ceiling of memory-bound ops. Short copies (a cache-sized ceiling) get more
+    repeats by default (5 at 256 MiB and above, up to 50): their best is less noisy."""
+    if repeats is None:
+        repeats = max(5, min(50, (1 << 28) // max(nbytes, 1)))
     x = torch.rand(nbytes // 4, device=device)
     y = torch.empty_like(x)
     t = time_call(lambda: y.copy_(x), device, repeats=repeats, warmup=1 if not is_cuda(device) else 3)
@@ -231,7 +234,8 @@ def copy_gb_per_s(device: str, nbytes: int, repeats: int = 5) -> dict:
 
 
 def ceilings(device: str, dtype: torch.dtype, *, copy_bytes: int | None = None, matmul_n: int | None = None) -> dict:
-    """Both ceilings on the machine at hand: matmul TFLOP/s in `dtype` and copy GB/s."""
+    """Both ceilings on the machine at hand: matmul TFLOP/s in `dtype` and copy GB/s of a copy of
+    copy_bytes (default 256 MiB on the CPU, 2 GiB on CUDA; recorded as copy_bytes)."""
     cuda = is_cuda(device)
     out = {"dtype": str(dtype).replace("torch.", "")}
     out.update(matmul_tflops(device, dtype, n=matmul_n or (8192 if cuda else None)))
