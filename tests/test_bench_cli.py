@@ -269,7 +269,7 @@ def test_inputs_that_cannot_be_made_give_error_rows(monkeypatch):
     def no_memory(*a, **k):
         raise RuntimeError("DefaultCPUAllocator: not enough memory")
 
-    monkeypatch.setattr(brun, "ceilings", lambda device, dtype: {"matmul_tflops": 1.0, "copy_gb_per_s": 1.0})
+    monkeypatch.setattr(brun, "ceilings", lambda device, dtype, **kw: {"matmul_tflops": 1.0, "copy_gb_per_s": 1.0})
     monkeypatch.setattr(brun.segment_gather, "make_x", no_memory)
     cfg = brun.BenchConfig(ops=("segment", "gather"), sizes=(1 << 20,), d=1 << 20, groups=(10,), memory=False, quiet=True)
     payload = brun.run(cfg)

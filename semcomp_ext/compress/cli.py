@@ -351,8 +351,12 @@ def _add_common(p, json_help: str, quiet_help: str) -> None:
 
 
 def _hidden_alias(p, flag: str, dest: str, **kw) -> None:
-    """An earlier spelling of a flag, still accepted, not shown in --help."""
-    p.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+    """An earlier spelling of a flag, still accepted, not shown in --help; using it prints a
+    notice naming the new spelling (semcomp_ext.cli.add_alias: one mechanism for every command)."""
+    from ..cli import add_alias
+
+    add_alias(p, flag, next(a.option_strings[-1] for a in p._actions
+                            if a.dest == dest and a.option_strings and a.help is not argparse.SUPPRESS))
 
 
 def _check_inputs(args) -> None:
