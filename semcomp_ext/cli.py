@@ -267,13 +267,23 @@ def interrupted_message(parser: _TopParser, command: str | None) -> str:
     return f"semcomp {command}: interrupted" if command else "semcomp: interrupted"
 
 
+# -q: Ray's own INFO/WARNING lines and Ray Data's progress report off. Ray reads these when it
+# is imported or started (here and in its worker processes); a value the user set is kept.
+QUIET_ENV = {"RAY_LOGGER_LEVEL": "error", "RAY_DATA_LOG_LEVEL": "ERROR", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if not getattr(args, "quiet", False):
+    if getattr(args, "quiet", False):
+        import os
+
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+    else:
         for line in renamed_notices(args):
             print(line, file=sys.stderr)
     try:

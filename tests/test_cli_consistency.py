@@ -179,6 +179,34 @@ def test_alias_notice_is_silenced_by_quiet(capsys, monkeypatch):
     assert capsys.readouterr().err == "" and seen == [7, 5]
 
 
+# ---- -q and Ray ------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _quiet_env_restored(monkeypatch):
+    """-q sets process environment (below): put it back after each test of this file."""
+    for key in cli.QUIET_ENV:
+        monkeypatch.setenv(key, "recorded")  # records the original value (or its absence) for teardown
+        monkeypatch.delenv(key)
+
+
+def test_quiet_turns_rays_logs_off(monkeypatch, capsys):
+    """-q sets the environment Ray reads for its log level and Ray Data's progress report (so
+    `compress --engine ray -q` prints nothing; a real Ray start takes ~5 s, so here: the values
+    set, and that this Ray reads them)."""
+    monkeypatch.setattr(cli, "_info", lambda args: 0)
+    assert cli.main(["info"]) == 0 and not set(cli.QUIET_ENV) & set(os.environ)
+    assert cli.main(["info", "-q"]) == 0
+    assert {k: os.environ[k] for k in cli.QUIET_ENV} == cli.QUIET_ENV
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        return
+    code = ("import logging, ray._private.ray_constants as c, ray.data.context as d\n"
+            "assert logging.getLevelName(c.LOGGER_LEVEL.upper()) == logging.ERROR, c.LOGGER_LEVEL\n"
+            "assert d.DEFAULT_ENABLE_PROGRESS_BARS is False\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, **cli.QUIET_ENV}, timeout=120)
+
+
 # ---- Ctrl-C ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cmd", ["train", "gap"])
