@@ -294,3 +294,11 @@ def test_json_on_stdout_nothing_on_stderr_with_q(cmd, data, tmp_path, capfd, one
     json.loads(stdout)  # exactly one JSON document
     if cmd in WRITERS:
         assert out.exists(), f"{cmd} -o"
+
+
+@pytest.mark.parametrize("cmd", ["compress", "eval", "gap", "index", "info", "search", "verify"])
+def test_quiet_alone_keeps_stderr_empty(cmd, data, tmp_path, capfd, one_thread):
+    """-q without --json (the human output path) on the commands that take well under a second."""
+    rc = cli.main(RECIPES[cmd](data, str(tmp_path / "out")) + ["-q"])
+    stdout, stderr = capfd.readouterr()
+    assert rc == 0 and stderr == "", stderr[:500]
