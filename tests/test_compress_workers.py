@@ -189,7 +189,7 @@ def test_ids_encoding_roundtrip():
                                np.array(["ab", "c"]), np.asfortranarray(np.zeros((2, 3), ">f2")),
                                np.zeros((0, 4), np.float16), np.zeros((2, 3, 4), np.int32)])
 def test_fast_npy_header_matches_numpy(tmp_path, a):
-    from semcomp_ext.compress.readers import _npy_header
+    from semcomp_ext.compress.readers import read_header as _npy_header
 
     p = tmp_path / "a.npy"
     np.save(p, a)
