@@ -241,7 +241,10 @@ def _register_info(sub) -> None:
 
 
 def build_parser() -> _TopParser:
-    parser = _TopParser(prog="semcomp", description="Semantic compression of multimodal embeddings")
+    parser = _TopParser(prog="semcomp", description="Semantic compression of multimodal embeddings",
+                        epilog="Every command takes --json (JSON on stdout instead of the table) and -q (nothing "
+                               "on stderr but errors); a command that writes files takes -o/--out PATH. "
+                               "`semcomp COMMAND --help` lists a command's options.")
     parser.add_argument("-V", "--version", action="version", version=f"semcomp {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _register_info(sub)

@@ -183,8 +183,8 @@ def _reproduce(args) -> int:
     if args.render_docs:
         from .docs import render_docs
 
-        for path in render_docs(args.render_docs):
-            print(json.dumps({"updated": str(path)}) if args.json else f"updated {path}")
+        paths = [str(p) for p in render_docs(args.render_docs)]
+        print(json.dumps({"updated": paths}) if args.json else "\n".join(f"updated {p}" for p in paths))
         return 0
     from .reproduce import FULL, PAPER_TEMPERATURES, QUICK, ReproduceConfig, reproduce
 
