@@ -208,7 +208,7 @@ def build_index(folder, *, index_factory: str | None = None, nprobe: int | None 
     `storage_options`); returns the contents of index.json. index_factory: a faiss
     index_factory string instead of `choose_index`'s (time_budget_s, max_memory bytes);
     nprobe: instead of the tuned one (target_recall); threads: faiss's OpenMP threads."""
-    faiss = _faiss()
+    _faiss()  # no faiss: the ImportError before any work
     check_positive_int("nprobe", nprobe)
     check_positive_int("max_memory", max_memory)
     check_positive_int("threads", threads)
@@ -264,7 +264,7 @@ def build_index(folder, *, index_factory: str | None = None, nprobe: int | None 
     fsio.makedirs(out)
     info_path = fsio.join(out, INFO_FILE)
     fsio.rm(info_path)  # invalidate the old index first: a crash below leaves none
-    rec_index = atomic.write_bytes_atomic(fsio.join(out, INDEX_FILE), faiss.serialize_index(index).tobytes())
+    rec_index = _write_index(fsio.join(out, INDEX_FILE), index)
     rec_ids = atomic.write_npy_atomic(fsio.join(out, IDS_FILE),
                                       (np.asarray(b.ids, cs.id_dtype) for b in cs.iter_shards(decode=False, metadata=False)),
                                       (n,), cs.id_dtype)
@@ -312,27 +312,56 @@ def load_index(folder: str):
         if size != rec["bytes"]:
             raise ValueError(f"damaged index: {path} is missing or not {rec['bytes']} bytes; rerun `semcomp index`")
     path = fsio.join(d, INDEX_FILE)
+    rec = info["files"][INDEX_FILE]
+    algo = next((a for a in atomic.CHECKSUMS if a in rec), None)
+
+    def check(digest: str | None) -> None:
+        if algo is not None and digest != rec[algo]:
+            raise ValueError(f"damaged index: {path} does not match the {algo} in {info_path}; rerun `semcomp index`")
+
     if not remote:
         # checksum before faiss reads it: a damaged local file is one line, not a faiss abort
-        want = info["files"][INDEX_FILE].get("sha256")
-        if want is not None and atomic.sha256_file(path) != want:
-            raise ValueError(f"damaged index: {path} does not match the sha256 in {info_path}; rerun `semcomp index`")
-        return _faiss().read_index(path), info
-    import hashlib
+        check(_file_digest(path, algo) if algo else None)
+        return _read_index(path), info
     import tempfile
 
     # downloaded whole to a local temp file (hashed on the way), read by faiss, deleted
-    want = info["files"][INDEX_FILE].get("sha256")
     with tempfile.TemporaryDirectory(prefix="semcomp-index-") as tmp:
         local = os.path.join(tmp, INDEX_FILE)
-        sha = hashlib.sha256()
+        h = atomic.new_hasher(algo) if algo else None
         with fsio.open(path, "rb") as fin, open(local, "wb") as f:
             while chunk := fin.read(1 << 24):
-                sha.update(chunk)
+                if h is not None:
+                    h.update(chunk)
                 f.write(chunk)
-        if want is not None and sha.hexdigest() != want:
-            raise ValueError(f"damaged index: {path} does not match the sha256 in {info_path}; rerun `semcomp index`")
-        return _faiss().read_index(local), info
+        check(h.hexdigest() if h is not None else None)
+        return _read_index(local), info
+
+
+def _file_digest(path: str, algo: str) -> str:
+    h = atomic.new_hasher(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_index(path: str):
+    try:
+        return _faiss().read_index(path)
+    except RuntimeError as exc:  # a file that passed its checksum but faiss cannot read
+        raise ValueError(f"damaged index: faiss cannot read {path}: {str(exc).strip().splitlines()[-1]}; "
+                         "rerun `semcomp index`") from exc
+
+
+def _write_index(path: str, index) -> dict:
+    """index.faiss written atomically, streamed from faiss through the checksum (no copy of
+    the serialised index in memory): {"bytes", <checksum>}."""
+    faiss = _faiss()
+    with atomic.atomic_file(path) as f:
+        w = atomic.HashingWriter(f)
+        faiss.write_index(index, faiss.PyCallbackIOWriter(w.write))
+    return w.record()
 
 
 @dataclass
