@@ -54,9 +54,31 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser. Its own errors (a required option missing, a bad value) also
+    name the unknown flags of the command line: `--ot x` where `-o/--out` is required."""
+
+    argv: list = []  # the command line being parsed (set by _TopParser.parse_args)
+
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        known = list(self._option_string_actions)
+        unknown = [w.split("=", 1)[0] for w in _Parser.argv if w.startswith("-") and len(w) > 1
+                   and not _is_number(w) and not any(o.startswith(w.split("=", 1)[0]) for o in known)]
+        if unknown and not message.startswith("unrecognized arguments"):
+            near = _suggest(unknown[0], visible_options(self))
+            message += f" (unrecognized: {' '.join(unknown)}" + (f"; did you mean {near}?)" if near else ")")
+        super().error(message)
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+        return True
+    except ValueError:
+        return False
 
 
 # ---- renamed options ------------------------------------------------------------------------
@@ -146,7 +168,11 @@ class _TopParser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         argv = list(sys.argv[1:] if args is None else args)
-        ns, extras = self.parse_known_args(argv, namespace)
+        _Parser.argv = argv
+        try:
+            ns, extras = self.parse_known_args(argv, namespace)
+        finally:
+            _Parser.argv = []
         if extras:
             target = self.subparser(getattr(ns, "command", None)) or self
             target.error(unrecognized_message(extras, target, argv))

@@ -124,6 +124,13 @@ def test_mistakes_through_the_launcher_name_the_command():
     assert "unrecognized arguments: --drop-rats 0.5 (did you mean --drop-rates?)" in r.stderr.splitlines()[-1]
 
 
+def test_a_mistyped_required_option_is_named(capsys):
+    err = _usage_error(capsys, ["compress", "a.npy", "b.npy", "--ot", "x"])
+    assert err.startswith("usage: semcomp compress ")
+    assert err.splitlines()[-1] == ("semcomp compress: error: the following arguments are required: -o/--out "
+                                    "(unrecognized: --ot; did you mean --out?)")
+
+
 def test_unknown_command_suggests_one(capsys):
     err = _usage_error(capsys, ["compres"])
     assert "unknown command 'compres' (did you mean compress?)" in err
