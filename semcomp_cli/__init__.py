@@ -1,5 +1,5 @@
-"""Entry point of the `semcomp` console script, kept outside `semcomp_ext` so that `--help`
-and argument errors are answered without importing torch.
+"""Entry point of the `semcomp` console script, kept outside `semcomp_ext` so that `--help`,
+`--version` and argument errors are answered without importing torch.
 
 `import semcomp_ext` loads the native extension (and so torch) by design. The subcommand
 parsers, however, are defined by modules that import no torch at module level
