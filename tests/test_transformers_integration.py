@@ -20,7 +20,7 @@ from semcomp_ext.integrations import transformers as sc_hf  # noqa: E402
 TOL = 1e-5
 N = 6
 TEXT = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=16)
+            max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 VISION = dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
               num_attention_heads=2, num_channels=3)
 
