@@ -143,6 +143,20 @@ def test_cached_equals_uncached_without_dropout(model):
     assert dl <= TOL and dg <= TOL, (dl, dg)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_inside_matryoshka_loss(model, cached):
+    """Upstream's MatryoshkaLoss wraps the fused losses (it calls compute_loss_from_embeddings,
+    or decorates calculate_loss of a cached loss) as it wraps its own. The loss is a sum of three
+    losses: the tolerance is three times the single-loss one."""
+    feats = make_features(model, 10, 3, seed=1)
+    kw = {"mini_batch_size": 4} if cached else {}
+    ours = (sc.CachedMultipleNegativesRankingLoss if cached else sc.MultipleNegativesRankingLoss)(model, **kw)
+    ref = (st_losses.CachedMultipleNegativesRankingLoss if cached else st_losses.MultipleNegativesRankingLoss)(model, **kw)
+    dl, dg = max_diffs(step(st_losses.MatryoshkaLoss(model, ours, [32, 16, 8]), model, feats),
+                       step(st_losses.MatryoshkaLoss(model, ref, [32, 16, 8]), model, feats))
+    assert dl <= 3 * TOL and dg <= 3 * TOL, (dl, dg)
+
+
 def test_upstream_interface(model):
     ours = sc.CachedMultipleNegativesRankingLoss(model, scale=10.0, mini_batch_size=8, directions=("query_to_doc", "doc_to_query"))
     assert isinstance(ours, st_losses.CachedMultipleNegativesRankingLoss)
