@@ -153,7 +153,7 @@ def test_search_recall_vs_exact_uncompressed(lowrank, tmp_path, capsys, drop, mi
     truth = _topk(lowrank["queries"] @ cent.T, k)
     np.save(tmp_path / "q.npy", lowrank["queries"])
     capsys.readouterr()
-    assert main(["index", out]) == 0
+    assert main(["index", out, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["factory"] == "Flat" and info["ntotal"] == len(cent)  # < 10 000 rows: exact flat IP
     assert main(["search", out, "--query", str(tmp_path / "q.npy"), "-k", str(k), "--json"]) == 0

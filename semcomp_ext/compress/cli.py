@@ -71,7 +71,7 @@ def compress_summary(m: dict, out: str, seconds: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def interrupted(command: str, hint: str | None = None) -> None:
+def interrupted(command: str, hint: str | None = None) -> int:
     """Ctrl-C: one line (with how to continue) and exit 130 at once. Worker threads stuck in a
     stalled store's requests are not waited for (the interpreter's exit would join them)."""
     import threading
@@ -83,7 +83,7 @@ def interrupted(command: str, hint: str | None = None) -> None:
         except (BrokenPipeError, ValueError):
             pass
         os._exit(130)
-    raise SystemExit(130)
+    return 130
 
 
 def emit(text: str) -> None:
@@ -107,7 +107,7 @@ def _storage_error(exc: Exception) -> str:
     return str(exc)
 
 
-_RESUME_HINT = "rerun the same command with --resume to continue (the shards written so far are kept)"
+_RESUME_HINT = "continue with the same command and --resume (the shards written so far are kept)"
 
 
 def _run(command: str, args, fn, resume_hint: bool = False) -> int:
@@ -123,7 +123,7 @@ def _run(command: str, args, fn, resume_hint: bool = False) -> int:
             configure(args.so)
         return fn(args)
     except KeyboardInterrupt:
-        interrupted(command, _RESUME_HINT if resume_hint else None)
+        return interrupted(command, _RESUME_HINT if resume_hint else None)
     except OptionError as exc:
         raise ValueError(flag_message(exc)) from None
     except SourceMismatchError as exc:
