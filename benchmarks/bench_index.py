@@ -37,8 +37,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", type=_case, default=[(200_000, 384, "float32"), (1_000_000, 768, "float16")])
     ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--rows-per-cluster", type=int, default=100)
+    ap.add_argument("--rows-per-cluster", type=int, default=10)
     ap.add_argument("--spread", type=float, default=1.0, help="noise norm around each cluster centre")
+    ap.add_argument("--latent", type=int, default=32, help="centres from a latent space of this dim (0: uniform)")
     ap.add_argument("--tmp", default=tempfile.gettempdir(), help="where the data and folders are written")
     ap.add_argument("-o", "--out", default=str(RESULTS / "index_cpu.json"))
     args = ap.parse_args(argv)
@@ -46,7 +47,8 @@ def main(argv=None) -> None:
     work = tempfile.mkdtemp(prefix="semcomp-bench-index-", dir=args.tmp)
     try:
         payload = run_index_benchmark(args.cases, work=work, queries=args.queries,
-                                      rows_per_cluster=args.rows_per_cluster, spread=args.spread)
+                                      rows_per_cluster=args.rows_per_cluster, spread=args.spread,
+                                      latent=args.latent or None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     env["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
