@@ -16,8 +16,8 @@ and uniform centres, nprobe 1 gives 1.0).
 The collection is written as one `.npy` input used as both modalities of `semcomp compress`
 (`--keep` = all dimensions, no normalisation), so the compressed folder stores the rows
 themselves (column-permuted by RFS) in the requested dtype. The index is then built by the
-`semcomp` CLI's `main(["index", DIR])` in a fresh child process: wall time of the call, and
-the child's peak RSS (VmHWM). Recall: `search(DIR, queries, 10)` against `search(..., exact=True)`.
+`semcomp` CLI's `main(["index", DIR])` in a fresh child process: wall time and CPU time (all
+threads) of the call, and the child's peak RSS (VmHWM). Recall: `search(DIR, queries, 10)` against `search(..., exact=True)`.
 """
 
 from __future__ import annotations
@@ -88,13 +88,14 @@ def compress_rows(root: str, out: str, x: np.ndarray) -> str:
 
 
 _CHILD = """
-import json, sys, time
+import json, os, sys, time
 from semcomp_ext.cli import main
-t = time.perf_counter()
+t, c = time.perf_counter(), os.times()
 rc = main(sys.argv[1:])
-wall = time.perf_counter() - t
+wall, c2 = time.perf_counter() - t, os.times()
 hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))
-print(json.dumps({"rc": rc, "seconds": wall, "peak_rss_mb": hwm / 1024}))
+cpu = c2.user + c2.system - c.user - c.system
+print(json.dumps({"rc": rc, "seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": hwm / 1024}))
 """
 
 
@@ -144,7 +145,8 @@ def index_case(work: str, n: int, dim: int, dtype: str, *, clusters: int, querie
         "rows": n, "dim": dim, "dtype": dtype, "clusters": clusters, "spread": spread, "latent": latent,
         "queries": queries, "k": k,
         "index_args": list(index_args), "factory": info["factory"], "nprobe": info["nprobe"],
-        "index_wall_s": round(built["seconds"], 2), "index_peak_rss_mb": round(built["peak_rss_mb"], 1),
+        "index_wall_s": round(built["seconds"], 2), "index_cpu_s": round(built["cpu_seconds"], 2),
+        "index_peak_rss_mb": round(built["peak_rss_mb"], 1),
         f"recall@{k}": round(recall_at_k(got.rows, exact.rows, k), 4),
         "train_s": info["train_seconds"], "add_s": info["add_seconds"], "build_s": info["build_seconds"],
         "nprobe_tuning": info["nprobe_tuning"], "choice": info["choice"], "threads": info["threads"],

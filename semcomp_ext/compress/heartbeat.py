@@ -73,10 +73,10 @@ class Heartbeat:
         self._thread = None
         self._t0 = 0.0
 
-    def _print(self, text: str) -> None:
+    def _print(self, text: str, status: bool = True) -> None:
         stream = self.stream or sys.stderr
         extra = ""
-        if self.status is not None:
+        if status and self.status is not None:
             try:
                 extra = f", {self.status()}"
             except Exception:  # a status callback must never break the step it reports on
@@ -94,7 +94,7 @@ class Heartbeat:
     def __enter__(self) -> Heartbeat:
         self._t0 = time.perf_counter()
         if not self.quiet:
-            self._print(" ...")
+            self._print(" ...", status=False)
             self._thread = threading.Thread(target=self._run, name="semcomp-heartbeat", daemon=True)
             self._thread.start()
         return self

@@ -172,9 +172,9 @@ def _train(index, key: str, cs: CompressedSet, seed: int, quiet: bool):
     size = min(n, TRAIN_PER_LIST * ivf.nlist if ivf is not None else TRAIN_MAX)
     if ivf is not None and size < ivf.nlist:
         raise ValueError(f"--index-factory: {key!r} has {ivf.nlist} IVF lists, more than the {n} vectors to train them")
-    with Heartbeat(f"index: sampling {size:,} of {n:,} vectors", quiet=quiet, prefix="semcomp "):
+    with Heartbeat(f"index: sampling {size:,} of {n:,} vectors", quiet=quiet):
         rows, sample = _training_sample(cs, size, seed)
-    if ivf is not None:  # fewer than faiss's 39 per list is allowed, and said once here, not by faiss
+    if ivf is not None:  # no faiss warning below 39 rows a list (an explicit factory on a small folder)
         ivf.cp.min_points_per_centroid = 1
     with Heartbeat(f"index: training {key} on {len(sample):,} x {cs.K}", quiet=quiet) as hb:
         index.train(sample)
