@@ -16,7 +16,7 @@ import contextlib
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -24,27 +24,10 @@ import torch
 from . import atomic, fsio
 from .backends import backend_for
 from .blocks import decode_ids, encode_ids, partition_of  # noqa: F401 - encode_ids: part of this module's API
+from .plan import Plan
 
 # A test hook: sleep this many seconds after each finished task (kill -9 / resume tests).
 _SLEEP_ENV = "SEMCOMP_TEST_SLEEP_PER_SHARD"
-
-
-@dataclass
-class Plan:
-    """Everything a task needs; plain data so it pickles to Ray workers."""
-
-    out: str
-    mods: list                  # [{"name", "shards": [Shard dicts]}]
-    dim: int
-    in_dtype: str
-    index: list                 # RFS column ids
-    params: dict
-    metadata: list | None = None
-    concepts: list | None = None  # concept-id Shard dicts per input shard
-    partitions: int = 0
-    extra: dict = field(default_factory=dict)
-    # fsspec options of URL inputs / outputs (credentials): to the workers, never to the manifest
-    storage_options: dict = field(default_factory=dict, repr=False)
 
 
 def _shard_obj(d: dict):
