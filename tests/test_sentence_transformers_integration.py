@@ -188,6 +188,22 @@ def test_non_cosine_falls_back_with_one_warning(model, cached):
     assert dl <= TOL and dg <= TOL, (dl, dg)
 
 
+def test_model_similarity_is_fused_when_cosine(model):
+    """similarity_fct=model.similarity follows the model's similarity_fn_name at each call."""
+    assert model.similarity_fn_name == "cosine"
+    feats = make_features(model, 6, 2, seed=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = sc.MultipleNegativesRankingLoss(model, similarity_fct=model.similarity)
+        step(loss, model, feats)
+    model.similarity_fn_name = "dot"
+    try:
+        with pytest.warns(UserWarning, match="similarity_fct=similarity is not cosine"):
+            step(loss, model, feats)
+    finally:
+        model.similarity_fn_name = "cosine"
+
+
 def test_hardness_weighting_falls_back(model):
     feats = make_features(model, 6, 3, seed=6)
     kw = dict(hardness_mode="hard_negatives", hardness_strength=5.0)
