@@ -19,13 +19,17 @@
 namespace semcomp::cpu {
 
 // Rows per chunk of the chunked logit GEMMs (InfoNCE, sigmoid): `requested` when > 0, else
-// ~4M workspace elements (16 MB in fp32): large GEMM blocks (fewer, bigger BLAS calls measured
-// ~10% faster than 1M at N=8192; for the sigmoid backward 512 rows at N=8192 beat 256, as the
-// db GEMM's K is the chunk height), still a small constant next to the N x N logits.
-inline int64_t gemm_chunk_rows(int64_t requested, int64_t rows, int64_t cols) {
+// ~4M workspace elements (16 MB in fp32), at most 1024 rows: large GEMM blocks (fewer, bigger
+// BLAS calls measured ~10% faster than 1M at N=8192; for the sigmoid backward 512 rows at
+// N=8192 beat 256, as the db GEMM's K is the chunk height), still a small constant next to the
+// N x N logits. The bf16/fp16 InfoNCE GEMMs (2-4x faster than fp32) ask for twice that
+// (budget_log2 = 23, max_rows = 2048): the gradient GEMMs, whose K is the chunk height, were
+// measured ~30% faster at 4096 rows than at 1024 (N = 4096, D = 512).
+inline int64_t gemm_chunk_rows(int64_t requested, int64_t rows, int64_t cols, int budget_log2 = 22,
+                               int64_t max_rows = 1024) {
   if (requested > 0) return requested < rows ? requested : rows;
-  int64_t c = (int64_t{1} << 22) / (cols > 1 ? cols : 1);
-  c = (c < 16 ? 16 : (c > 1024 ? 1024 : c)) / 16 * 16;
+  int64_t c = (int64_t{1} << budget_log2) / (cols > 1 ? cols : 1);
+  c = (c < 16 ? 16 : (c > max_rows ? max_rows : c)) / 16 * 16;
   return c < rows ? c : rows;
 }
 

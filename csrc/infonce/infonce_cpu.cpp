@@ -168,13 +168,15 @@ struct Operands {
   at::Tensor q, k;
   cpu::LowpGemmFn lowp = nullptr;
   at::TensorOptions acc;
+  int64_t chunk_rows = 0;  // rows per chunk: the same in forward and backward (same S)
 };
 
 Operands operands(const at::Tensor& q_in, const at::Tensor& k_in, int64_t chunk) {
   Operands o;
-  const int64_t C = cpu::gemm_chunk_rows(chunk, q_in.size(0), k_in.size(0));
-  if (cpu::fits_lp64({q_in.size(0), k_in.size(0), q_in.size(1), C * k_in.size(0)}))
-    o.lowp = cpu::lowp_gemm(q_in.scalar_type());
+  const int64_t nq = q_in.size(0), nk = k_in.size(0);
+  const int64_t C = cpu::gemm_chunk_rows(chunk, nq, nk, 23, 2048);
+  if (cpu::fits_lp64({nq, nk, q_in.size(1), C * nk})) o.lowp = cpu::lowp_gemm(q_in.scalar_type());
+  o.chunk_rows = o.lowp != nullptr ? C : cpu::gemm_chunk_rows(chunk, nq, nk);
   if (o.lowp != nullptr) {
     o.q = q_in.contiguous();
     o.k = k_in.contiguous();
@@ -208,7 +210,7 @@ std::vector<at::Tensor> fwd_impl(const char* op, const at::Tensor& q_in, const a
   const Operands o = operands(q_in, k_in, chunk);
   const T s = static_cast<T>(read_scale(op, logit_scale));
   const int64_t nq = q_in.size(0), nk = k_in.size(0);
-  const int64_t C = cpu::gemm_chunk_rows(chunk, nq, nk);
+  const int64_t C = o.chunk_rows;
   const auto opts = o.acc;
   at::Tensor ws = at::empty({C, nk}, opts);
   at::Tensor loss = at::empty({nq}, opts), rlse = at::empty({nq}, opts);
@@ -302,7 +304,7 @@ std::vector<at::Tensor> bwd_impl(const char* op, const at::Tensor& q_in, const a
     clse = clse_in.to(opts).contiguous();
     ccoef = ccoef_in.to(opts).contiguous();
   }
-  const int64_t C = cpu::gemm_chunk_rows(chunk, nq, nk);
+  const int64_t C = o.chunk_rows;
   at::Tensor ws = at::empty({C, nk}, opts);
   at::Tensor gq = at::empty({nq, dim}, opts), gk = at::zeros({nk, dim}, opts);
   at::Tensor gb;  // G's 16-bit copy (low-precision path)
