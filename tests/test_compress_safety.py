@@ -107,6 +107,9 @@ def test_url_lock_is_exclusive_on_memory_store():
     finally:
         a.release()
     OutputLock("memory://semcomp-lock-test/out").acquire().release()  # free again
+    # a store without a known atomic conditional create is refused, not left unlocked
+    with pytest.raises(FolderLockedError, match="cannot be locked"):
+        OutputLock("http://127.0.0.1:9/out").acquire()
 
 
 # ---- confinement ------------------------------------------------------------------------

@@ -7,9 +7,9 @@ was killed (kill -9, a lost node). It is then taken over and named in `OutputLoc
 lock that is held is a refusal (`FolderLockedError`, one line naming the holder).
 
 Object stores: the lock object is created with a conditional PUT (`If-None-Match: *`, through
-fsspec's `pipe_file(mode="create")`): of two jobs exactly one gets it. A backend that has no
-conditional create of its own (fsspec's generic `pipe_file` checks, then writes) cannot lock:
-such an output is refused (`FolderLockedError`), rather than left open to two writers. A lock
+fsspec's `pipe_file(mode="create")`): of two jobs exactly one gets it. Stores where semcomp
+knows no such atomic create (CONDITIONAL_CREATE lists the protocols that have one) cannot be
+locked: such an output is refused (`FolderLockedError`), rather than left open to two writers. A lock
 object whose holder is a dead process of this host is stale and replaced; one from another
 host is a refusal (its liveness cannot be known): remove it by hand once that job is gone.
 """
@@ -24,6 +24,9 @@ import time
 from . import fsio
 
 LOCK = ".semcomp.lock"
+# fsspec protocols whose pipe_file(mode="create") is an atomic conditional create: S3's PUT with
+# If-None-Match: * (s3fs), and the in-process memory store. Others are refused (see above).
+CONDITIONAL_CREATE = {"s3", "s3a", "memory"}
 
 
 class FolderLockedError(FileExistsError):
@@ -105,20 +108,21 @@ class OutputLock:
         raise FolderLockedError(f"cannot lock {self.path}: it keeps being replaced")
 
     def _acquire_url(self) -> None:
-        from fsspec.spec import AbstractFileSystem
-
         fs, p = fsio.get_fs(self.path)
-        impl = getattr(type(fs), "_pipe_file", None) or type(fs).pipe_file
-        if impl is AbstractFileSystem.pipe_file or "mode" not in impl.__code__.co_varnames:
-            raise FolderLockedError(f"{self.out}: the {type(fs).__name__} store offers no conditional create, so "
-                                    "the folder cannot be locked against a second job; write to a local folder "
-                                    "or an S3-compatible store")
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        if not protocols & CONDITIONAL_CREATE:
+            raise FolderLockedError(f"{self.out}: semcomp knows no atomic conditional create on {type(fs).__name__} "
+                                    "stores, so the folder cannot be locked against a second job; write to a local "
+                                    "folder or an S3-compatible store")
         for _ in range(2):
             try:
                 fs.pipe_file(p, self._payload(), mode="create")
                 return
             except FileExistsError:
                 pass
+            except NotImplementedError:
+                raise FolderLockedError(f"{self.out}: the {type(fs).__name__} store cannot create the lock object "
+                                        "conditionally; write to a local folder or an S3-compatible store") from None
             except Exception as exc:  # botocore's PreconditionFailed when not translated
                 if "PreconditionFailed" not in repr(exc) and "412" not in str(exc):
                     raise
