@@ -128,7 +128,7 @@ if [ "$MODE" = window ]; then
   stage build P0 120 "stage_build"
   stage native P0 20 "\$PY -m benchmarks.native_error_check --cuda"
   stage tests P0 130 "$PYTEST $XDIST $KERNEL_TESTS -k 'cuda and not compile'"
-  stage timing P0 50 "\$PY -m benchmarks.gpu_timing --out '$OUTDIR/timing.json'"
+  stage timing P0 50 "\$PY -m benchmarks.gpu_timing --impls gemm tile --out '$OUTDIR/timing.json'"
   stage mma P0 35 "$MMA_CHECK"
   stage memcheck P1 45 "$SAN --tool memcheck \$PY -m benchmarks.gpu_smoke --device cuda --only $NEW_GROUPS"
   stage racecheck P1 60 "$SAN --tool racecheck \$PY -m benchmarks.gpu_smoke --device cuda --only $NEW_GROUPS"

@@ -88,8 +88,13 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DSKBUILD_PROJECT_VERSION="$VERSION" >"$GB/cmake-configure.log" 2>&1 ||
   { tail -30 "$GB/cmake-configure.log" >&2; exit 1; }
 t_build=$SECONDS
-cmake --build "$BUILD" -j "$JOBS" 2>&1 | tee "$GB/cmake-build.log" | grep -E 'error|warning|^\[' || true
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "prebuild_gpu.sh: build failed (see $GB/cmake-build.log)" >&2; exit 1; }
+rm -f "$BUILD"/_C.*.so  # a failed build must not leave the previous module to be stamped
+if ! cmake --build "$BUILD" -j "$JOBS" >"$GB/cmake-build.log" 2>&1; then
+  grep -E -m 20 'error' "$GB/cmake-build.log" >&2
+  echo "prebuild_gpu.sh: build failed (see $GB/cmake-build.log)" >&2
+  exit 1
+fi
+grep -E '^\[' "$GB/cmake-build.log" | tail -3 || true
 SO=$(ls "$BUILD"/_C.*.so | head -1)
 # a shared module links even with a missing definition (it would fail at import on the GPU)
 missing=$(nm -D --undefined-only "$SO" | c++filt | grep -E 'semcomp::' || true)

@@ -136,44 +136,47 @@ int pow2_floor(int64_t v) {
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> segment_mean_cuda(const at::Tensor& x, const at::Tensor& ids,
-                                                     int64_t num_groups,
-                                                     const std::optional<at::Tensor>& features) {
-  constexpr const char* op = "segment_mean";
-  check_segment_args(op, x, ids, num_groups, features);
-  c10::cuda::CUDAGuard guard(x.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  const int64_t n = x.size(0), d = x.size(1), g_count = num_groups;
-  const bool has_feat = features.has_value();
-  const int64_t k = has_feat ? features->size(0) : d;
-
-  const at::Tensor id = ids.to(at::kLong).contiguous();
-  at::Tensor feat;
-  if (has_feat) feat = features->to(at::kLong).contiguous();
-  at::Tensor status = new_status(3, x);
+// Checks ids against [0, num_groups) and features against [0, d) with the op's one host sync;
+// returns whether the ids were already sorted (false under graph capture, where the host
+// cannot know: sorting is then always done, correct either way).
+bool check_ids_and_features(const char* op, const at::Tensor& id, int64_t g_count,
+                            const at::Tensor& feat, int64_t d, const at::Tensor& like,
+                            cudaStream_t stream) {
+  const int64_t n = id.numel();
+  at::Tensor status = new_status(3, like);
   auto* st = reinterpret_cast<unsigned long long*>(status.data_ptr<int64_t>());
   if (n > 0) {
     scan_ids_kernel<<<std::min<int64_t>(ceil_div(n, 256), 4096), 256, 0, stream>>>(
         id.const_data_ptr<int64_t>(), n, g_count, st);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (has_feat) launch_index_scan(feat, d, status, 2, stream);
+  if (feat.defined()) launch_index_scan(feat, d, status, 2, stream);
   const at::Tensor host = finish_status(status, 1u | 4u, stream);  // the one host sync
   raise_if_bad(op, "ids", host, 0, id, g_count);
-  if (has_feat) raise_if_bad(op, "features", host, 2, feat, d);
-  // Under graph capture the sortedness is unknown on the host: always sort (correct either way).
-  const bool sorted =
-      host.defined() && host.const_data_ptr<int64_t>()[1] == std::numeric_limits<int64_t>::max();
+  if (feat.defined()) raise_if_bad(op, "features", host, 2, feat, d);
+  return host.defined() && host.const_data_ptr<int64_t>()[1] == std::numeric_limits<int64_t>::max();
+}
 
-  at::Tensor out = at::empty({g_count, k}, x.options());
-  at::Tensor counts = at::empty({g_count}, x.options().dtype(at::kLong));
-  // CSR over the (sorted) ids: group g owns sorted positions [off[g], off[g+1]).
+// The group CSR: (perm, off) with group g owning sorted positions [off[g], off[g+1]); perm is
+// undefined when the ids were sorted already (positions are then rows).
+std::pair<at::Tensor, at::Tensor> group_csr(const at::Tensor& id, int64_t g_count, bool sorted,
+                                            cudaStream_t stream) {
   at::Tensor sorted_ids = id, perm;
   if (!sorted) std::tie(sorted_ids, perm) = stable_sort_by_key(id, g_count, stream);
   at::Tensor off = at::empty({g_count + 1}, id.options());
-  launch_lower_bounds(sorted_ids.const_data_ptr<int64_t>(), n, g_count, off.data_ptr<int64_t>(),
-                      stream);
+  launch_lower_bounds(sorted_ids.const_data_ptr<int64_t>(), id.numel(), g_count,
+                      off.data_ptr<int64_t>(), stream);
+  return {perm, off};
+}
 
+// out (g_count x k) and counts from x's rows in the order of the group CSR (see
+// segment_mean_kernel for the thread layout and the split of long groups).
+void launch_segment_mean(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& off,
+                         const at::Tensor& feat, int64_t g_count, at::Tensor& out,
+                         at::Tensor& counts, cudaStream_t stream) {
+  constexpr const char* op = "segment_mean";  // AT_DISPATCH needs a constant name
+  const int64_t n = x.size(0), d = x.size(1), k = out.size(1);
+  const bool has_feat = feat.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
     using A = acc_t<scalar_t>;
     constexpr int VW = 16 / sizeof(scalar_t);
@@ -228,6 +231,25 @@ std::tuple<at::Tensor, at::Tensor> segment_mean_cuda(const at::Tensor& x, const 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> segment_mean_cuda(const at::Tensor& x, const at::Tensor& ids,
+                                                     int64_t num_groups,
+                                                     const std::optional<at::Tensor>& features) {
+  constexpr const char* op = "segment_mean";
+  check_segment_args(op, x, ids, num_groups, features);
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const int64_t g_count = num_groups;
+  const int64_t k = features.has_value() ? features->size(0) : x.size(1);
+  const at::Tensor id = ids.to(at::kLong).contiguous();
+  at::Tensor feat;
+  if (features.has_value()) feat = features->to(at::kLong).contiguous();
+  const bool sorted = check_ids_and_features(op, id, g_count, feat, x.size(1), x, stream);
+  const auto [perm, off] = group_csr(id, g_count, sorted, stream);
+  at::Tensor out = at::empty({g_count, k}, x.options());
+  at::Tensor counts = at::empty({g_count}, x.options().dtype(at::kLong));
+  launch_segment_mean(x, perm, off, feat, g_count, out, counts, stream);
   return {out, counts};
 }
 
