@@ -80,7 +80,7 @@ fi
 prebuilt_usable() {  # prints why not, returns 1, when the carried module cannot be used here
   local stamp=.gpu-build/prebuilt/stamp.txt
   [ -f "$stamp" ] || { echo "no prebuilt module (.gpu-build/prebuilt not carried)"; return 1; }
-  tools/prebuild_gpu.sh --check || { echo "prebuilt module is stale: built from other sources"; return 1; }
+  bash tools/prebuild_gpu.sh --check || { echo "prebuilt module is stale: built from other sources"; return 1; }
   local want have
   want="$(sed -n 's/^python=//p' "$stamp") $(sed -n 's/^torch=//p' "$stamp") $(sed -n 's/^arch=//p' "$stamp")"
   have=$($PY -c 'import platform, torch; c = torch.cuda.get_device_capability(); print(".".join(platform.python_version_tuple()[:2]), torch.__version__, f"{c[0]}{c[1]}a" if c[0] == 9 else f"{c[0]}{c[1]}")' 2>&1)
@@ -118,7 +118,7 @@ XDIST="\$(\$PY -c 'import xdist' 2>/dev/null && echo '-n 4')"
 # gpu_smoke groups never run on a GPU before (the gemm path, segment and gather were sanitized)
 NEW_GROUPS="infonce_gemm infonce_tile infonce_mma sigmoid pair_mean"
 SAN="compute-sanitizer --error-exitcode 9 --kernel-name kns=semcomp --print-limit 20"
-MMA_CHECK="if \$PY -c 'import sys; from semcomp_ext import _ops; sys.exit(0 if \"mma\" in getattr(_ops, \"_CUDA_IMPLS\", ()) else 1)'; then files=\$(ls tests/*mma*.py 2>/dev/null); $PYTEST \${files:-$KERNEL_TESTS} -k 'mma and not compile' && \$PY -m benchmarks.gpu_timing --impls mma gemm --siglip --out '$OUTDIR/mma_timing.json'; else echo 'mma: not in this build (skipped)'; fi"
+MMA_CHECK="if \$PY -c 'import sys; from semcomp_ext import _ops; sys.exit(0 if \"mma\" in getattr(_ops, \"_CUDA_IMPLS\", ()) else 1)'; then files=\$(ls tests/*mma*.py 2>/dev/null); $PYTEST \${files:-$KERNEL_TESTS} -k 'mma and not compile'; rc=\$?; [ \$rc = 5 ] && rc=0; \$PY -m benchmarks.gpu_timing --impls mma gemm --siglip --out '$OUTDIR/mma_timing.json' || rc=1; exit \$rc; else echo 'mma: not in this build (skipped)'; fi"
 
 NAMES=(); PRIOS=(); BUDGETS=(); CMDS=()
 stage() { NAMES+=("$1"); PRIOS+=("$2"); BUDGETS+=("${OVERRIDE[$1]:-$3}"); CMDS+=("$4"); }
