@@ -254,24 +254,16 @@ def eval_report(inputs, compressed: str | None = None, labels: str | None = None
     the train/test split and the recall queries. The inputs must be the files the folder's
     manifest records (path, size, mtime: SourceMismatchError otherwise) unless `force`. `delta_pt`: the change against
     the original concatenation, in percentage points; negative = lost."""
-    from ..eval import knn_accuracy, nearest, neighbour_recall, ridge_loo_accuracy
-    from .api import codebook_bytes, compress_arrays, compression_ratio_bytes
+    from .api import codebook_bytes, compress_arrays
 
     if rfs_seed is not None:  # the earlier name of `seed`
         seed = rfs_seed if seed is None else seed
     drop_rates = _check_eval_options(test_fraction, max_rows, k, sample_seed, drop_rates, compressed)
     if storage_options is not None:
         fsio.configure(storage_options)
-    man = cs = None
-    if compressed is not None:
-        from .open import open_compressed
-
-        cs = open_compressed(compressed)  # a finished folder (local or URL), sizes and headers checked
-        man = cs.manifest
-        if man["parameters"]["mode"] != "pairs":
-            raise ValueError(f"{compressed} is a concepts-mode output; eval needs pairs mode (one centroid per input row)")
-        if man.get("invalid_rows_skipped"):
-            raise ValueError(f"{compressed} skipped invalid rows; its rows no longer align with the inputs")
+    cs = None if compressed is None else _open_folder(compressed)
+    man = None if cs is None else cs.manifest
+    if man is not None:
         pm = man["parameters"]
         normalize = normalize or pm["normalize"]
         codec = codec or pm.get("codec") or pm.get("out_dtype")
@@ -284,11 +276,9 @@ def eval_report(inputs, compressed: str | None = None, labels: str | None = None
     total = sum(s.rows for s in mods[0].shards)
     if man is not None:
         check_sources(man, mods, compressed, force)
-        if man["rows_out"] != total:
-            raise SourceMismatchError(f"{compressed} has {man['rows_out']} rows, the inputs {total}; "
-                                      "give the inputs it was compressed from")
-        if man["parameters"]["dim"] != dim:
-            raise SourceMismatchError(f"{compressed} was made from dim {man['parameters']['dim']} inputs, these have {dim}")
+        if man["rows_out"] != total or man["parameters"]["dim"] != dim:
+            raise SourceMismatchError(f"{compressed} holds {man['rows_out']} rows of dim {man['parameters']['dim']}, "
+                                      f"the inputs {total} of dim {dim}; give the inputs it was compressed from")
     y_all = None
     if labels is not None:
         y_all = load_labels(labels, label_column)
@@ -309,23 +299,10 @@ def eval_report(inputs, compressed: str | None = None, labels: str | None = None
         bar.update(0, 1, len(xs_np[-1]))
     xs = [torch.from_numpy(x) for x in xs_np]
     y = None if y_all is None else torch.from_numpy(y_all if sel is None else y_all[sel])
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed))
-    n_test = max(1, int(round(n * test_fraction)))
-    te, tr = perm[:n_test], perm[n_test:]
     m = len(mods)
     in_item = np.dtype(in_dtype).itemsize
-    # neighbour-recall queries: a seeded sample of rows; their exact neighbours in the concat
-    qidx = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed + 1))[:min(n, recall_queries)]
     concat = torch.cat(xs, 1)
-    ref_nn = nearest(concat, qidx, recall_k)
-
-    def score(rep: torch.Tensor) -> dict:
-        r = {}
-        if y is not None:
-            r["linear_probe"], r["probe_l2"] = ridge_loo_accuracy(rep[tr], y[tr], rep[te], y[te])
-            r[f"knn@{k}"] = knn_accuracy(rep[tr], y[tr], rep[te], y[te], k=k)
-        r["neighbour_recall"] = neighbour_recall(rep, ref_nn, qidx)
-        return r
+    score = _Scorer(concat, y, test_fraction, sample_seed, recall_queries, recall_k, k)
 
     rows = []
     for mm, x in zip(mods, xs):
@@ -356,24 +333,27 @@ def eval_report(inputs, compressed: str | None = None, labels: str | None = None
         rows.append(row)
         bar.update(0, 1)
     bar.close()
+    _deltas(rows, rows[m], m * dim * in_item)
+    return _report(rows, compressed_row, score, cs, mods, dim, in_dtype, total, sel, labels is not None,
+                   sample_seed, seed, recall_k, k)
 
-    base_acc = rows[m]  # original concat
-    for row in rows:
-        row["compression_ratio"] = m * dim * in_item / row["bytes_per_item"]
-        d = {}
-        if y is not None:
-            d["linear_probe"] = _pct(row["linear_probe"]) - _pct(base_acc["linear_probe"])
-            d[f"knn@{k}"] = _pct(row[f"knn@{k}"]) - _pct(base_acc[f"knn@{k}"])
-        d["neighbour_recall"] = _pct(row["neighbour_recall"]) - _pct(base_acc["neighbour_recall"])
-        row["delta_pt"] = {kk: round(v, 2) for kk, v in d.items()}
+
+def _report(rows, compressed_row, score, cs, mods, dim, in_dtype, total, sel, labelled, sample_seed, seed,
+            recall_k, k) -> dict:
+    """The report of eval_report: the table and its context, and flat keys per representation."""
+    from .api import compression_ratio_bytes
+
+    n = total if sel is None else len(sel)
+    m = len(mods)
+    man = None if cs is None else cs.manifest
     res = {
-        "rows_total": total, "rows": n, "train": len(tr), "test": n_test, "dim": dim, "in_dtype": in_dtype,
-        "modalities": [mm.name for mm in mods], "labels": labels is not None, "sample_seed": sample_seed,
+        "rows_total": total, "rows": n, "train": len(score.tr), "test": len(score.te), "dim": dim, "in_dtype": in_dtype,
+        "modalities": [mm.name for mm in mods], "labels": labelled, "sample_seed": sample_seed,
         "seed": seed,
         "sample": (f"all {n} rows" if sel is None else f"a random sample of {n} of {total} rows (seed {sample_seed}: "
                    "the sample seed; max_rows 0 for every row)"),
         "probe": "ridge linear probe (closed form, L2 by leave-one-out CV on the train split)",
-        "recall_queries": len(qidx), "recall_k": recall_k,
+        "recall_queries": len(score.qidx), "recall_k": recall_k,
         "delta_convention": "percentage points, representation minus the original concatenation; negative = lost",
         "table": rows,
     }
@@ -388,7 +368,54 @@ def eval_report(inputs, compressed: str | None = None, labels: str | None = None
         key = row["representation"].replace("original ", "original_").replace(" ", "_")
         if row is compressed_row:
             key = "compressed"
-        if y is not None:
+        if labelled:
             res["accuracy"][key] = {"linear_probe": row["linear_probe"], f"knn@{k}": row[f"knn@{k}"]}
         res["neighbour_recall"][key] = row["neighbour_recall"]
     return res
+
+
+def _open_folder(compressed: str):
+    """The compressed folder eval scores: finished (local or URL), pairs mode, no row dropped."""
+    from .open import open_compressed
+
+    cs = open_compressed(compressed)  # sizes and headers checked
+    if cs.manifest["parameters"]["mode"] != "pairs":
+        raise ValueError(f"{compressed} is a concepts-mode output; eval needs pairs mode (one centroid per input row)")
+    if cs.manifest.get("invalid_rows_skipped"):
+        raise ValueError(f"{compressed} skipped invalid rows; its rows no longer align with the inputs")
+    return cs
+
+
+class _Scorer:
+    """score(rep) of one representation of the sampled rows: the probes on a seeded train/test
+    split (with labels) and the neighbour recall against the original concatenation."""
+
+    def __init__(self, concat, y, test_fraction, sample_seed, recall_queries, recall_k, k):
+        from ..eval import nearest
+
+        n = concat.shape[0]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed))
+        n_test = max(1, int(round(n * test_fraction)))
+        self.te, self.tr, self.y, self.k = perm[:n_test], perm[n_test:], y, k
+        # neighbour-recall queries: a seeded sample of rows; their exact neighbours in the concat
+        self.qidx = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed + 1))[:min(n, recall_queries)]
+        self.ref_nn = nearest(concat, self.qidx, recall_k)
+
+    def __call__(self, rep: torch.Tensor) -> dict:
+        from ..eval import knn_accuracy, neighbour_recall, ridge_loo_accuracy
+
+        r, y, tr, te = {}, self.y, self.tr, self.te
+        if y is not None:
+            r["linear_probe"], r["probe_l2"] = ridge_loo_accuracy(rep[tr], y[tr], rep[te], y[te])
+            r[f"knn@{self.k}"] = knn_accuracy(rep[tr], y[tr], rep[te], y[te], k=self.k)
+        r["neighbour_recall"] = neighbour_recall(rep, self.ref_nn, self.qidx)
+        return r
+
+
+def _deltas(rows: list, base: dict, in_bytes: float) -> None:
+    """Each row's compression ratio (input bytes per item / its stored bytes per item) and its
+    change against the original concatenation `base`, in percentage points."""
+    for row in rows:
+        row["compression_ratio"] = in_bytes / row["bytes_per_item"]
+        row["delta_pt"] = {key: round(_pct(row[key]) - _pct(base[key]), 2) for key in base
+                           if key in ("linear_probe", "neighbour_recall") or key.startswith("knn@")}
