@@ -36,30 +36,21 @@
 // pass over transposed tiles, avoids the s*G round trip through memory; it needs the ldmatrix
 // .trans staging of k and q and is left for the GPU measurements to justify.)
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <limits>
 
-#include "common/cuda_utils.cuh"
+#include "common/cuda_utils.cuh"  // also SEMCOMP_MM_OUT_DTYPE
 #include "common/ptx.cuh"
 #include "infonce/infonce.h"
 #include "infonce/infonce_mma.h"
-
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-#define SEMCOMP_MMA_OUT_DTYPE 1  // aten::mm.dtype_out / addmm.dtype_out exist
-#else
-#define SEMCOMP_MMA_OUT_DTYPE 0
-#endif
 
 namespace semcomp::mma {
 namespace {
@@ -644,28 +635,7 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q, const at::Tensor& k, const
   return {loss, rlse};
 }
 
-#if SEMCOMP_MMA_OUT_DTYPE
-// acc (fp32) += m1 m2 with bf16/fp16 operands: addmm.dtype_out where torch accepts an fp32
-// bias, else mm.dtype_out into a scratch block plus add_ (the choice is process-wide, shared
-// with the gemm path through infonce_dk_accumulate_mode()).
-void accumulate_mixed(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2,
-                      at::Tensor& scratch) {
-  std::atomic<int>& mode = infonce_dk_accumulate_mode();  // 0 untried, 1 addmm, 2 fallback
-  if (mode.load() != 2) {
-    try {
-      at::addmm_out(acc, acc, m1, m2, at::kFloat, /*beta=*/1, /*alpha=*/1);
-      mode.store(1);
-      return;
-    } catch (const c10::Error&) {
-      if (mode.load() == 1) throw;
-      mode.store(2);
-    }
-  }
-  if (!scratch.defined()) scratch = at::empty_like(acc);
-  at::mm_out(scratch, m1, m2, at::kFloat);
-  acc.add_(scratch);
-}
-
+#if SEMCOMP_MM_OUT_DTYPE
 template <bool SYM>
 std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& logit_scale, const at::Tensor& s,
@@ -680,16 +650,15 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
                               : std::min(nq, pick_blocks(0, n_rb, kBM * nk * q.element_size()) * kBM);
   const int64_t splits =
       pick_splits(ceil_div(C, kBM), n_ct, semcomp::cuda::multiprocessor_count(q.device().index()));
-  // fp16 s*G blocks are stored times an exact power of two p (as the gemm path: the largest
-  // possible entry lands near 2^14, so the small entries of a "mean" reduction do not flush
-  // to zero); dq is then computed in fp32 and both gradients are multiplied by 1/p.
+  // fp16 s*G blocks are stored times an exact power of two p (pow2_prescale, as the gemm
+  // path: bound = s * (max|rc| + max|cc| + max|dc|)); dq is then computed in fp32 and both
+  // gradients are multiplied by 1/p.
   const bool prescale = q.scalar_type() == at::kHalf;
   at::Tensor gscale;
   if (prescale) {
     at::Tensor m = rcoef.abs().amax().add(dcoef.abs().amax());
     if constexpr (SYM) m = m.add(ccoef.abs().amax());
-    const at::Tensor e = m.mul(s.reshape({})).reciprocal().mul(16384.0).log2().floor();
-    gscale = e.nan_to_num(0.0, 60.0, -30.0).clamp(-30.0, 60.0).exp2().reshape({1}).contiguous();
+    gscale = semcomp::cuda::pow2_prescale(m.mul(s.reshape({})));
   }
   at::Tensor gbuf = at::empty({C, nk}, q.options());
   at::Tensor ds_part = at::empty({splits, C}, opts);
@@ -724,7 +693,8 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
     at::Tensor gq_blk = gq.narrow(0, i0, c);
     if (prescale) at::mm_out(gq_blk, gblk, k, at::kFloat);  // p * dq_c in fp32
     else at::mm_out(gq_blk, gblk, k);                       // dq_c, one rounding to the dtype
-    accumulate_mixed(gk, gblk.t(), qc, scratch);             // dk += (sG)^T q_c in fp32
+    semcomp::cuda::addmm_fp32_accumulate(gk, gblk.t(), qc, scratch,  // dk += (sG)^T q_c, fp32
+                                         infonce_dk_accumulate_mode());
   }
   at::Tensor gs = at::sum(ds_rows).reshape(logit_scale.sizes()).to(logit_scale.scalar_type());
   if (prescale) {
@@ -739,7 +709,7 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
 }  // namespace
 
 bool available(const at::Tensor& q) {
-  if (!SEMCOMP_MMA_OUT_DTYPE) return false;
+  if (!SEMCOMP_MM_OUT_DTYPE) return false;
   if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) return false;
   if (q.size(1) == 0) return false;  // every logit 0: the gemm path (no D step to run here)
 #if defined(EMU_HAVE_TORCH)  // the host emulator (shared/tools/cuda-emu) runs the sm_80 code
@@ -764,7 +734,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& s, const at::Tensor& rlse, const at::Tensor& rcoef,
                             const at::Tensor& dcoef, const at::Tensor& clse,
                             const at::Tensor& ccoef, int64_t offset, bool sym, int64_t chunk) {
-#if SEMCOMP_MMA_OUT_DTYPE
+#if SEMCOMP_MM_OUT_DTYPE
   return sym ? bwd_impl<true>(q, k, logit_scale, s, rlse, rcoef, dcoef, clse, ccoef, offset, chunk)
              : bwd_impl<false>(q, k, logit_scale, s, rlse, rcoef, dcoef, clse, ccoef, offset, chunk);
 #else
