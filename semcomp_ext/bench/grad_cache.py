@@ -110,10 +110,26 @@ def _child(method: str, batch: int, micro_batch: int, threads: int) -> dict:
     return point
 
 
-def run(batches: list[int], micro_batch: int, time_batch: int, repeats: int, threads: int) -> dict:
+def step_time(micro_batch: int, time_batch: int, repeats: int, threads: int) -> dict:
+    """Full vs cached step at time_batch rows, interleaved rounds, medians (this process)."""
     from .timing import environment, interleaved_times
 
     torch.set_num_threads(threads)
+    model = _model()
+    steps = _steps(model, micro_batch)
+    images, texts = _inputs(time_batch)
+    timing, errors = interleaved_times({k: (lambda f=f: f(images, texts)) for k, f in steps.items()},
+                                       "cpu", repeats=repeats, warmup=1)
+    if errors:
+        raise RuntimeError(f"timing failed: {errors}")
+    return {"batch": time_batch, "micro_batch": micro_batch, "repeats": repeats, "threads": threads, **timing,
+            "cached_over_full": timing["cached"]["median_s"] / timing["full"]["median_s"],
+            "environment": environment("cpu")}
+
+
+def run(batches: list[int], micro_batch: int, time_batch: int, repeats: int, threads: int) -> dict:
+    from .timing import environment
+
     points = [_child("full", micro_batch, micro_batch, threads)]
     for n in batches:
         for method in ("full", "cached"):
@@ -126,19 +142,12 @@ def run(batches: list[int], micro_batch: int, time_batch: int, repeats: int, thr
         if p["method"] == "cached" and one_micro is not None and p["peak_extra_bytes"] is not None:
             p["allowance_bytes"] = int(1.2 * one_micro + p["embedding_bytes"])
             p["within_allowance"] = p["peak_extra_bytes"] <= p["allowance_bytes"]
-    steps = _steps(model, micro_batch)
-    images, texts = _inputs(time_batch)
-    timing, errors = interleaved_times({k: (lambda f=f: f(images, texts)) for k, f in steps.items()},
-                                       "cpu", repeats=repeats, warmup=1)
-    if errors:
-        raise RuntimeError(f"timing failed: {errors}")
     return {
         "environment": environment("cpu"),
         "model": MODEL, "embed_dim": d, "params": sum(p.numel() for p in model.parameters()),
         "micro_batch": micro_batch, "threads": threads,
         "memory": points,
-        "time": {"batch": time_batch, "repeats": repeats, **timing,
-                 "cached_over_full": timing["cached"]["median_s"] / timing["full"]["median_s"]},
+        "time": step_time(micro_batch, time_batch, repeats, threads),
     }
 
 
@@ -157,8 +166,12 @@ def markdown(payload: dict) -> str:
         mib = lambda p, k="peak_extra_bytes": "—" if p is None or p.get(k) is None else f"{p[k] / 2**20:.1f} MiB"  # noqa: E731
         out.append(f"| {n} | {mib(full)} | {mib(cached)} | {mib(cached, 'allowance_bytes')} |")
     t = payload["time"]
-    out += ["", f"| step at batch {t['batch']} (median of {t['repeats']} interleaved rounds) | seconds |", "|---|---:|",
-            f"| full batch | {t['full']['median_s']:.3f} |", f"| cached, micro-batch {mb} | {t['cached']['median_s']:.3f} |",
+    tenv = t.get("environment", env)
+    out += ["", f"Step time at batch {t['batch']}, median of {t['repeats']} interleaved rounds, "
+            f"{t.get('threads', payload['threads'])} torch thread(s), {tenv['date']}, load average {tenv.get('load_average')}:", "",
+            "| step | seconds |", "|---|---:|",
+            f"| full batch | {t['full']['median_s']:.3f} |",
+            f"| cached, micro-batch {t.get('micro_batch', mb)} | {t['cached']['median_s']:.3f} |",
             f"| cached / full | {t['cached_over_full']:.2f} |"]
     return "\n".join(out)
 
@@ -171,14 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/grad_cache_cpu.json")
+    ap.add_argument("--time-only", action="store_true",
+                    help="measure the step time again and replace it in --out (memory points kept)")
     args = ap.parse_args(argv)
     for name in ("micro_batch", "time_batch", "repeats", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.batches) < 1:
         ap.error(f"--batches must all be >= 1, got {args.batches}")
-    payload = run(args.batches, args.micro_batch, args.time_batch, args.repeats, args.threads)
     out = Path(args.out)
+    if args.time_only:
+        if not out.is_file():
+            ap.error(f"--time-only needs an earlier result in --out, {out} does not exist")
+        payload = json.loads(out.read_text())
+        payload["time"] = step_time(args.micro_batch, args.time_batch, args.repeats, args.threads)
+    else:
+        payload = run(args.batches, args.micro_batch, args.time_batch, args.repeats, args.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
