@@ -253,6 +253,41 @@ def test_grad_cached_model_on_two_gloo_ranks_matches_single_process():
         assert res["max_diff"] <= 1e-5 * max(1.0, res["grad_max"]), res
 
 
+def test_grad_cached_model_siglip_logit_bias_matches_plain_step():
+    """A SigLIP-style open_clip model (learnable logit bias; fp64): GradCachedModel's output
+    carries logit_scale and logit_bias with autograd, and the step's gradients (towers, scale,
+    bias) equal the plain model(images, texts) step with the same SigLipLoss."""
+    import torch
+
+    from semcomp_ext.integrations.open_clip import GradCachedModel
+    from semcomp_ext.open_clip_train import CONFIG_DIR
+
+    open_clip.add_model_config(CONFIG_DIR)
+    torch.manual_seed(0)
+    model = open_clip.create_model("semcomp-tiny", output_dict=True, init_logit_bias=-10.0).double()
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(7, 3, 28, 28, generator=g, dtype=torch.float64)
+    texts = torch.randint(1, 2000, (7, 24), generator=g)
+    loss_fn = semcomp_ext.SigLipLoss()
+
+    want_loss = loss_fn(**model(images, texts))
+    want_loss.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+
+    cached = GradCachedModel(model, 3)
+    out = cached(images, texts)
+    assert set(out) == {"image_features", "text_features", "logit_scale", "logit_bias"}
+    loss = loss_fn(**out)
+    cached.backward(loss)
+    assert abs(loss.item() - want_loss.item()) <= 1e-10
+    for p, w in zip(model.parameters(), want):
+        assert (p.grad - w).abs().max().item() <= 1e-10
+    assert model.logit_bias.grad is not None and model.logit_bias.grad.abs().item() > 0
+    with pytest.raises(RuntimeError, match="no cached forward"):
+        cached.backward(loss)
+
+
 def test_entry_rejects_bad_grad_cache_flag(capsys):
     import semcomp_ext.open_clip_train as entry
 
