@@ -199,7 +199,7 @@ def test_open_clip_train_main_grad_cache_matches_uncached_fused_run(tmp_path):
         assert d <= 1e-5 * max(1.0, scale), f"fp32 step {k}: gradient difference {d:.3g} (largest {scale:.3g})"
     fused_amp, cached_amp = rec["fused_amp"], rec["cached_amp"]
     assert len(cached_amp["grad_max"]) == len(fused_amp["grad_max"]) >= 1  # the same steps skipped
-    np.testing.assert_allclose(cached_amp["losses"], fused_amp["losses"], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(cached_amp["losses"], fused_amp["losses"], rtol=0, atol=2e-3)
     for k, (d, scale) in enumerate(zip(cached_amp["grad_diff"], fused_amp["grad_max"])):
         assert d <= 5e-3 * max(1.0, scale), f"amp step {k}: gradient difference {d:.3g} (largest {scale:.3g})"
 
