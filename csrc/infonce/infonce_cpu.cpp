@@ -163,10 +163,15 @@ double read_scale(const char* op, const at::Tensor& logit_scale) {
 
 // The GEMM operands: q and k either in their own 16-bit dtype for the low-precision GEMMs
 // (lowp set) or widened to the accumulation dtype; `acc` is the dtype of S, G and the
-// statistics.
+// statistics. bf16 (aten_bf16): dq comes from ATen's bf16 GEMM (oneDNN, AMX; 2-3x faster than
+// MKL's fp32-output GEMM on 2 Sapphire Rapids cores), which accumulates in fp32 and rounds
+// once to bf16, dq's own dtype: the same result as an fp32 dq rounded at the end. S keeps its
+// fp32 output (rounding S to bf16 would put bf16's error into every logit), and dk, a sum over
+// the chunks, its fp32 accumulation.
 struct Operands {
   at::Tensor q, k;
   cpu::LowpGemmFn lowp = nullptr;
+  bool aten_bf16 = false;
   at::TensorOptions acc;
   int64_t chunk_rows = 0;  // rows per chunk: the same in forward and backward (same S)
 };
@@ -180,6 +185,7 @@ Operands operands(const at::Tensor& q_in, const at::Tensor& k_in, int64_t chunk)
   if (o.lowp != nullptr) {
     o.q = q_in.contiguous();
     o.k = k_in.contiguous();
+    o.aten_bf16 = q_in.scalar_type() == at::kBFloat16;
   } else {
     o.q = as_acc(q_in);
     o.k = as_acc(k_in);
@@ -269,15 +275,21 @@ float g_scale(const at::Tensor& rcoef, const at::Tensor& ccoef, const at::Tensor
 
 // dq_c = s G_c k and dk += s G_c^T q_c for one chunk of rows [i0, i0 + c); G_c (fp32, in ws)
 // holds the diagonal term already. The low-precision path reads G's 16-bit copy gb (scaled
-// by gscale, undone in alpha); dq and dk accumulate in fp32 either way.
+// by gscale, undone in alpha); dq and dk accumulate in fp32 either way (dq rounded once to
+// bf16 on the aten_bf16 path, where gq is bf16).
 void grad_gemms(const Operands& o, int64_t i0, int64_t c, double s, const at::Tensor& block,
                 const at::Tensor& gb, float gscale, at::Tensor& gq, at::Tensor& gk) {
   if (o.lowp != nullptr) {
     const int d = static_cast<int>(o.q.size(1)), nk = static_cast<int>(o.k.size(0));
     const float alpha = static_cast<float>(s / gscale);
     const auto* qp = static_cast<const uint16_t*>(o.q.data_ptr()) + i0 * d;
-    o.lowp(cpu::kRowMajor, cpu::kNoTrans, cpu::kNoTrans, static_cast<int>(c), d, nk, alpha,
-           gb.data_ptr(), nk, o.k.data_ptr(), d, 0.0f, gq.data_ptr<float>() + i0 * d, d);
+    if (o.aten_bf16) {
+      at::Tensor gq_block = gq.narrow(0, i0, c);
+      at::addmm_out(gq_block, gq_block, gb.narrow(0, 0, c), o.k, /*beta=*/0, /*alpha=*/alpha);
+    } else {
+      o.lowp(cpu::kRowMajor, cpu::kNoTrans, cpu::kNoTrans, static_cast<int>(c), d, nk, alpha,
+             gb.data_ptr(), nk, o.k.data_ptr(), d, 0.0f, gq.data_ptr<float>() + i0 * d, d);
+    }
     o.lowp(cpu::kRowMajor, cpu::kTrans, cpu::kNoTrans, nk, d, static_cast<int>(c), alpha,
            gb.data_ptr(), nk, qp, d, 1.0f, gk.data_ptr<float>(), d);
     return;
@@ -306,7 +318,8 @@ std::vector<at::Tensor> bwd_impl(const char* op, const at::Tensor& q_in, const a
   }
   const int64_t C = o.chunk_rows;
   at::Tensor ws = at::empty({C, nk}, opts);
-  at::Tensor gq = at::empty({nq, dim}, opts), gk = at::zeros({nk, dim}, opts);
+  at::Tensor gq = at::empty({nq, dim}, o.aten_bf16 ? q_in.options() : opts);
+  at::Tensor gk = at::zeros({nk, dim}, opts);
   at::Tensor gb;  // G's 16-bit copy (low-precision path)
   float gscale = 1.0f;
   const bool bf16 = q_in.scalar_type() == at::kBFloat16;
