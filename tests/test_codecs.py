@@ -281,6 +281,21 @@ def test_compress_codec(tmp_path, spec):
     assert tree_sha(again) == tree_sha(out)
 
 
+def test_compress_job_reports_the_codec_fit(tmp_path, capsys):
+    """The CLI job (stderr not a terminal) says when the fit starts and how long the fit itself
+    took, before the compress progress line; -q says nothing."""
+    make_clip_layout(tmp_path / "in", rows=ROWS, dim=24)
+    assert main(["compress", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "--keep", "16",
+                 "--codec", "pq:4", "--codec-sample-rows", "400"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    start = err.index("semcomp codec pq:4: fitting on 400 x 16 ...")
+    assert err[start + 1].startswith("semcomp codec pq:4: fitting on 400 x 16 ... done in ")
+    assert any(line.startswith("semcomp compress: ") for line in err[start + 2:])
+    assert main(["compress", str(tmp_path / "in"), "-o", str(tmp_path / "q"), "--keep", "16",
+                 "--codec", "pq:4", "--codec-sample-rows", "400", "-q"]) == 0
+    assert "fitting" not in capsys.readouterr().err
+
+
 def test_verify_checks_codec(tmp_path):
     make_clip_layout(tmp_path / "in", rows=ROWS, dim=24)
     out, m = _compress(tmp_path, "out", codec="int8", codec_sample_rows=400)

@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import atomic, fsio, manifest
-from .codecs import parse_codec
+from .codecs import fit_codec, parse_codec
 from .lock import LOCK, OutputLock, stale_note
 from .options import CompressOptions
 from .plan import Plan, build_plan, sources
@@ -53,7 +53,7 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _codec_entry(plan: Plan, old: dict | None) -> dict:
+def _codec_entry(plan: Plan, old: dict | None, quiet: bool = True) -> dict:
     """The manifest entry of the storage codec. On --resume it is the interrupted run's (same
     parameters, already fitted), so resumed shards are encoded exactly like the first ones;
     otherwise a codec that needs fitting is fitted now, before any shard is written, on the
@@ -65,7 +65,7 @@ def _codec_entry(plan: Plan, old: dict | None) -> dict:
     if codec.needs_fit:
         from .pipeline import codec_sample
 
-        codec.fit(codec_sample(plan, p["codec_sample_rows"]))
+        fit_codec(codec, codec_sample(plan, p["codec_sample_rows"]), quiet=quiet)  # lines every 10 s, real time
     else:
         codec.dim = p["keep"]
     return codec.to_manifest()
@@ -145,7 +145,7 @@ def _run_job(opts: CompressOptions, plan: Plan) -> dict:
     }
     if old is not None:
         _resume_from(opts, plan, old, m)
-    m["codec"] = plan.extra["codec"] = _codec_entry(plan, old)
+    m["codec"] = plan.extra["codec"] = _codec_entry(plan, old, opts.quiet)
     manifest.save(opts.out, m)  # in_progress, the records resumed from folded in
     manifest.remove_journal(opts.out)  # ... so the journal restarts empty
     _run_tasks(opts, plan, m, _runner(opts))
