@@ -137,6 +137,21 @@ def test_explicit_factory_is_kept(collection, tmp_path):
     np.testing.assert_array_equal(search(out, q, 5).rows, search(out, q, 5, exact=True).rows)
 
 
+def test_cli_time_budget_and_threads(collection, tmp_path, capsys):
+    from semcomp_ext.cli import main
+
+    x, _ = collection
+    out = _folder(tmp_path, x)
+    assert main(["index", out, "--time-budget", "1e-3", "--threads", "1", "-q"]) == 0
+    info = json.loads((tmp_path / "c" / "index" / "index.json").read_text())
+    assert info["factory"] == "IVF16,Flat" and info["threads"] == 1  # the smallest list count fits no budget
+    assert info["choice"]["time_budget_s"] == 1e-3 and info["choice"]["threads"] == 1
+    for flag, value in (("--time-budget", "0"), ("--time-budget", "nan"), ("--threads", "0")):
+        with pytest.raises(SystemExit) as e:
+            main(["index", out, flag, value])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
 def test_tune_nprobe_stops_at_the_target():
     from semcomp_ext.bench.index import clustered
     from semcomp_ext.compress.index import tune_nprobe

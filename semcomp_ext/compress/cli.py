@@ -177,7 +177,7 @@ def _index_build(args) -> int:
     from .index import build_index
 
     info = build_index(args.dir, index_factory=args.index_factory, nprobe=args.nprobe, seed=args.sample_seed,
-                       quiet=args.quiet, storage_options=args.so)
+                       quiet=args.quiet, storage_options=args.so, time_budget_s=args.time_budget, threads=args.threads)
     summary = {k: info.get(k) for k in ("factory", "ntotal", "dim", "nprobe", "train_rows", "build_seconds")}
     if args.json:
         emit(json.dumps(summary))
@@ -214,6 +214,16 @@ def _positive_int(s: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {s!r}")
     return n
+
+
+def _positive_seconds(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = 0.0
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {s!r}")
+    return v
 
 
 def _drop_rates(s: str) -> list:
@@ -393,6 +403,9 @@ def _register_index_search(sub) -> None:
                                             "folder, as autofaiss does; see docs/compress.md)")
     ix.add_argument("--nprobe", type=_positive_int, help="IVF lists searched per query (default: tuned on the index)")
     ix.add_argument("--sample-seed", type=int, default=0, help="seed of the training sample")
+    ix.add_argument("--time-budget", type=_positive_seconds, metavar="SECONDS",
+                    help="build time the default index is sized for (default: 10 + rows x dims / 1e7)")
+    ix.add_argument("--threads", type=_positive_int, help="faiss threads (default: the usable cores, fewer when busy)")
     _hidden_alias(ix, "--seed", "sample_seed", type=int)
     _add_common(ix, "print the index summary as JSON instead of the line", "no progress and no summary")
     ix.set_defaults(func=_index)
