@@ -227,6 +227,23 @@ def test_cpu_low_precision_backward_sees_the_forward_logits(dtype, lowp_gemm, mo
     assert all(torch.count_nonzero(g) == 0 for g in grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lowp_gemm", ["1", "0"])
+def test_cpu_low_precision_with_zero_features_is_log_n(dtype, lowp_gemm, monkeypatch):
+    """D = 0: every logit is 0, so each direction's loss is log N and every gradient is zero,
+    on both 16-bit CPU paths (BLAS refuses a leading dimension of 0)."""
+    monkeypatch.setenv("SEMCOMP_CPU_LOWP_GEMM", lowp_gemm)
+    a = torch.zeros(7, 0, dtype=dtype, requires_grad=True)
+    b = torch.zeros(7, 0, dtype=dtype, requires_grad=True)
+    s = torch.tensor(1 / 0.07, requires_grad=True)
+    loss = sc.infonce_loss(a, b, logit_scale=s)
+    assert abs(loss.item() - math.log(7)) < 1e-2
+    (gs,) = torch.autograd.grad(loss, (s,))
+    assert gs.item() == 0.0
+    rect = sc.infonce_rect_loss(a[:3], b, s, offset=2, reduction="none")
+    assert torch.allclose(rect.float(), torch.full((3,), math.log(7)), atol=1e-2)
+
+
 def test_large_logit_scale_is_stable(device):
     a, b = _pair(64, 16, device, torch.float32)
     out = sc.infonce_loss(a, b, logit_scale=100.0)

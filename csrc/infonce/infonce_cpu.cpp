@@ -180,7 +180,9 @@ Operands operands(const at::Tensor& q_in, const at::Tensor& k_in, int64_t chunk)
   Operands o;
   const int64_t nq = q_in.size(0), nk = k_in.size(0);
   const int64_t C = cpu::gemm_chunk_rows(chunk, nq, nk, 23, 2048);
-  if (cpu::fits_lp64({nq, nk, q_in.size(1), C * nk})) o.lowp = cpu::lowp_gemm(q_in.scalar_type());
+  // D = 0 (or no rows) stays on the widened path: BLAS refuses leading dimensions < 1.
+  if (q_in.size(1) > 0 && nq > 0 && nk > 0 && cpu::fits_lp64({nq, nk, q_in.size(1), C * nk}))
+    o.lowp = cpu::lowp_gemm(q_in.scalar_type());
   o.chunk_rows = o.lowp != nullptr ? C : cpu::gemm_chunk_rows(chunk, nq, nk);
   if (o.lowp != nullptr) {
     o.q = q_in.contiguous();
