@@ -46,7 +46,7 @@ test: build
 	$(BIN)/python -m pytest -q tests
 
 bench: build
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python -m benchmarks.run_all
 
 clean:
 	rm -rf build *.egg-info

@@ -147,7 +147,7 @@ else
   for tool in memcheck racecheck synccheck; do
     stage "$tool" P1 240 "$SAN --tool $tool \$PY -m benchmarks.gpu_smoke --device cuda"
   done
-  stage bench P2 600 "\$PY benchmarks/run_all.py --device cuda $BENCH_ARGS; rc=\$?; tar -czf '$OUTDIR/results_cuda.tar.gz' -C benchmarks results; exit \$rc"
+  stage bench P2 600 "\$PY -m benchmarks.run_all --device cuda $BENCH_ARGS; rc=\$?; tar -czf '$OUTDIR/results_cuda.tar.gz' -C benchmarks results; exit \$rc"
   stage benchcli P2 300 "\$PY -m semcomp_cli bench all --device cuda --dtype bfloat16 -q -o '$OUTDIR/bench_cli_cuda.json' --plot '$OUTDIR/bench_cli_cuda.png'"
 fi
 

@@ -23,7 +23,7 @@ ops = torch.ops.semcomp
 
 __all__ = ["ops", "has_kernel", "build_info", "set_infonce_cuda_impl", "get_infonce_cuda_impl"]
 
-_CUDA_IMPLS = ("auto", "gemm", "tile")
+_CUDA_IMPLS = ("auto", "gemm", "tile", "mma")
 
 
 def set_infonce_cuda_impl(impl: str) -> str:
@@ -31,7 +31,9 @@ def set_infonce_cuda_impl(impl: str) -> str:
     the previous selection. "gemm": cuBLAS writes each chunk of logits in fp32, separate
     kernels compute the log-sum-exps and gradients. "tile": the logits are computed on the
     tensor cores tile by tile and consumed in shared memory (never written to device memory).
-    "auto" (default) currently means "gemm". fp32/fp64 inputs always use "gemm"."""
+    "mma" (sm_80+): ldmatrix + mma.sync kernels with cp.async pipelines, logits and log-sum-exp
+    states in registers; the backward writes s*G for two cuBLAS products (checked on the CPU
+    emulator, not yet timed on a GPU). "auto" (default) currently means "gemm". fp32/fp64 inputs always use "gemm"."""
     if impl not in _CUDA_IMPLS:
         raise ValueError(f"set_infonce_cuda_impl: impl must be one of {_CUDA_IMPLS}, got {impl!r}")
     previous = get_infonce_cuda_impl()
@@ -40,7 +42,7 @@ def set_infonce_cuda_impl(impl: str) -> str:
 
 
 def get_infonce_cuda_impl() -> str:
-    """The CUDA InfoNCE implementation selected for bf16/fp16 inputs ("auto", "gemm", "tile")."""
+    """The CUDA InfoNCE implementation selected for bf16/fp16 inputs ("auto", "gemm", "tile", "mma")."""
     return _CUDA_IMPLS[_C._infonce_cuda_impl()]
 
 

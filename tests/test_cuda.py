@@ -132,11 +132,21 @@ def tile_impl():
     sc.set_infonce_cuda_impl(previous)
 
 
+@pytest.mark.parametrize("impl", ["tile", "mma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d,chunk", [(70, 40, 0), (130, 33, 50), (257, 64, 0), (1000, 96, 256), (5, 8, 0)])
-def test_tile_impl_matches_gemm_impl_and_fp64(dtype, n, d, chunk, tile_impl):
-    """The tensor-core tile kernels against the gemm path (same rounding of G to the input
-    dtype) and against the fp64 reference, symmetric and rectangular with an offset."""
+def test_tensor_core_impls_match_gemm_impl_and_fp64(impl, dtype, n, d, chunk):
+    """The tensor-core kernels (WMMA tiles; ldmatrix + mma.sync) against the gemm path (same
+    rounding of G to the input dtype) and against the fp64 reference, symmetric and
+    rectangular with an offset."""
+    chosen = sc.set_infonce_cuda_impl(impl)
+    try:
+        _tensor_core_impl_matches_gemm_impl_and_fp64(dtype, n, d, chunk)
+    finally:
+        sc.set_infonce_cuda_impl(chosen)
+
+
+def _tensor_core_impl_matches_gemm_impl_and_fp64(dtype, n, d, chunk):
     a, b = _unit(n, d, dtype).requires_grad_(), _unit(n, d, dtype).requires_grad_()
     s = torch.tensor(14.3, device="cuda", requires_grad=True)
 
