@@ -112,6 +112,38 @@ def test_url_lock_is_exclusive_on_memory_store():
         OutputLock("http://127.0.0.1:9/out").acquire()
 
 
+def test_index_takes_the_folder_lock(done, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("faiss")
+    from semcomp_ext.compress import index as index_mod
+
+    out = _copy(done, tmp_path)
+    # a compress holding the folder: index is refused, naming it, and writes nothing
+    with OutputLock(str(out)):
+        rc, err = _run(capsys, "index", out, "-q")
+    line = _one_line(err)
+    assert rc == 2 and "in use by semcomp compress" in line and f"pid {os.getpid()}" in line, line
+    assert not (out / "index").exists() and not (out / LOCK).exists()
+
+    # while index writes OUT/index/, a second index and a compress --overwrite/--resume are refused
+    seen = []
+    write_index = index_mod._write_index
+
+    def write_while_others_try(path, index):
+        for cmd in (["index", out, "-q"], ["compress", done / "in", "-o", out, "-q", "--overwrite"],
+                    ["compress", done / "in", "-o", out, "-q", "--resume"]):
+            seen.append(_run(capsys, *cmd))
+        return write_index(path, index)
+
+    monkeypatch.setattr(index_mod, "_write_index", write_while_others_try)
+    assert main(["index", str(out), "-q"]) == 0
+    assert len(seen) == 3
+    for rc, err in seen:
+        line = _one_line(err)
+        assert rc == 2 and "in use by semcomp index" in line and f"pid {os.getpid()}" in line, line
+    assert not (out / LOCK).exists()  # released
+    assert verify(str(out)) == []
+
+
 # ---- confinement ------------------------------------------------------------------------
 
 

@@ -22,6 +22,8 @@ nprobe of an IVF index, unless --nprobe is given: 256 rows of the training sampl
 queries; their exact top-11 is gathered while the rows are added; nprobe doubles from 1 until
 the index's recall@10 on them (each query's own row left out) reaches 0.95, a margin over the
 0.9 asked of unseen queries (efSearch = 2·nprobe for an HNSW coarse quantizer).
+The build holds the folder's lock (lock.py, as compress does): a second index, or a compress
+--overwrite/--resume of the folder, is refused meanwhile with one line naming the holder.
 Training and adding print a line every 10 s (heartbeat.Heartbeat) and their own durations.
 faiss runs on `threads` OpenMP threads (default: the usable cores, fewer on a busy machine:
 heartbeat.default_threads). index.json records the choice, its estimate and budget, nprobe
@@ -45,6 +47,7 @@ from .heartbeat import Heartbeat, default_threads, faiss_threads, usable_cores
 from .index_choice import (TRAIN_MAX, TRAIN_PER_LIST, TUNE_K, TUNE_QUERIES, TUNE_RECALL, IndexChoice,
                            check_positive_int, check_seconds, choose_index, default_index_factory,
                            default_time_budget)
+from .lock import OutputLock, stale_note
 from .open import CompressedSet, open_compressed
 
 __all__ = ["IndexChoice", "SearchResult", "build_index", "choose_index", "default_index_factory",
@@ -217,7 +220,31 @@ def build_index(folder, *, index_factory: str | None = None, nprobe: int | None 
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
     if index_factory is not None and (not isinstance(index_factory, str) or not index_factory.strip()):
         raise ValueError(f"--index-factory must be a faiss index_factory string, got {index_factory!r}")
-    cs = open_compressed(folder, storage_options=storage_options)
+    folder = fsio.local(os.fspath(folder))
+    if storage_options is not None:
+        fsio.configure(storage_options)
+    if fsio.is_url(folder):
+        folder = folder.rstrip("/")
+        fsio.refresh(folder)
+    if not fsio.isdir(folder):
+        raise FileNotFoundError(f"index: path {folder!r} is not a folder")
+    # one writer per folder, as compress: held from before the folder is read until index.json
+    # is written, so a compress --overwrite/--resume or a second index is refused meanwhile
+    lock = OutputLock(folder, command="semcomp index").acquire()
+    try:
+        note = stale_note(lock)
+        if note:
+            _say(quiet, f"note: {folder}: {note}")
+        return _build_locked(open_compressed(folder), index_factory=index_factory, nprobe=nprobe, seed=seed,
+                             quiet=quiet, time_budget_s=time_budget_s, max_memory=max_memory, threads=threads,
+                             target_recall=target_recall)
+    finally:
+        lock.release_soon()
+
+
+def _build_locked(cs: CompressedSet, *, index_factory, nprobe, seed, quiet, time_budget_s, max_memory, threads,
+                  target_recall) -> dict:
+    """build_index's work, with the folder's lock held."""
     folder = cs.path
     n, dim = len(cs), cs.K
     if n == 0:
