@@ -95,7 +95,13 @@ def test_open_round_trip_pairs(lowrank, tmp_path):
     assert b.metadata.column("caption").to_pylist() == [f"item {j}" for j in range(999, 1332)]
     assert list(cs.iter_batches(5000, decode=False, metadata=False))[0].metadata is None
     np.testing.assert_array_equal(cs.ids_at([[5, 2000]]), [[5, 2000]])
-    assert [r["caption"] for r in cs.metadata_at([1999, 3])] == ["item 1999", "item 3"]
+    # metadata_at: the same form as metadata() (a pyarrow Table), rows in the order given
+    picked = [1999, 3, 1999, 1100, 0]
+    at = cs.metadata_at(picked)
+    assert isinstance(at, type(cs.metadata())) and at.schema == cs.metadata().schema
+    assert at.column("caption").to_pylist() == [f"item {j}" for j in picked]
+    assert at.equals(cs.metadata().take(picked))
+    assert cs.metadata_at([]).num_rows == 0 and cs.metadata_at([]).schema == at.schema
 
 
 def test_open_round_trip_concepts(tmp_path):

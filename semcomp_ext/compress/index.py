@@ -467,7 +467,7 @@ def search(folder, queries, k: int = 10, *, nprobe: int | None = None, exact: bo
     ids[found] = cs.ids_at(rows[found])
     meta = None
     if cs.has_metadata:
-        flat = cs.metadata_at(rows[found])
+        flat = cs.metadata_at(rows[found]).to_pylist()
         meta = [[None] * rows.shape[1] for _ in range(rows.shape[0])]
         for (qi, ri), rec in zip(zip(*np.nonzero(found)), flat):
             meta[qi][ri] = rec

@@ -263,20 +263,25 @@ class CompressedSet:
             out[sel] = self.shard_ids(i)[rows[sel] - self.starts[i]]
         return out
 
-    def metadata_at(self, rows) -> list | None:
-        """Metadata of the given global row numbers as a list of dicts (flat, in order), or
-        None without metadata. Only the shards holding those rows are read."""
+    def metadata_at(self, rows):
+        """pyarrow.Table of the metadata of the given global row numbers (one table row per
+        number, in the order given; repeats allowed), or None without metadata: the same
+        form as `metadata()`. Only the shards holding those rows are read."""
         if not self.has_metadata:
             return None
+        import pyarrow as pa
+
         rows = np.asarray(rows, dtype=np.int64).ravel()
         shard = self._locate(rows)
-        out = [None] * len(rows)
-        for i in np.unique(shard):
-            where = np.nonzero(shard == i)[0]
-            recs = self.shard_metadata(int(i)).take(rows[where] - self.starts[i]).to_pylist()
-            for j, r in zip(where, recs):
-                out[j] = r
-        return out
+        if len(rows) == 0:
+            return self.shard_metadata(0).slice(0, 0)
+        order = np.argsort(shard, kind="stable")  # rows grouped by shard, each group in the given order
+        parts = [self.shard_metadata(int(i)).take(rows[order[shard[order] == i]] - self.starts[i])
+                 for i in np.unique(shard)]
+        grouped = pa.concat_tables(parts)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return grouped.take(inverse)
 
     # ---- queries ---------------------------------------------------------------------------
 
