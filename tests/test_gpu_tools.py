@@ -61,7 +61,7 @@ def test_full_plan_has_the_rest(tmp_path):
     for stage in ("build", "compile", "memcheck", "racecheck", "synccheck", "bench", "benchcli"):
         assert stage in cmd
     # every sanitizer over every group, the whole benchmark sweep
-    assert cmd["memcheck"].endswith("gpu_smoke --device cuda") and "run_all.py --device cuda" in cmd["bench"]
+    assert cmd["memcheck"].endswith("gpu_smoke --device cuda") and "-m benchmarks.run_all --device cuda" in cmd["bench"]
 
 
 def test_stage_selection_and_bad_options(tmp_path):
