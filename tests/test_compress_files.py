@@ -99,3 +99,56 @@ def test_write_errors_name_their_file(tmp_path):
     err = r.stderr.strip()
     assert r.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "File too large" in err and "centroids_00000.npy" in err, err
+
+
+# ---- mixed float dtypes: promoted as the losses promote them --------------------------------
+
+
+def _shard_bytes(out):
+    folder = out / "centroids"
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+@pytest.mark.parametrize("normalize", ["none", "both"])
+def test_mixed_fp16_fp32_inputs_compress_as_both_fp32(tmp_path, fmt, normalize):
+    import json
+
+    from _compress_data import make_parquet_layout
+
+    rng = np.random.default_rng(3)
+    n = sum(ROWS)
+    img16 = rng.standard_normal((n, 16)).astype(np.float16)
+    text32 = rng.standard_normal((n, 16)).astype(np.float32)
+    outs = {}
+    for name, img in (("mixed", img16), ("fp32", img16.astype(np.float32))):  # fp16 values exact in fp32
+        root = tmp_path / name
+        if fmt == "npy":
+            root.mkdir()
+            np.save(root / "img_emb.npy", img), np.save(root / "text_emb.npy", text32)
+            inputs = [str(root / "img_emb.npy"), str(root / "text_emb.npy")]
+        else:
+            inputs = make_parquet_layout(root, {"img": img, "text": text32})
+        out = tmp_path / f"out_{name}"
+        compress(CompressOptions(inputs=inputs, out=str(out), drop_rate=0.5, normalize=normalize, quiet=True))
+        assert verify(str(out)) == []
+        outs[name] = out
+    man = json.loads((outs["mixed"] / "manifest.json").read_text())
+    assert man["parameters"]["in_dtype"] == "float32" and man["parameters"]["out_dtype"] == "float32"
+    assert _shard_bytes(outs["mixed"]) == _shard_bytes(outs["fp32"])
+
+
+def test_compress_arrays_promotes_mixed_dtypes():
+    from semcomp_ext.compress import compress_arrays
+
+    rng = np.random.default_rng(4)
+    a16 = rng.standard_normal((300, 24)).astype(np.float16)
+    b32 = rng.standard_normal((300, 24)).astype(np.float32)
+    mixed = compress_arrays([a16, b32], drop_rate=0.5, normalize="both", batch_size=128)
+    ref = compress_arrays([a16.astype(np.float32), b32], drop_rate=0.5, normalize="both", batch_size=128)
+    assert mixed.in_dtype == "float32" and mixed.codes.dtype == np.float32
+    assert mixed.codes.tobytes() == ref.codes.tobytes()
+    # float32 + float64: float64, as the losses promote (computed in float32 like any float64 input)
+    wide = compress_arrays([b32, a16.astype(np.float64)], keep=12)
+    assert wide.in_dtype == "float64" and wide.codes.dtype == np.float32
+    assert wide.codes.tobytes() == compress_arrays([b32.astype(np.float64), a16.astype(np.float64)], keep=12).codes.tobytes()

@@ -65,13 +65,15 @@ def compress_arrays(arrays, *, drop_rate: float | None = None, keep: int | None 
     `semcomp compress` would write for the same rows saved as .npy).
 
     arrays: M >= 2 row-aligned (N, D) arrays (a list, or a dict name -> array; numpy or CPU
-    tensors), float16 / float32 / float64 (float64 is cast to float32). Other arguments as the
-    CLI options of the same names; out_dtype defaults to the input dtype (float32 for float64).
+    tensors), float16 / float32 / float64 (float64 is cast to float32). Arrays of different
+    dtypes are promoted as the losses promote them (float16 + float32 -> float32; `in_dtype` is
+    the promoted one). Other arguments as the CLI options of the same names; out_dtype defaults
+    to the (promoted) input dtype (float32 for float64).
     """
     import numpy as np
 
     from .. import RandomFeatureSelector
-    from .blocks import as_tensor, check_finite, pair_block
+    from .blocks import as_tensor, check_finite, pair_block, promoted_dtype
 
     if isinstance(arrays, dict):
         names, arrays = list(arrays), list(arrays.values())
@@ -92,10 +94,7 @@ def compress_arrays(arrays, *, drop_rate: float | None = None, keep: int | None 
         if a.shape != np.shape(xs[0] if xs else a):
             raise ValueError(f"compress_arrays: {name} has shape {a.shape}, {names[0]} has {xs[0].shape}")
         xs.append(a)
-    dtypes = {a.dtype.name for a in xs}
-    in_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
-    if len(xs) and len({a.dtype for a in xs}) > 1:
-        xs = [a.astype(np.float32) for a in xs]
+    in_dtype = promoted_dtype(a.dtype for a in xs)  # mixed dtypes: the loss API's promotion, block by block
     n, dim = xs[0].shape
     check_choice("normalize", normalize, NORMALIZE)
     check_int("batch_size", batch_size, 1)
@@ -111,7 +110,7 @@ def compress_arrays(arrays, *, drop_rate: float | None = None, keep: int | None 
     keep_all = sel.keep == dim
     blocks, rows = [], []
     for start in range(0, n, batch_size):
-        zs = [as_tensor(np.ascontiguousarray(a[start:start + batch_size])) for a in xs]
+        zs = [as_tensor(np.ascontiguousarray(a[start:start + batch_size]), in_dtype) for a in xs]
         mask = check_finite(zs, names, start, skip_invalid)
         out = pair_block(zs, index, keep_all, normalize)
         r = np.arange(start, start + zs[0].shape[0])

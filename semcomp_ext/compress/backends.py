@@ -29,7 +29,7 @@ class CpuBackend:
         fused = p["normalize"] == "none"
         try:
             for chunk in zip(*readers):
-                zs = [as_tensor(c) for c in chunk]
+                zs = [as_tensor(c, plan.in_dtype) for c in chunk]
                 if fused:  # the common case: one pass over each row (mean, RFS gather, finite flags)
                     out, finite = ops.pair_mean(zs, None if keep_all else index)
                     mask = finite_rows(finite, zs, paths, start, p["skip_invalid"])
@@ -54,7 +54,7 @@ class CpuBackend:
         b = p["batch_size"]
         for chunk in zip(iter_chunks(cshard, b), *(iter_chunks(s, b) for s in shards)):
             ids = torch.from_numpy(encode_ids(chunk[0]))  # a copy: chunk[0] is a reused buffer
-            zs = [as_tensor(c) for c in chunk[1:]]
+            zs = [as_tensor(c, plan.in_dtype) for c in chunk[1:]]
             mask = check_finite(zs, paths, start, p["skip_invalid"])
             start += ids.shape[0]
             if mask is not None:

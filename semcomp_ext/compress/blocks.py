@@ -32,8 +32,25 @@ def check_finite(zs, paths, start: int, skip: bool) -> torch.Tensor | None:
     return None if bad is None else ~bad
 
 
-def as_tensor(a: np.ndarray) -> torch.Tensor:
-    if a.dtype == np.float64:  # float64 inputs are computed in float32 (fp32 accumulation, as for fp16/fp32)
+def promoted_dtype(dtypes) -> str:
+    """The one dtype that input embeddings of several floating dtypes are promoted to, by the
+    loss API's rule (`semcomp_ext.validation.promote`: float16 + float32 -> float32, anything +
+    float64 -> float64), never an autocast dtype. One dtype is returned unchanged."""
+    from ..validation import promote
+
+    names = sorted({np.dtype(d).name for d in dtypes})
+    if len(names) == 1:
+        return names[0]
+    with torch.autocast("cpu", enabled=False):
+        return str(promote("compress", [torch.empty(0, dtype=getattr(torch, n)) for n in names])[0].dtype).split(".")[-1]
+
+
+def as_tensor(a: np.ndarray, in_dtype: str | None = None) -> torch.Tensor:
+    """A block as a tensor in its compute dtype: float64 inputs are computed in float32 (fp32
+    accumulation, as for fp16/fp32); a block whose dtype is not the plan's (promoted) input
+    dtype `in_dtype` is cast to float32 (float16 -> float32 is exact: the same values as inputs
+    given in float32)."""
+    if a.dtype == np.float64 or (in_dtype is not None and a.dtype.name != in_dtype):
         return torch.from_numpy(a.astype(np.float32))
     return torch.from_numpy(a if a.flags.writeable else a.copy())
 

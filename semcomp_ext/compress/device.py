@@ -286,7 +286,7 @@ def pair_blocks(plan, shards, device=None, lag: int = DEFAULT_LAG):
         start = 0
         try:
             for chunk in zip(*readers):
-                zs = [as_tensor(c) for c in chunk]
+                zs = [as_tensor(c, plan.in_dtype) for c in chunk]
                 # the full-D row norms: a reduction, so on the host with the CPU path's expression
                 norms = [torch.linalg.vector_norm(z.float(), dim=1, keepdim=True).clamp_min(1e-12)
                          for z in zs] if norm_in else []
@@ -397,7 +397,7 @@ def concept_partials(plan, shards, cshard, device=None, lag: int = DEFAULT_LAG):
         try:
             for chunk in zip(*readers):
                 ids = torch.from_numpy(encode_ids(chunk[0]))  # a copy: chunk[0] is a reused buffer
-                zs = [as_tensor(c) for c in chunk[1:]]
+                zs = [as_tensor(c, plan.in_dtype) for c in chunk[1:]]
                 lay, arrays = prepare(ids, zs)
                 lay.update(start=start, ids=ids)
                 yield lay, arrays

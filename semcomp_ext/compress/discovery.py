@@ -159,7 +159,8 @@ def _base(path: str) -> str:
 
 def validate(mods: list, metadata: str | None, column: str = "embedding"):
     """Open every shard; check M >= 2, equal shard counts, equal rows per shard across
-    modalities, one dimension. Returns (dim, dtype, metadata shard paths or None)."""
+    modalities, one dimension. Returns (dim, dtype, metadata shard paths or None); the dtype of
+    shards of several float dtypes is the promoted one (blocks.promoted_dtype)."""
     if len(mods) < 2:
         raise LayoutError(f"need at least 2 modalities, got {len(mods)}: {[m.folder for m in mods]}")
     for m in mods:
@@ -184,8 +185,11 @@ def validate(mods: list, metadata: str | None, column: str = "embedding"):
         if d != dim:
             raise ValueError(f"dimension mismatch: {path} has dim {d}, {first.path} has dim {dim}")
     dtypes = {s.dtype for m in mods for s in m.shards}
-    if len(dtypes) > 1:
-        raise ValueError(f"mixed input dtypes {sorted(dtypes)}; convert the shards to one dtype")
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    if dtype is None:  # mixed float dtypes: promoted as the loss API does (float16 + float32 -> float32)
+        from .blocks import promoted_dtype
+
+        dtype = promoted_dtype(dtypes)
     meta = None
     if metadata:
         pq = require_pyarrow("metadata pass-through")
@@ -200,7 +204,7 @@ def validate(mods: list, metadata: str | None, column: str = "embedding"):
                 raise ValueError(f"truncated or corrupt parquet {p}: {exc}") from exc
             if n != s.rows:
                 raise ValueError(f"row counts differ: metadata {p} has {n} rows, {s.path} has {s.rows}")
-    return dim, dtypes.pop(), meta
+    return dim, dtype, meta
 
 
 def open_concepts(path: str, column: str, ref_shards: list) -> list:
