@@ -52,3 +52,21 @@ def test_eval_compressed_vs_original(tmp_path, capsys):
                  "--k", "5", "-q"]) == 0
     text = capsys.readouterr().out
     assert "all 240 rows" in text and "negative = lost" in text and "4.00x" in text
+
+
+def test_eval_seed_without_sample_seed_says_it_is_the_rfs_seed(tmp_path, capsys):
+    make_labelled_clusters(tmp_path)
+    base = ["eval", str(tmp_path / "in"), "--labels", str(tmp_path / "lab"), "--drop-rates", "0.5", "--json"]
+    reports = {}
+    for extra in (["--seed", "3"], ["--seed", "3", "-q"], ["--seed", "3", "--sample-seed", "0"], ["--rfs-seed", "3"]):
+        assert main(base + extra) == 0
+        cap = capsys.readouterr()
+        notes = [ln for ln in cap.err.splitlines() if "--sample-seed" in ln]
+        if extra == ["--seed", "3"]:
+            assert len(notes) == 1 and "--seed is the RFS seed" in notes[0], cap.err
+        else:  # -q, the sample seed given, or the old RFS spelling: no such line
+            assert notes == [], (extra, cap.err)
+        reports[tuple(extra)] = json.loads(cap.out)
+    # the sample seed stays 0 and --seed is the RFS seed in each case: the same report
+    rows = [r["rows"] for r in reports.values()]
+    assert all(r == rows[0] for r in rows)

@@ -157,9 +157,24 @@ def _eval(args) -> int:
     return _run("eval", args, _eval_report)
 
 
+def _seed_notice(args) -> str | None:
+    """`--seed` given to eval without `--sample-seed`: once the sample seed, now the RFS seed
+    (one meaning of --seed on every command); the line that says so."""
+    via_alias = any(old == "--rfs-seed" for old, _ in getattr(args, "_renamed", None) or [])
+    if args.seed is None or args.sample_seed is not None or via_alias:
+        return None
+    return ("semcomp eval: note: --seed is the RFS seed (of --drop-rates); the seed of the row sample and split "
+            "is --sample-seed (default 0), which --seed was before")
+
+
 def _eval_report(args) -> int:
     from .analysis import eval_report
 
+    note = _seed_notice(args)
+    if note and not args.quiet:
+        print(note, file=sys.stderr)
+    if args.sample_seed is None:
+        args.sample_seed = 0
     rep = eval_report(args.inputs, args.compressed, args.labels, label_column=args.label_column,
                       test_fraction=args.test_fraction, max_rows=args.max_rows, k=args.k, sample_seed=args.sample_seed,
                       column=args.embedding_column, drop_rates=args.drop_rates, normalize=args.normalize,
@@ -391,7 +406,8 @@ def _register_eval(sub) -> None:
     e.add_argument("--max-rows", type=int, default=20000,
                    help="rows evaluated: a seeded random sample of this many (0 = every row; held in memory)")
     e.add_argument("--k", type=int, default=10, help="kNN neighbours")
-    e.add_argument("--sample-seed", type=int, default=0, help="seed of the row sample and the train/test split")
+    e.add_argument("--sample-seed", type=int, default=None,
+                   help="seed of the row sample and the train/test split (default 0)")
     _add_common(e, "print the report as JSON instead of the table", "no progress (the report is still printed)")
     e.set_defaults(func=_eval, validate=_check_eval)
 
