@@ -125,3 +125,45 @@ def test_disk_full_leaves_no_complete_output(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "disk full" in err and "centroids_0000" in err
     assert _not_complete(out)
     assert not [f for _, _, fs in os.walk(out) for f in fs if ".tmp-" in f]  # temp files removed
+
+
+def test_library_errors_name_fields_and_the_cli_names_flags(tmp_path, capsys):
+    from semcomp_ext.compress.options import OptionError
+
+    make_clip_layout(tmp_path / "in", metadata=False)
+    inp = tmp_path / "in"
+    img, text = inp / "img_emb", inp / "text_emb"
+    cases = [  # (options, CLI arguments, library message start, CLI message start)
+        (dict(inputs=[], modalities=[f"img={tmp_path / 'nope'}", f"text={text}"]),
+         ["--modality", f"img={tmp_path / 'nope'}", "--modality", f"text={text}"],
+         "modalities: img: no such file", "--modality: img: no such file"),
+        (dict(inputs=[], modalities=[f"img={img}", f"img={text}"]),
+         ["--modality", f"img={img}", "--modality", f"img={text}"],
+         "modalities: img given twice", "--modality: img given twice"),
+        (dict(inputs=[str(inp)], codec="int4"), [inp, "--codec", "int4"],
+         "codec 'int4' is not a codec", "--codec 'int4' is not a codec"),
+    ]
+    for i, (kw, argv, lib, flag) in enumerate(cases):
+        with pytest.raises((OptionError, FileNotFoundError)) as e:
+            compress(CompressOptions(out=str(tmp_path / f"o{i}"), quiet=True, **kw))
+        assert str(e.value).startswith(lib), e.value
+        rc, err = _run(capsys, *argv, "-o", tmp_path / f"c{i}")
+        assert rc == 2 and err.startswith(f"semcomp compress: error: {flag}"), err
+
+    # --resume with other parameters: `resume: ...` from the library, `--resume: ...` on the CLI
+    out = tmp_path / "out"
+    assert _run(capsys, inp, "-o", out, "--keep", "8")[0] == 0
+    m = json.loads((out / "manifest.json").read_text())
+    m["status"] = "in_progress"
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(OptionError, match=r"^resume: parameters differ from the interrupted run: \['drop_rate', 'keep'\]"):
+        compress(CompressOptions(inputs=[str(inp)], out=str(out), keep=4, resume=True, quiet=True))
+    rc, err = _run(capsys, inp, "-o", out, "--keep", "4", "--resume")
+    assert rc == 2 and err.startswith("semcomp compress: error: --resume: parameters differ"), err
+    # --resume on a folder without a manifest: a FileExistsError naming the field
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match=r"^resume: .* has no manifest.json"):
+        compress(CompressOptions(inputs=[str(inp)], out=str(tmp_path / "other"), resume=True, quiet=True))
+    rc, err = _run(capsys, inp, "-o", tmp_path / "other", "--resume")
+    assert rc == 2 and err.startswith("semcomp compress: error: --resume: ") and "has no manifest.json" in err, err

@@ -277,12 +277,12 @@ def test_pair_task_closes_blocks_early(tmp_path, device_path):
 
 @pytest.mark.parametrize("spec", ["gpu", "cuda:x", "", "CUDA", "cpu:0:1", None])
 def test_bad_device_named(spec):
-    with pytest.raises(ValueError, match=r"--device must be cpu, cuda or cuda:N, got"):
+    with pytest.raises(ValueError, match=r"^device must be cpu, cuda or cuda:N, got"):
         resolve_device(spec)
 
 
 def test_cuda_with_ray_is_refused():
-    with pytest.raises(ValueError, match="--device cuda runs with --engine local only"):
+    with pytest.raises(ValueError, match="^device cuda runs with engine 'local' only"):
         resolve_device("cuda", engine="ray")
     assert resolve_device("cpu", engine="ray") == torch.device("cpu")
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import fsio
-from .options import OptionError, check_int
+from .options import OptionError, OptionPathError, check_int
 from .readers import DEFAULT_BATCH_ROWS, discover, iter_chunks, list_shards, validate
 
 EVAL_MAX_ROWS = 20000  # rows sampled by `semcomp eval` unless --max-rows says otherwise
@@ -138,7 +138,7 @@ def load_labels(path: str, column: str = "label") -> np.ndarray:
     shards (numeric file order), concatenated. Non-integer labels are refused (a float label
     in [0, 1) would silently become class 0)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--labels: no such file or folder: {path}")
+        raise OptionPathError("labels", f": no such file or folder: {path}")
     files = list_shards(path) if os.path.isdir(path) else [path]
     parts = []
     for f in files:
@@ -146,7 +146,7 @@ def load_labels(path: str, column: str = "label") -> np.ndarray:
             try:
                 a = np.load(f, mmap_mode="r", allow_pickle=False)
             except Exception as exc:  # noqa: BLE001 - numpy raises several kinds on garbage
-                raise ValueError(f"--labels: cannot read {f} as a .npy array: {exc}") from exc
+                raise OptionError("labels", f": cannot read {f} as a .npy array: {exc}") from exc
         elif f.endswith(".parquet"):
             from .readers import require_pyarrow
 
@@ -154,21 +154,21 @@ def load_labels(path: str, column: str = "label") -> np.ndarray:
             try:
                 table = pq.read_table(f, columns=[column])
             except Exception as exc:  # noqa: BLE001
-                raise ValueError(f"--labels: {f}: cannot read column {column!r}: {exc}") from exc
+                raise OptionError("labels", f": {f}: cannot read column {column!r}: {exc}") from exc
             col = table.column(0)
             if col.null_count:
-                raise ValueError(f"--labels: {f}: column {column!r} has null labels")
+                raise OptionError("labels", f": {f}: column {column!r} has null labels")
             a = col.to_numpy()
         else:
-            raise ValueError(f"--labels: {f}: expected a .npy or .parquet file")
+            raise OptionError("labels", f": {f}: expected a .npy or .parquet file")
         if a.ndim == 2 and a.shape[1] == 1:
             a = a[:, 0]
         if a.ndim != 1:
-            raise ValueError(f"--labels: {f}: labels must be 1-D (one per row), got shape {a.shape}")
+            raise OptionError("labels", f": {f}: labels must be 1-D (one per row), got shape {a.shape}")
         if a.dtype.kind not in "iu":
             hint = " (floats: map them to integer class ids; a value in [0, 1) would all become class 0)" \
                 if a.dtype.kind == "f" else " (map them to integer class ids)"
-            raise ValueError(f"--labels: {f}: labels must be integers, got dtype {a.dtype}{hint}")
+            raise OptionError("labels", f": {f}: labels must be integers, got dtype {a.dtype}{hint}")
         parts.append(np.asarray(a))
     y = np.concatenate(parts) if len(parts) > 1 else parts[0]
     return np.unique(y, return_inverse=True)[1].reshape(-1).astype(np.int64)  # class ids 0..C-1 (uint64 safe)

@@ -55,7 +55,7 @@ def _run(command: str, args, fn, resume_hint: bool = False) -> int:
     missing optional dependency or Ctrl-C as one line; the return code of `fn` otherwise."""
     from .analysis import SourceMismatchError
     from .fsio import configure, parse_storage_options, storage_errors
-    from .options import OptionError, flag_message
+    from .options import OptionError, OptionPathError, OptionStateError, flag_message
 
     try:
         if hasattr(args, "storage_options"):
@@ -64,8 +64,12 @@ def _run(command: str, args, fn, resume_hint: bool = False) -> int:
         return fn(args)
     except KeyboardInterrupt:
         return interrupted(command, _RESUME_HINT if resume_hint else None)
-    except OptionError as exc:
+    except OptionError as exc:  # the library names fields; the command line names flags
         raise ValueError(flag_message(exc)) from None
+    except OptionPathError as exc:
+        raise FileNotFoundError(flag_message(exc)) from None
+    except OptionStateError as exc:
+        raise FileExistsError(flag_message(exc)) from None
     except SourceMismatchError as exc:
         raise ValueError(f"{exc} (--force)") from None
     except (ImportError, TypeError, *storage_errors()) as exc:  # storage_errors: evaluated after the backend loaded

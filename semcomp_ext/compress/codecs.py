@@ -55,6 +55,7 @@ import hashlib
 import numpy as np
 
 from .heartbeat import HEARTBEAT_SECONDS, Heartbeat, faiss_threads
+from .options import OptionError
 
 __all__ = ["Codec", "FloatCodec", "Int8Codec", "BinaryCodec", "PQCodec", "FaissCodec",
            "parse_codec", "codec_from_manifest", "fit_codec", "SPECS"]
@@ -399,7 +400,7 @@ class FaissCodec(Codec):
 def parse_codec(spec: str, seed: int = 0) -> Codec:
     """The codec named by `spec` (see the module docstring). `seed` seeds pq:M k-means."""
     if not isinstance(spec, str):
-        raise ValueError(f"--codec must be a string ({SPECS}), got {spec!r}")
+        raise OptionError("codec", f"must be a string ({SPECS}), got {spec!r}")
     s = spec.strip()
     if s in ("float32", "float16"):
         return FloatCodec(s)
@@ -410,13 +411,13 @@ def parse_codec(spec: str, seed: int = 0) -> Codec:
     if s.startswith("pq:"):
         m = s[3:]
         if not m.isdigit() or int(m) < 1:
-            raise ValueError(f"--codec {spec!r}: pq:M needs a positive integer M (sub-quantisers), got {m!r}")
+            raise OptionError("codec", f"{spec!r}: pq:M needs a positive integer M (sub-quantisers), got {m!r}")
         return PQCodec(int(m), seed=seed)
     if s.startswith("faiss:"):
         if not s[6:].strip():
-            raise ValueError(f"--codec {spec!r}: faiss:<factory> needs an index_factory string, e.g. faiss:OPQ16,PQ16")
+            raise OptionError("codec", f"{spec!r}: faiss:<factory> needs an index_factory string, e.g. faiss:OPQ16,PQ16")
         return FaissCodec(s[6:].strip())
-    raise ValueError(f"--codec {spec!r} is not a codec; expected one of {SPECS}")
+    raise OptionError("codec", f"{spec!r} is not a codec; expected one of {SPECS}")
 
 
 def fit_codec(codec: Codec, sample, *, quiet: bool = True, stream=None, every: float = HEARTBEAT_SECONDS,

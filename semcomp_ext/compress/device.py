@@ -44,35 +44,38 @@ from collections import deque
 
 import numpy as np
 
+from .options import OptionError
+
 DEFAULT_LAG = 1
 _SPEC = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def resolve_device(spec, engine: str = "local"):
-    """The torch.device of a --device value; ValueError (naming the option and value) when it is
-    malformed, when CUDA or semcomp's CUDA kernels are missing, or with --engine ray."""
+    """The torch.device of a `device` option value; OptionError (a ValueError naming the field
+    and value) when it is malformed, when CUDA or semcomp's CUDA kernels are missing, or with the
+    ray engine."""
     import torch
 
     if not isinstance(spec, str) or not _SPEC.fullmatch(spec):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {spec!r}")
+        raise OptionError("device", f"must be cpu, cuda or cuda:N, got {spec!r}")
     dev = torch.device(spec)
     if dev.type == "cpu":
         return dev
     if engine == "ray":
-        raise ValueError(f"--device {spec} runs with --engine local only (Ray tasks are scheduled on CPUs): "
-                         "use --engine local, or --device cpu with Ray")
+        raise OptionError("device", f"{spec} runs with engine 'local' only (Ray tasks are scheduled on CPUs): "
+                          "use engine 'local', or device 'cpu' with Ray")
     if not torch.cuda.is_available():
         why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-        raise ValueError(f"--device {spec}: CUDA is not available ({why}; torch {torch.__version__})")
+        raise OptionError("device", f"{spec}: CUDA is not available ({why}; torch {torch.__version__})")
     from .._ops import has_kernel
 
     if not (has_kernel("gather_columns", "cuda") and has_kernel("pair_mean", "cuda")):
-        raise ValueError(f"--device {spec}: semcomp_ext was built without its CUDA kernels "
+        raise OptionError("device", f"{spec}: semcomp_ext was built without its CUDA kernels "
                          "(rebuild with SEMCOMP_CUDA=ON)")
     count = torch.cuda.device_count()
     index = torch.cuda.current_device() if dev.index is None else dev.index
     if index >= count:
-        raise ValueError(f"--device {spec}: no such GPU ({count} visible)")
+        raise OptionError("device", f"{spec}: no such GPU ({count} visible)")
     return torch.device("cuda", index)
 
 

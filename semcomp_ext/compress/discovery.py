@@ -12,6 +12,7 @@ import numpy as np
 
 from . import fsio
 from .npy import open_npy
+from .options import OptionError, OptionPathError
 from .parquet import open_parquet, parquet_source
 from .shard import Modality, Shard, require_pyarrow
 
@@ -78,17 +79,17 @@ def _file_groups(paths: list, sort: bool = False) -> list:
 
 
 def _named(specs: list) -> list:
-    """--modality NAME=PATH (PATH: a file or a folder of shards)."""
+    """modalities: NAME=PATH specs (PATH: a file or a folder of shards)."""
     mods = []
     for spec in specs:
         name, sep, path = spec.partition("=") if isinstance(spec, str) else (spec[0], "=", spec[1])
         if not sep or not name or not path:
-            raise ValueError(f"--modality must be NAME=PATH, got {spec!r}")
+            raise OptionError("modalities", f"must be NAME=PATH, got {spec!r}")
         path = fsio.local(path)
         if not fsio.exists(path):
-            raise FileNotFoundError(f"--modality {name}: no such file or folder: {path}")
+            raise OptionPathError("modalities", f": {name}: no such file or folder: {path}")
         if any(m.name == name for m in mods):
-            raise ValueError(f"--modality {name} given twice")
+            raise OptionError("modalities", f": {name} given twice")
         mods.append(Modality(name, path, files=None if fsio.isdir(path) else [fsio.abspath(path)]))
     return mods
 

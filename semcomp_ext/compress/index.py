@@ -49,6 +49,7 @@ from .index_choice import (TRAIN_MAX, TRAIN_PER_LIST, TUNE_K, TUNE_QUERIES, TUNE
                            default_time_budget)
 from .lock import OutputLock, stale_note
 from .open import CompressedSet, open_compressed
+from .options import OptionError
 
 __all__ = ["IndexChoice", "SearchResult", "build_index", "choose_index", "default_index_factory",
            "default_time_budget", "merge_topk", "recall_at_k", "search", "tune_nprobe"]
@@ -163,7 +164,7 @@ def _new_index(key: str, dim: int):
         return faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1]
-        raise ValueError(f"--index-factory: faiss cannot build {key!r} for dim {dim}: {reason}") from exc
+        raise OptionError("index_factory", f": faiss cannot build {key!r} for dim {dim}: {reason}") from exc
 
 
 def _train(index, key: str, cs: CompressedSet, seed: int, quiet: bool):
@@ -174,7 +175,7 @@ def _train(index, key: str, cs: CompressedSet, seed: int, quiet: bool):
     n, ivf = len(cs), _ivf(index)
     size = min(n, TRAIN_PER_LIST * ivf.nlist if ivf is not None else TRAIN_MAX)
     if ivf is not None and size < ivf.nlist:
-        raise ValueError(f"--index-factory: {key!r} has {ivf.nlist} IVF lists, more than the {n} vectors to train them")
+        raise OptionError("index_factory", f": {key!r} has {ivf.nlist} IVF lists, more than the {n} vectors to train them")
     with Heartbeat(f"index: sampling {size:,} of {n:,} vectors", quiet=quiet):
         rows, sample = _training_sample(cs, size, seed)
     if ivf is not None:  # no faiss warning below 39 rows a list (an explicit factory on a small folder)
@@ -219,7 +220,7 @@ def build_index(folder, *, index_factory: str | None = None, nprobe: int | None 
     if isinstance(target_recall, bool) or not isinstance(target_recall, (int, float)) or not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
     if index_factory is not None and (not isinstance(index_factory, str) or not index_factory.strip()):
-        raise ValueError(f"--index-factory must be a faiss index_factory string, got {index_factory!r}")
+        raise OptionError("index_factory", f"must be a faiss index_factory string, got {index_factory!r}")
     folder = fsio.local(os.fspath(folder))
     if storage_options is not None:
         fsio.configure(storage_options)
@@ -265,7 +266,7 @@ def _build_locked(cs: CompressedSet, *, index_factory, nprobe, seed, quiet, time
     index = _new_index(key, dim)
     ivf = _ivf(index)
     if nprobe is not None and ivf is None:
-        raise ValueError(f"--nprobe: index {key!r} is not an IVF index, got nprobe={nprobe}")
+        raise OptionError("nprobe", f": index {key!r} is not an IVF index, got nprobe={nprobe}")
     t0 = time.perf_counter()
     tuning = None
     with faiss_threads(run_threads):

@@ -10,7 +10,7 @@ import sys
 from . import atomic, fsio, manifest
 from .codecs import fit_codec, parse_codec
 from .lock import LOCK, OutputLock, stale_note
-from .options import CompressOptions
+from .options import CompressOptions, OptionError, OptionStateError
 from .plan import Plan, build_plan, sources
 from .progress import Progress
 
@@ -30,7 +30,7 @@ def _prepare_out(opts: CompressOptions) -> dict | None:
     if names:
         if opts.resume:
             if not fsio.exists(manifest.manifest_path(out)):
-                raise FileExistsError(f"--resume: {out} has no {manifest.MANIFEST}; nothing to resume")
+                raise OptionStateError("resume", f": {out} has no {manifest.MANIFEST}; nothing to resume")
             atomic.remove_tmp_files(out)
             return manifest.load_state(out)
         if not opts.overwrite:
@@ -38,7 +38,7 @@ def _prepare_out(opts: CompressOptions) -> dict | None:
         foreign = [n for n in names if n not in _OURS]
         if foreign:
             # refuse to delete files we did not write (a mistyped --out must not wipe a folder)
-            raise FileExistsError(f"--overwrite: {out} holds files semcomp did not write ({foreign[:3]}); remove them yourself")
+            raise OptionStateError("overwrite", f": {out} holds files semcomp did not write ({foreign[:3]}); remove them yourself")
         for n in _OURS:
             atomic.rmtree_if_exists(fsio.join(out, n))
     fsio.makedirs(out)
@@ -169,9 +169,9 @@ def _resume_from(opts: CompressOptions, plan: Plan, old: dict, m: dict) -> None:
         m["parameters"]["skip_invalid"] = True
         diff.remove("skip_invalid")
     if diff:
-        raise ValueError(f"--resume: parameters differ from the interrupted run: {diff}")
+        raise OptionError("resume", f": parameters differ from the interrupted run: {diff}")
     if old.get("sources") != m["sources"]:
-        raise ValueError("--resume: the input files changed since the interrupted run (paths, rows, sizes or mtimes)")
+        raise OptionError("resume", ": the input files changed since the interrupted run (paths, rows, sizes or mtimes)")
     # trust the committed records whose files are still there (sizes only; verify re-hashes)
     sizes = fsio.sizes_under(opts.out) if fsio.is_url(opts.out) else None
     spilled = (lambda rel: rel in sizes) if sizes is not None else \

@@ -10,19 +10,49 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .readers import DEFAULT_BATCH_ROWS
+from .shard import DEFAULT_BATCH_ROWS
+
 NORMALIZE = ("none", "input", "output", "both")
 OUT_DTYPES = ("float32", "float16")
 ENGINES = ("local", "ray")
 
 
-class OptionError(ValueError):
-    """A bad option value; `field` is the option's name in the Python API, `other` the field it
-    conflicts with (`codec or out_dtype: give one, not both`)."""
+def _worded(name: str, other: str | None, message: str) -> str:
+    """`name message` (`drop_rate must be ...`), or `name: ...` for a message that starts with
+    a colon (`resume: parameters differ ...`); `name or other: message` for a conflict."""
+    if other:
+        return f"{name} or {other}: {message.lstrip(': ')}"
+    return f"{name}{message}" if message.startswith(":") else f"{name} {message}"
+
+
+class _Named:
+    """What the option errors share: `field` is the option's name in the Python API, `other`
+    the field it conflicts with; the message reads after the name."""
+
+    def _name(self, field: str, message: str, other: str | None) -> str:
+        self.field, self.message, self.other = field, message, other
+        return _worded(field, other, message)
+
+
+class OptionError(_Named, ValueError):
+    """A bad option value (`codec or out_dtype: give one, not both`)."""
 
     def __init__(self, field: str, message: str, other: str | None = None):
-        self.field, self.message, self.other = field, message, other
-        super().__init__(f"{field}{f' or {other}:' if other else ''} {message}")
+        super().__init__(self._name(field, message, other))
+
+
+class OptionPathError(_Named, FileNotFoundError):
+    """A path an option names that does not exist (`modalities: img: no such file or folder`)."""
+
+    def __init__(self, field: str, message: str, other: str | None = None):
+        super().__init__(self._name(field, message, other))
+
+
+class OptionStateError(_Named, FileExistsError):
+    """An option the output folder's state refuses (`resume: OUT has no manifest.json`)."""
+
+    def __init__(self, field: str, message: str, other: str | None = None):
+        super().__init__(self._name(field, message, other))
 
 
 # fields whose flag is not --field-with-dashes
@@ -34,10 +64,9 @@ def flag_name(field: str) -> str:
     return _FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
-def flag_message(exc: OptionError) -> str:
-    """The message of an OptionError as the command line words it."""
-    other = f" or {flag_name(exc.other)}:" if exc.other else ""
-    return f"{flag_name(exc.field)}{other} {exc.message}"
+def flag_message(exc: _Named) -> str:
+    """The message of an option error as the command line words it (the flag for the field)."""
+    return _worded(flag_name(exc.field), flag_name(exc.other) if exc.other else None, exc.message)
 
 
 def check_int(field: str, value, lo: int | None = None, none_ok: bool = False) -> None:
@@ -76,10 +105,7 @@ def check_storage(codec, out_dtype) -> None:
     if codec is not None:
         from .codecs import parse_codec
 
-        try:
-            parse_codec(codec)
-        except ValueError as exc:  # its messages name --codec already
-            raise OptionError("codec", str(exc).removeprefix("--codec").lstrip(": ")) from None
+        parse_codec(codec)  # an OptionError naming the field codec
 
 
 @dataclass
