@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from semcomp_ext.cli import main
-from semcomp_ext.compress import CompressOptions, api, blocks, compress, pipeline, verify
+from semcomp_ext.compress import CompressOptions, blocks, compress, job, pipeline, verify
 from semcomp_ext.compress.device import BlockPipeline, _concept_layout, resolve_device
 
 from _compress_data import make_clip_layout, tree_sha
@@ -30,15 +30,14 @@ def _has_cuda():
 
 
 def _route_device(m):
-    """Route compress through device.py with device="cpu" (what --device cuda does, on the CPU)."""
-    orig = api.build_plan
+    """Route compress through device.py with device="cpu" (what --device cuda does, on the CPU):
+    the job's plan is built for the device backend on the host."""
+    orig = job.build_plan
 
-    def build(opts):
-        plan = orig(opts)
-        plan.extra["device"] = "cpu"
-        return plan
+    def build(opts, device=None):
+        return orig(opts, device="cpu")
 
-    m.setattr(api, "build_plan", build)
+    m.setattr(job, "build_plan", build)
 
 
 @pytest.fixture
@@ -359,3 +358,28 @@ def test_cuda_pipeline_pinned_ring_and_order():
         seen.append(meta["k"])
     assert seen == list(range(5)) and pipe.stats["max_in_flight"] <= 3
     assert resolve_device("cuda").type == "cuda"
+
+
+def test_plan_device_chooses_the_backend(tmp_path, monkeypatch):
+    from semcomp_ext.compress import device as device_mod
+    from semcomp_ext.compress.backends import backend_for
+    from semcomp_ext.compress.plan import build_plan
+
+    make_clip_layout(tmp_path / "in", rows=ROWS, dim=16, metadata=False)
+    opts = _opts(tmp_path / "in", tmp_path / "out")
+    plain = build_plan(opts)
+    assert plain.device is None and backend_for(plain).name == "cpu"
+    on_host = build_plan(opts, device="cpu")
+    assert on_host.device == "cpu" and backend_for(on_host).name == "cuda" and "device" not in on_host.params
+    # the route these tests use runs the job's blocks through device.py
+    calls = []
+    real = device_mod.pair_blocks
+
+    def counted(*a, **kw):
+        calls.append(1)
+        yield from real(*a, **kw)
+
+    monkeypatch.setattr(device_mod, "pair_blocks", counted)
+    _route_device(monkeypatch)
+    compress(opts)
+    assert len(calls) == len(ROWS) and verify(str(tmp_path / "out")) == []

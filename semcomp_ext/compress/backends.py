@@ -89,5 +89,6 @@ _CPU, _CUDA = CpuBackend(), CudaBackend()
 
 
 def backend_for(plan):
-    """The backend the plan was built for: CUDA when it names a device (plan.extra["device"])."""
-    return _CUDA if plan.extra.get("device") else _CPU
+    """The backend the plan was built for: the pipelined device backend when it names a device
+    (Plan.device), else the CPU backend."""
+    return _CUDA if plan.device is not None else _CPU

@@ -231,7 +231,7 @@ class BlockPipeline:
 def _pipeline(plan, device, lag):
     import torch
 
-    dev = torch.device(device if device is not None else plan.extra.get("device", "cpu"))
+    dev = torch.device(device if device is not None else plan.device or "cpu")
     return BlockPipeline(dev, lag)
 
 
@@ -266,7 +266,7 @@ def _finite_rows(zs):
 
 def pair_blocks(plan, shards, device=None, lag: int = DEFAULT_LAG):
     """The blocks of pipeline.pair_blocks — (first row, finite-row mask or None, centroid +
-    RFS block, float32 on the host) — computed on `device` (default: plan.extra["device"])."""
+    RFS block, float32 on the host) — computed on `device` (default: plan.device)."""
     import torch
     import torch.nn.functional as F
 

@@ -117,9 +117,8 @@ def _compress(opts: CompressOptions) -> dict:
     from .device import resolve_device
 
     device = resolve_device(getattr(opts, "device", "cpu"), opts.engine)  # before any input is opened
-    plan = build_plan(opts)  # validates every input before touching the output folder
-    if device.type != "cpu":  # outside plan.params: the bytes and the manifest do not depend on it
-        plan.extra["device"] = str(device)
+    # validates every input before touching the output folder; the block backend chosen here
+    plan = build_plan(opts, device=None if device.type == "cpu" else str(device))
     if plan.in_dtype == "float64" and not opts.quiet:
         print(f"semcomp compress: note: the inputs are float64; they are cast to float32 block by block "
               f"(accumulation is float32) and stored as {plan.params['codec']}", file=sys.stderr)

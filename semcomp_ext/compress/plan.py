@@ -28,6 +28,10 @@ class Plan:
     metadata: list | None = None
     concepts: list | None = None  # concept-id Shard dicts per input shard
     partitions: int = 0
+    # where the blocks are computed, fixed when the plan is built: None = the CPU backend; a
+    # torch device ("cuda:0", or "cpu" to run the pipelined backend on the host) = device.py's
+    # backend on it. Outside params: the bytes and the manifest do not depend on it.
+    device: str | None = None
     extra: dict = field(default_factory=dict)
     # fsspec options of URL inputs / outputs (credentials): to the workers, never to the manifest
     storage_options: dict = field(default_factory=dict, repr=False)
@@ -38,7 +42,9 @@ def default_out_dtype(in_dtype: str) -> str:
     return in_dtype if in_dtype in ("float32", "float16") else "float32"
 
 
-def build_plan(opts: CompressOptions) -> Plan:
+def build_plan(opts: CompressOptions, device: str | None = None) -> Plan:
+    """Every input opened and checked, the RFS drawn, the parameters fixed; `device`: the
+    block backend's device (Plan.device; None = the CPU backend)."""
     from .. import RandomFeatureSelector, __version__
 
     opts.validated()  # (again: a caller may have changed a field)
@@ -79,7 +85,8 @@ def build_plan(opts: CompressOptions) -> Plan:
         for d in ds:
             d.pop("bytes")
         mods_d.append({"name": m.name, "folder": m.folder, "shards": ds})
-    plan = Plan(fsio.abspath(opts.out), mods_d, dim, in_dtype, sel.index.tolist(), params, meta, concepts, parts)
+    plan = Plan(fsio.abspath(opts.out), mods_d, dim, in_dtype, sel.index.tolist(), params, meta, concepts, parts,
+                device=device)
     plan.extra = {"rfs": sel.to_dict(), "version": __version__}
     plan.storage_options = dict(opts.storage_options or {})
     return plan
