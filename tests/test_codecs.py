@@ -296,6 +296,27 @@ def test_compress_job_reports_the_codec_fit(tmp_path, capsys):
     assert "fitting" not in capsys.readouterr().err
 
 
+def test_compress_arrays_fits_through_fit_codec_like_the_job(tmp_path, monkeypatch, capsys):
+    """compress_arrays fits its codec as the job does (codecs.fit_codec, quiet: faiss on the
+    usable cores, nothing printed), on the same rows: the codes the job writes."""
+    from semcomp_ext.compress import arrays, compress_arrays
+
+    data = make_clip_layout(tmp_path / "in", rows=ROWS, dim=24)
+    fits = []
+    real = arrays.fit_codec
+
+    def recorded(codec, sample, **kw):
+        fits.append((codec.name, np.shape(sample), kw))
+        return real(codec, sample, **kw)
+
+    monkeypatch.setattr(arrays, "fit_codec", recorded)
+    ca = compress_arrays([data["img"], data["text"]], keep=16, codec="pq:4", codec_sample_rows=400, batch_size=64)
+    assert fits == [("pq:4", (400, 16), {"quiet": True})]
+    assert capsys.readouterr().err == ""
+    out, _ = _compress(tmp_path, "job", codec="pq:4", codec_sample_rows=400)
+    assert np.array_equal(ca.codes, load_centroids(out))
+
+
 def test_verify_checks_codec(tmp_path):
     make_clip_layout(tmp_path / "in", rows=ROWS, dim=24)
     out, m = _compress(tmp_path, "out", codec="int8", codec_sample_rows=400)

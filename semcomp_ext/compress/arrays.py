@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .codecs import parse_codec
+from .codecs import fit_codec, parse_codec
 from .options import NORMALIZE, check_choice, check_int, check_rfs, check_storage
 from .plan import default_out_dtype
 from .readers import DEFAULT_BATCH_ROWS
@@ -119,8 +119,8 @@ def compress_arrays(arrays, *, drop_rate: float | None = None, keep: int | None 
         blocks.append(out.numpy().copy())
         rows.append(r)
     cent = np.concatenate(blocks) if blocks else np.zeros((0, sel.keep), np.float32)
-    if cdc.needs_fit:
-        cdc.fit(cent[:codec_sample_rows])
+    if cdc.needs_fit:  # as the job fits it: faiss on the usable cores, no lines (quiet)
+        fit_codec(cdc, cent[:codec_sample_rows], quiet=True)
     else:
         cdc.dim = sel.keep
     codes = cdc.encode(cent)  # every codec encodes row by row: the same codes as block by block
