@@ -50,21 +50,21 @@
 #include "infonce/infonce.h"
 #include "infonce/infonce_chunks.h"
 #include "infonce/infonce_tile.h"
+#include "infonce/infonce_lse.cuh"
 #include "infonce/infonce_mma.h"
 
 namespace semcomp {
 namespace {
 
 using namespace semcomp::cuda;
+using semcomp::infonce_lse::col_merge_kernel;
+using semcomp::infonce_lse::row_finish_kernel;
+using semcomp::infonce_lse::scale_ok;
+using semcomp::infonce_lse::sym_finish_kernel;
 
 constexpr int kThreads = 256;            // 8 warps in every kernel below
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kTileRows = 64;        // rows of W per partials tile (8 per warp)
-
-template <typename A>
-__device__ __forceinline__ bool scale_ok(A s) {
-  return s > A(0) && s <= std::numeric_limits<A>::max();  // false for NaN, inf, <= 0
-}
 
 // ---- forward (gemm path) ----------------------------------------------------------------
 // Tile = kTileRows rows x 32*V columns of W (V = 16 bytes / sizeof(A) when nk % V == 0).
@@ -169,35 +169,6 @@ row_merge_kernel(const A* __restrict__ pm, const A* __restrict__ ps, int64_t n_c
   }
 }
 
-// One thread per column: folds the chunk's n_rt column partials, in row-tile order, into
-// the running states (cm, cs) kept across chunks (base 2).
-template <typename A>
-__global__ void col_merge_kernel(const A* __restrict__ pm, const A* __restrict__ ps,
-                                 int64_t n_rt, int64_t nk, A* __restrict__ cm,
-                                 A* __restrict__ cs) {
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < nk;
-       j += int64_t(gridDim.x) * blockDim.x) {
-    Lse2<A> st{cm[j], cs[j]};
-    for (int64_t t = 0; t < n_rt; ++t) st.merge(pm[t * nk + j], ps[t * nk + j]);
-    cm[j] = st.m;
-    cs[j] = st.s;
-  }
-}
-
-template <typename A>
-__global__ void sym_finish_kernel(const A* __restrict__ cm, const A* __restrict__ cs,
-                                  const A* __restrict__ rlse, const A* __restrict__ diag,
-                                  const A* __restrict__ scale, int64_t n, A* __restrict__ clse,
-                                  A* __restrict__ loss) {
-  const bool ok = scale_ok(scale[0]);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const A cl = ok ? Lse2<A>{cm[i], cs[i]}.lse_natural() : std::numeric_limits<A>::quiet_NaN();
-    clse[i] = cl;
-    loss[i] = A(0.5) * (rlse[i] + cl) - diag[i];
-  }
-}
-
 // ---- backward -----------------------------------------------------------------------------
 // One block per chunk row; threads walk V-vectors of the row. For each element
 //   g = rc_i exp(x - r_i) [+ cc_j exp(x - c_j)] - dc_i [j == i + offset],  x = mul_rn(W, s)
@@ -239,24 +210,6 @@ grad_kernel(const A* W, GT* G, int64_t nk, int64_t i0, int64_t offset,
   }
   ds = block_sum(ds);
   if (threadIdx.x == 0) ds_rows[i] = ds;
-}
-
-// Tile path: one thread per row merges the row's split partials (base 2) in split order,
-// writes r_i and, for the rect form, loss_i = r_i - S_i,i+offset.
-template <bool SYM>
-__global__ void tile_row_finish_kernel(const float* __restrict__ pm, const float* __restrict__ ps,
-                                       int64_t splits, int64_t n, const float* __restrict__ diag,
-                                       const float* __restrict__ scale, float* __restrict__ rlse,
-                                       float* __restrict__ loss) {
-  const bool ok = scale_ok(scale[0]);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    Lse2<float> st{pm[i], ps[i]};
-    for (int64_t sp = 1; sp < splits; ++sp) st.merge(pm[sp * n + i], ps[sp * n + i]);
-    const float r = ok ? st.lse_natural() : std::numeric_limits<float>::quiet_NaN();
-    rlse[i] = r;
-    if constexpr (!SYM) loss[i] = r - diag[i];
-  }
 }
 
 // ---- host drivers ------------------------------------------------------------------------
@@ -355,7 +308,7 @@ std::vector<at::Tensor> tile_fwd_impl(const at::Tensor& q, const at::Tensor& k,
     }
   }
   at::Tensor rlse = at::empty({nq}, opts), loss = at::empty({nq}, opts);
-  tile_row_finish_kernel<SYM><<<grid_1d(nq), kThreads, 0, stream>>>(
+  row_finish_kernel<SYM><<<grid_1d(nq), kThreads, 0, stream>>>(
       rpm.const_data_ptr<float>(), rps.const_data_ptr<float>(), splits, nq,
       diag.const_data_ptr<float>(), sp, rlse.data_ptr<float>(), loss.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

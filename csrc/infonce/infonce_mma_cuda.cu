@@ -50,6 +50,7 @@
 #include "common/cuda_utils.cuh"  // also SEMCOMP_MM_OUT_DTYPE
 #include "common/ptx.cuh"
 #include "infonce/infonce.h"
+#include "infonce/infonce_lse.cuh"
 #include "infonce/infonce_mma.h"
 
 namespace semcomp::mma {
@@ -61,6 +62,10 @@ using semcomp::cuda::Lse2;
 using semcomp::cuda::mul_rn;
 using semcomp::cuda::nan_max;
 using semcomp::cuda::neg_inf;
+using semcomp::infonce_lse::col_merge_kernel;
+using semcomp::infonce_lse::row_finish_kernel;
+using semcomp::infonce_lse::scale_ok;
+using semcomp::infonce_lse::sym_finish_kernel;
 using namespace semcomp::ptx;
 
 constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 3;
@@ -75,9 +80,6 @@ constexpr int kSmemBytes = kStages * kStageElems * 2 + (2 * kWarpsM * kBN + 2 * 
 constexpr int64_t kBudgetBytes = 128ll << 20;  // s*G block and column partials per pass
 static_assert(kBM == 128 && kBN == 128 && kBK == 32, "load_rows assumes 128 x 32 slices");
 
-__device__ __forceinline__ bool scale_ok(float s) {
-  return s > 0.f && s <= 3.402823466e38f;  // false for NaN, inf, <= 0
-}
 
 // Element offset of chunk `ch` (8 elements) of row `row` in a 32-element-wide slice.
 __device__ __forceinline__ int swz(int row, int ch) { return row * kBK + ((ch ^ ((row >> 1) & 3)) << 3); }
@@ -478,52 +480,6 @@ mma_grad_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k, 
   }
 }
 
-// One thread per row: the row's split partials merged in split order; r_i (poisoned by a bad
-// scale) and, for the rect form, loss_i = r_i - S_i,i+offset.
-template <bool SYM>
-__global__ void row_finish_kernel(const float* __restrict__ pm, const float* __restrict__ ps,
-                                  int64_t splits, int64_t n, const float* __restrict__ diag,
-                                  const float* __restrict__ scale, float* __restrict__ rlse,
-                                  float* __restrict__ loss) {
-  const bool ok = scale_ok(scale[0]);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    Lse2<float> st{pm[i], ps[i]};
-    for (int64_t sp = 1; sp < splits; ++sp) st.merge(pm[sp * n + i], ps[sp * n + i]);
-    const float r = ok ? st.lse_natural() : std::numeric_limits<float>::quiet_NaN();
-    rlse[i] = r;
-    if constexpr (!SYM) loss[i] = r - diag[i];
-  }
-}
-
-// One thread per column: a pass's row-block partials folded, in row-block order, into the
-// running column states (cm, cs).
-__global__ void col_merge_kernel(const float* __restrict__ pm, const float* __restrict__ ps,
-                                 int64_t n_rb, int64_t nk, float* __restrict__ cm,
-                                 float* __restrict__ cs) {
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < nk;
-       j += int64_t(gridDim.x) * blockDim.x) {
-    Lse2<float> st{cm[j], cs[j]};
-    for (int64_t t = 0; t < n_rb; ++t) st.merge(pm[t * nk + j], ps[t * nk + j]);
-    cm[j] = st.m;
-    cs[j] = st.s;
-  }
-}
-
-// Column LSEs c_j and the symmetric loss_i = (r_i + c_i) / 2 - S_ii.
-__global__ void sym_finish_kernel(const float* __restrict__ cm, const float* __restrict__ cs,
-                                  const float* __restrict__ rlse, const float* __restrict__ diag,
-                                  const float* __restrict__ scale, int64_t n,
-                                  float* __restrict__ clse, float* __restrict__ loss) {
-  const bool ok = scale_ok(scale[0]);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const float cl = ok ? Lse2<float>{cm[i], cs[i]}.lse_natural() : std::numeric_limits<float>::quiet_NaN();
-    clse[i] = cl;
-    loss[i] = 0.5f * (rlse[i] + cl) - diag[i];
-  }
-}
-
 // ---- host ----------------------------------------------------------------------------------
 
 unsigned grid_1d(int64_t n) {
@@ -613,7 +569,7 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q, const at::Tensor& k, const
     const int64_t nb = std::min(pass, n_rb - rb0);
     launch_fwd<SYM>(q, k, sp, offset, rb0, nb, splits, rpm, rps, cpm, cps, diag, stream);
     if constexpr (SYM) {
-      col_merge_kernel<<<grid_1d(nk), kThreads, 0, stream>>>(
+      col_merge_kernel<float><<<grid_1d(nk), kThreads, 0, stream>>>(
           cpm.const_data_ptr<float>(), cps.const_data_ptr<float>(), nb, nk, cm.data_ptr<float>(),
           cs.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -626,7 +582,7 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q, const at::Tensor& k, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if constexpr (SYM) {
     at::Tensor clse = at::empty({nk}, opts);
-    sym_finish_kernel<<<grid_1d(nq), kThreads, 0, stream>>>(
+    sym_finish_kernel<float><<<grid_1d(nq), kThreads, 0, stream>>>(
         cm.const_data_ptr<float>(), cs.const_data_ptr<float>(), rlse.const_data_ptr<float>(),
         diag.const_data_ptr<float>(), sp, nq, clse.data_ptr<float>(), loss.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

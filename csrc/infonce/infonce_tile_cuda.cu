@@ -45,6 +45,7 @@
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
+#include "infonce/infonce_lse.cuh"
 #include "infonce/infonce_tile.h"
 
 namespace semcomp::tile {
@@ -56,6 +57,7 @@ using semcomp::cuda::Lse2;
 using semcomp::cuda::mul_rn;
 using semcomp::cuda::nan_max;
 using semcomp::cuda::neg_inf;
+using semcomp::infonce_lse::scale_ok;
 
 constexpr int kThreads = 256;
 constexpr int kBK = 32;             // D step of the staged operand tiles
@@ -71,9 +73,6 @@ struct alignas(128) Smem {  // WMMA fragment loads/stores need 32-byte aligned p
   float cm[4][kBN], cs[4][kBN];  // column partials of the 4 row groups
 };
 
-__device__ __forceinline__ bool scale_ok(float s) {
-  return s > 0.f && s <= 3.402823466e38f;  // false for NaN, inf, <= 0
-}
 
 // Stages rows [r0, r0 + 64) x columns [k0, k0 + kBK) of x (rows x d, row-major) into dst
 // (64 x kLdOp), zero outside. Thread t loads 8 consecutive elements of row t / 4.
