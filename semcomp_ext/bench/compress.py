@@ -226,7 +226,7 @@ def parser(default_out: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--startup", type=int, default=5, help="repeats of the start-up timings (--help, 2-row job); 0: skip")
     ap.add_argument("--tmp", default="/tmp", help="where inputs and outputs are written")
     ap.add_argument("--tiny-storage", nargs="+", default=["/tmp", "/dev/shm"], help="folders for the tiny-shard runs")
-    ap.add_argument("-o", "--out", "--json", dest="out", default=default_out,
+    ap.add_argument("-o", "--out", dest="out", default=default_out,
                     help="result JSON (default: benchmarks/results/compress_cpu.json of the entry point)")
     return ap
 

@@ -205,7 +205,7 @@ def parser(default_out: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--kill-after", type=int, default=None,
                     help="SIGKILL once this many shards are committed (default: half the shards)")
     ap.add_argument("--tmp", default=tempfile.gettempdir())
-    ap.add_argument("-o", "--out", "--json", dest="out", default=default_out, help="result JSON")
+    ap.add_argument("-o", "--out", dest="out", default=default_out, help="result JSON")
     return ap
 
 
