@@ -63,9 +63,9 @@ def median_time(fn, device: str = "cpu", repeats: int = 5, warmup: int = 1) -> d
 
 
 def interleaved_times(fns: dict, device: str, repeats: int, warmup: int = 1) -> tuple[dict, dict]:
-    """Wall time of every fn in `fns` ({name: fn}), taken in rounds (one call of each per round,
-    after `warmup` calls of each), so that load from other processes on a shared machine falls
-    on every method alike. Returns ({name: timing record}, {name: exception}) — a method that
+    """Time of every fn in `fns` ({name: fn}) (CUDA events on CUDA, wall time on the CPU), taken
+    in rounds (one call of each per round, after `warmup` calls of each), so that load from
+    other processes on a shared machine falls on every method alike. Returns ({name: timing record}, {name: exception}) — a method that
     raises is dropped from the following rounds."""
     live, errors = dict(fns), {}
 
@@ -83,12 +83,24 @@ def interleaved_times(fns: dict, device: str, repeats: int, warmup: int = 1) -> 
     times: dict[str, list] = {name: [] for name in live}
     for _ in range(repeats):
         for name in list(live):
-            t0 = time.perf_counter()
-            call(name)
-            sync(device)
+            seconds = _seconds_of(lambda: call(name), device)
             if name in live:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
     return {name: summarize(times[name]) for name in live}, errors
+
+
+def _seconds_of(fn, device: str) -> float:
+    """Seconds of one fn() call: CUDA events on CUDA (the GPU's own time), wall time on the CPU."""
+    if is_cuda(device):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def cuda_median_time(fn, sets=(None,), repeats: int = 10, warmup: int = 2) -> dict:

@@ -1,0 +1,154 @@
+"""The GPU window's timing stage: InfoNCE forward+backward per CUDA implementation (gemm, tile,
+and mma when this build has it) and SigLIP forward+backward, at the shapes that decide the
+`auto` choice, in one run with interleaved rounds (one call of each method per round), inputs
+rotated past L2, CUDA events, medians.
+
+    python -m benchmarks.gpu_timing --out OUT/timing.json                  # the window's shapes
+    python -m benchmarks.gpu_timing --impls mma gemm --out OUT/mma.json    # the mma slot
+    python -m benchmarks.gpu_timing --device cpu --shapes 64x16:bfloat16   # a CPU run (CI)
+
+(benchmarks/gpu_timing.py is the entry point; this module is the implementation, timed by
+semcomp_ext.bench.timing.interleaved_times.)
+
+Shapes: N x D : dtype (symmetric InfoNCE, N x N logits). SigLIP runs at --siglip shapes and is
+compared with InfoNCE (gemm) at the same shape: the SigLIP/InfoNCE ratio in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from semcomp_ext.bench.timing import environment, interleaved_times
+
+WINDOW_SHAPES = ("32768x512:bfloat16", "65536x768:bfloat16", "32768x512:float16")
+WINDOW_SIGLIP = ("32768x512:bfloat16",)
+
+
+def parse_shape(text: str) -> tuple[int, int, torch.dtype]:
+    try:
+        nd, dt = text.split(":")
+        n, d = (int(v) for v in nd.lower().split("x"))
+        dtype = getattr(torch, dt)
+        assert isinstance(dtype, torch.dtype) and n > 0 and d > 0
+    except (ValueError, AttributeError, AssertionError):
+        raise argparse.ArgumentTypeError(f"shape must be NxD:dtype (e.g. 32768x512:bfloat16), got {text!r}") from None
+    return n, d, dtype
+
+
+def input_sets(n, d, dtype, device, count):
+    """`count` independent (a, b) pairs of unit rows: rotating among them keeps L2 honest."""
+    return [tuple(F.normalize(torch.randn(n, d, device=device), dim=1).to(dtype).requires_grad_() for _ in range(2))
+            for _ in range(count)]
+
+
+def infonce_step(impl, sets, s, device):
+    import semcomp_ext as sc
+
+    state = {"i": 0}
+
+    def step():
+        if device != "cpu":
+            sc.set_infonce_cuda_impl(impl)
+        a, b = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        loss = sc.infonce_loss(a, b, logit_scale=s)
+        loss.backward()
+        a.grad = b.grad = None
+    return step
+
+
+def siglip_step(sets, device):
+    import semcomp_ext as sc
+
+    state = {"i": 0}
+
+    def step():
+        a, b = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        loss = sc.sigmoid_loss(a, b, 10.0, -10.0)
+        loss.backward()
+        a.grad = b.grad = None
+    return step
+
+
+def interleaved_ms(fns: dict, device: str, rounds: int, warmup: int) -> dict:
+    """Median (and spread) in milliseconds of each fn over `rounds` interleaved rounds of one
+    call each, after warm-up (CUDA events on a GPU); a method that raises stops the run."""
+    times, errors = interleaved_times(fns, device, rounds, warmup)
+    for name, exc in errors.items():
+        raise RuntimeError(f"gpu_timing: {name} failed: {exc}") from exc
+    return {name: {"median_ms": r["median_s"] * 1e3, "min_ms": r["min_s"] * 1e3, "max_ms": r["max_s"] * 1e3,
+                   "rounds": r["repeats"]} for name, r in times.items()}
+
+
+def available_impls(device: str, wanted) -> list[str]:
+    if device == "cpu":
+        return ["cpu"]
+    from semcomp_ext import _ops
+
+    have = [i for i in getattr(_ops, "_CUDA_IMPLS", ()) if i != "auto"]
+    return [i for i in (wanted or have) if i in have]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", nargs="*", type=parse_shape, default=[parse_shape(s) for s in WINDOW_SHAPES])
+    p.add_argument("--siglip", nargs="*", type=parse_shape, default=[parse_shape(s) for s in WINDOW_SIGLIP])
+    p.add_argument("--impls", nargs="*", default=None, help="InfoNCE CUDA implementations (default: all built)")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--sets", type=int, default=3, help="input sets rotated through (L2)")
+    p.add_argument("--out", default=None, help="JSON path (default: print only)")
+    args = p.parse_args(argv)
+    import semcomp_ext as sc
+
+    torch.manual_seed(0)
+    device = args.device
+    impls = available_impls(device, args.impls)
+    previous = sc.get_infonce_cuda_impl() if device != "cpu" else None
+    name = torch.cuda.get_device_name() if device != "cpu" else "cpu"
+    result = {"device": name, "env": environment(device), "infonce": [], "siglip": []}
+    s = torch.tensor(14.3, device=device)
+    lines = []
+    try:
+        for n, d, dtype in args.shapes:
+            sets = input_sets(n, d, dtype, device, args.sets)
+            t = interleaved_ms({i: infonce_step(i, sets, s, device) for i in impls}, device, args.rounds, args.warmup)
+            flops = 8.0 * n * n * d  # fwd 2 N^2 D, bwd 3 x 2 N^2 D (recompute, dq, dk)
+            for impl, rec in t.items():
+                rec.update(n=n, d=d, dtype=str(dtype).replace("torch.", ""), impl=impl,
+                           tflops=flops / rec["median_ms"] / 1e9)
+                result["infonce"].append(rec)
+                lines.append(f"infonce {n}x{d} {rec['dtype']:>8} {impl:>5}: {rec['median_ms']:9.2f} ms"
+                             f" ({rec['tflops']:.0f} TFLOP/s)")
+            del sets
+        for n, d, dtype in args.siglip:
+            sets = input_sets(n, d, dtype, device, args.sets)
+            base = "gemm" if "gemm" in impls else impls[0]
+            t = interleaved_ms({"siglip": siglip_step(sets, device), "infonce": infonce_step(base, sets, s, device)},
+                               device, args.rounds, args.warmup)
+            rec = dict(t["siglip"], n=n, d=d, dtype=str(dtype).replace("torch.", ""),
+                       infonce_impl=base, infonce_median_ms=t["infonce"]["median_ms"])
+            rec["ratio_to_infonce"] = rec["median_ms"] / rec["infonce_median_ms"]
+            result["siglip"].append(rec)
+            lines.append(f"siglip  {n}x{d} {rec['dtype']:>8}      : {rec['median_ms']:9.2f} ms"
+                         f" = {rec['ratio_to_infonce']:.2f} x infonce[{base}]")
+            del sets
+    finally:
+        if previous is not None:
+            sc.set_infonce_cuda_impl(previous)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"device: {name}")
+    for line in lines:
+        print(line)
+    return 0
+
