@@ -118,7 +118,7 @@ XDIST="\$(\$PY -c 'import xdist' 2>/dev/null && echo '-n 4')"
 # gpu_smoke groups never run on a GPU before (the gemm path, segment and gather were sanitized)
 NEW_GROUPS="infonce_gemm infonce_tile infonce_mma sigmoid pair_mean"
 SAN="compute-sanitizer --error-exitcode 9 --kernel-name kns=semcomp --print-limit 20"
-MMA_CHECK="if \$PY -c 'import sys; from semcomp_ext import _ops; sys.exit(0 if \"mma\" in getattr(_ops, \"_CUDA_IMPLS\", ()) else 1)'; then files=\$(ls tests/*mma*.py 2>/dev/null); $PYTEST \${files:-$KERNEL_TESTS} -k 'mma and not compile'; rc=\$?; [ \$rc = 5 ] && rc=0; \$PY -m benchmarks.gpu_timing --impls mma gemm --siglip --out '$OUTDIR/mma_timing.json' || rc=1; exit \$rc; else echo 'mma: not in this build (skipped)'; fi"
+MMA_CHECK="if \$PY -c 'import sys; import semcomp_ext as sc; sys.exit(0 if \"mma\" in sc.infonce_cuda_impls() else 1)'; then files=\$(ls tests/*mma*.py 2>/dev/null); $PYTEST \${files:-$KERNEL_TESTS} -k 'mma and not compile'; rc=\$?; [ \$rc = 5 ] && rc=0; \$PY -m benchmarks.gpu_timing --impls mma gemm --siglip --out '$OUTDIR/mma_timing.json' || rc=1; exit \$rc; else echo 'mma: not in this build (skipped)'; fi"
 
 NAMES=(); PRIOS=(); BUDGETS=(); CMDS=()
 stage() { NAMES+=("$1"); PRIOS+=("$2"); BUDGETS+=("${OVERRIDE[$1]:-$3}"); CMDS+=("$4"); }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops  # noqa: F401  (loads and registers the native ops)
-from ._ops import build_info, get_infonce_cuda_impl, set_infonce_cuda_impl
+from ._ops import build_info, get_infonce_cuda_impl, infonce_cuda_impls, set_infonce_cuda_impl
 from .features import RandomFeatureSelector, rfs_index
 from .functional import (
     centroids,
@@ -56,6 +56,7 @@ __all__ = [
     "search",
     "select_features",
     "set_infonce_cuda_impl",
+    "infonce_cuda_impls",
     "sigmoid_loss",
     "true_pair_cosine",
 ]

@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 ops = torch.ops.semcomp
 
-__all__ = ["ops", "has_kernel", "build_info", "set_infonce_cuda_impl", "get_infonce_cuda_impl"]
+__all__ = ["ops", "has_kernel", "build_info", "set_infonce_cuda_impl", "get_infonce_cuda_impl", "infonce_cuda_impls"]
 
 _CUDA_IMPLS = ("auto", "gemm", "tile", "mma")
 
@@ -39,6 +39,11 @@ def set_infonce_cuda_impl(impl: str) -> str:
     previous = get_infonce_cuda_impl()
     _C._set_infonce_cuda_impl(_CUDA_IMPLS.index(impl))
     return previous
+
+
+def infonce_cuda_impls() -> tuple[str, ...]:
+    """The names set_infonce_cuda_impl accepts, "auto" first."""
+    return _CUDA_IMPLS
 
 
 def get_infonce_cuda_impl() -> str:

@@ -96,6 +96,7 @@ def test_infonce_cuda_impl_selection_round_trips():
         assert sc.set_infonce_cuda_impl("auto") == "tile"
     with pytest.raises(ValueError, match="impl must be one of .*got 'fast'"):
         sc.set_infonce_cuda_impl("fast")
+    assert sc.infonce_cuda_impls() == ("auto", "gemm", "tile", "mma")
     assert sc.set_infonce_cuda_impl("mma") == "auto"
     try:
         assert sc.get_infonce_cuda_impl() == "mma"

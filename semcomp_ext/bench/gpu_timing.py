@@ -89,9 +89,9 @@ def interleaved_ms(fns: dict, device: str, rounds: int, warmup: int) -> dict:
 def available_impls(device: str, wanted) -> list[str]:
     if device == "cpu":
         return ["cpu"]
-    from semcomp_ext import _ops
+    from semcomp_ext import infonce_cuda_impls
 
-    have = [i for i in getattr(_ops, "_CUDA_IMPLS", ()) if i != "auto"]
+    have = [i for i in infonce_cuda_impls() if i != "auto"]
     return [i for i in (wanted or have) if i in have]
 
 
