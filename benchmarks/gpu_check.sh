@@ -111,7 +111,7 @@ export -f prebuilt_usable build_from_source stage_build
 # ---- the plan ----------------------------------------------------------------------------------
 # Test selection: the CUDA parametrisations of every kernel test file, without the
 # torch.compile tests (those run in P2 / --full).
-KERNEL_TESTS="tests/test_infonce.py tests/test_segment_gather.py tests/test_pair_mean.py tests/test_siglip.py tests/test_cuda.py tests/test_cuda_chunking.py tests/test_api_defects.py tests/test_clip_loss.py tests/test_distributed.py tests/test_compress_device.py"
+KERNEL_TESTS="tests/test_infonce.py tests/test_segment_gather.py tests/test_pair_mean.py tests/test_siglip.py tests/test_cuda.py tests/test_cuda_chunking.py tests/test_loss_api_contracts.py tests/test_clip_loss.py tests/test_distributed.py tests/test_compress_device.py"
 PYTEST="\$PY -m pytest -q -p no:cacheprovider -o addopts='-ra'"
 # the kernel tests spread over 4 processes when pytest-xdist is there (the GPU image has it)
 XDIST="\$(\$PY -c 'import xdist' 2>/dev/null && echo '-n 4')"

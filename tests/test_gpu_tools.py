@@ -147,3 +147,13 @@ def test_prebuilt_stamp_follows_the_sources(tmp_path):
         f.write("// changed\n")
     assert hash_() != h1
     assert subprocess.run(script + ["--check"], capture_output=True).returncode == 1
+
+
+def test_every_file_the_window_names_exists():
+    """A renamed test file or benchmark module would cost a GPU window: every tests/*.py,
+    benchmarks.<module> and tools/ path that gpu_check.sh names is in the tree."""
+    text = CHECK.read_text()
+    named = set(re.findall(r"tests/\w+\.py", text)) | set(re.findall(r"tools/[\w/]+\.\w+", text))
+    named |= {f"benchmarks/{m}.py" for m in re.findall(r"-m benchmarks\.(\w+)", text)}
+    assert len(named) > 10
+    assert not sorted(p for p in named if not (ROOT / p).is_file())
