@@ -58,9 +58,9 @@ namespace {
 
 using namespace semcomp::cuda;
 using semcomp::infonce_lse::col_merge_kernel;
-using semcomp::infonce_lse::row_finish_kernel;
+using semcomp::infonce_lse::finish_fwd;
+using semcomp::infonce_lse::FwdPartials;
 using semcomp::infonce_lse::scale_ok;
-using semcomp::infonce_lse::sym_finish_kernel;
 
 constexpr int kThreads = 256;            // 8 warps in every kernel below
 constexpr int kWarps = kThreads / 32;
@@ -247,24 +247,6 @@ void dots(at::Tensor& out, const at::Tensor& qc, const at::Tensor& k) {
   at::mm_out(out, qc, k.t());
 }
 
-// The forward's last step, shared by both implementations: the column LSEs from the merged
-// column states and, for the symmetric form, loss_i = (r_i + c_i)/2 - S_ii.
-template <typename A, bool SYM>
-std::vector<at::Tensor> finish_fwd(const at::Tensor& cm, const at::Tensor& cs, const at::Tensor& rlse,
-                                   const at::Tensor& diag, at::Tensor& loss, const A* sp,
-                                   cudaStream_t stream) {
-  if constexpr (SYM) {
-    const int64_t nq = rlse.size(0);
-    at::Tensor clse = at::empty({cm.size(0)}, rlse.options());
-    sym_finish_kernel<A><<<grid_1d(nq), kThreads, 0, stream>>>(
-        cm.const_data_ptr<A>(), cs.const_data_ptr<A>(), rlse.const_data_ptr<A>(),
-        diag.const_data_ptr<A>(), sp, nq, clse.data_ptr<A>(), loss.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {loss, rlse, clse};
-  }
-  return {loss, rlse};
-}
-
 // The tile kernels run for bf16/fp16 when selected (infonce_cuda_impl() == 2). "auto" keeps
 // the gemm path until the tile kernels have been timed against it on a GPU. d = 0 (every
 // logit 0) always takes the gemm path: the tile kernels need d > 0.
@@ -288,31 +270,14 @@ std::vector<at::Tensor> tile_fwd_impl(const at::Tensor& q, const at::Tensor& k,
   const int64_t n_rb = ceil_div(C, tile::kBM), n_ct = ceil_div(nk, tile::kBN);
   TORCH_CHECK_VALUE(n_rb <= kMaxGridX, "infonce: too many rows (", nq, ")");
   const int64_t splits = tile::pick_splits(n_rb, n_ct, tile::device_sms(q));
-  at::Tensor rpm = at::empty({splits, nq}, opts), rps = at::empty({splits, nq}, opts);
-  at::Tensor diag = at::empty({nq}, opts), cpm, cps, cm, cs;
-  if constexpr (SYM) {
-    cpm = at::empty({n_rb, nk}, opts);
-    cps = at::empty({n_rb, nk}, opts);
-    cm = at::full({nk}, -std::numeric_limits<double>::infinity(), opts);
-    cs = at::zeros({nk}, opts);
-  }
+  FwdPartials p(splits, nq, n_rb, nk, SYM, opts);
   const float* sp = s.const_data_ptr<float>();
   for (int64_t i0 = 0; i0 < nq; i0 += C) {
     const int64_t c = std::min(C, nq - i0);
-    tile::launch_fwd(q, k, sp, offset, SYM, splits, i0, c, rpm, rps, cpm, cps, diag);
-    if constexpr (SYM) {
-      col_merge_kernel<float><<<grid_1d(nk), kThreads, 0, stream>>>(
-          cpm.const_data_ptr<float>(), cps.const_data_ptr<float>(), ceil_div(c, tile::kBM), nk,
-          cm.data_ptr<float>(), cs.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    tile::launch_fwd(q, k, sp, offset, SYM, splits, i0, c, p.rpm, p.rps, p.cpm, p.cps, p.diag);
+    if constexpr (SYM) p.merge_columns(ceil_div(c, tile::kBM), stream);
   }
-  at::Tensor rlse = at::empty({nq}, opts), loss = at::empty({nq}, opts);
-  row_finish_kernel<SYM><<<grid_1d(nq), kThreads, 0, stream>>>(
-      rpm.const_data_ptr<float>(), rps.const_data_ptr<float>(), splits, nq,
-      diag.const_data_ptr<float>(), sp, rlse.data_ptr<float>(), loss.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return finish_fwd<float, SYM>(cm, cs, rlse, diag, loss, sp, stream);
+  return p.template finish<SYM>(sp, stream);
 }
 
 template <typename T, bool SYM>

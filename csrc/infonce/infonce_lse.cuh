@@ -3,8 +3,12 @@
 // (splits, then row tiles or row blocks), so results do not depend on scheduling.
 #pragma once
 
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "common/cuda_utils.cuh"
 
@@ -65,5 +69,69 @@ __global__ void sym_finish_kernel(const A* __restrict__ cm, const A* __restrict_
     loss[i] = A(0.5) * (rlse[i] + cl) - diag[i];
   }
 }
+
+// ---- host side ---------------------------------------------------------------------------
+
+constexpr int kFinishThreads = 256;
+
+inline unsigned finish_grid(int64_t n) {
+  return static_cast<unsigned>(std::clamp<int64_t>(semcomp::cuda::ceil_div(n, kFinishThreads), 1, 65536));
+}
+
+// {loss, rlse} of the rect form, or {loss, rlse, clse} of the symmetric one: the column LSEs
+// from the running column states (cm, cs) and loss_i = (r_i + c_i)/2 - S_ii (loss rewritten).
+template <typename A, bool SYM>
+std::vector<at::Tensor> finish_fwd(const at::Tensor& cm, const at::Tensor& cs, const at::Tensor& rlse,
+                                   const at::Tensor& diag, at::Tensor& loss, const A* sp,
+                                   cudaStream_t stream) {
+  if constexpr (SYM) {
+    const int64_t nq = rlse.size(0);
+    at::Tensor clse = at::empty({cm.size(0)}, rlse.options());
+    sym_finish_kernel<A><<<finish_grid(nq), kFinishThreads, 0, stream>>>(
+        cm.const_data_ptr<A>(), cs.const_data_ptr<A>(), rlse.const_data_ptr<A>(),
+        diag.const_data_ptr<A>(), sp, nq, clse.data_ptr<A>(), loss.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {loss, rlse, clse};
+  }
+  return {loss, rlse};
+}
+
+// The fp32 partial states of a tiled forward (tile and mma paths): row (max, sum) per column
+// split (splits, nq); symmetric form: column (max, sum) of up to `parts` row tiles of a chunk
+// (parts, nk), folded after each chunk into the running column states (cm, cs); S's diagonal.
+struct FwdPartials {
+  at::Tensor rpm, rps, diag, cpm, cps, cm, cs;
+
+  FwdPartials(int64_t splits, int64_t nq, int64_t parts, int64_t nk, bool sym, const at::TensorOptions& opts)
+      : rpm(at::empty({splits, nq}, opts)), rps(at::empty({splits, nq}, opts)), diag(at::empty({nq}, opts)) {
+    if (sym) {
+      cpm = at::empty({parts, nk}, opts);
+      cps = at::empty({parts, nk}, opts);
+      cm = at::full({nk}, -std::numeric_limits<double>::infinity(), opts);
+      cs = at::zeros({nk}, opts);
+    }
+  }
+
+  // Folds the chunk's first n_parts column partials, in order, into (cm, cs).
+  void merge_columns(int64_t n_parts, cudaStream_t stream) {
+    const int64_t nk = cm.size(0);
+    col_merge_kernel<float><<<finish_grid(nk), kFinishThreads, 0, stream>>>(
+        cpm.const_data_ptr<float>(), cps.const_data_ptr<float>(), n_parts, nk, cm.data_ptr<float>(),
+        cs.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // The row LSEs from the split partials, then finish_fwd: {loss, rlse[, clse]}.
+  template <bool SYM>
+  std::vector<at::Tensor> finish(const float* sp, cudaStream_t stream) {
+    const int64_t nq = diag.size(0);
+    at::Tensor rlse = at::empty({nq}, diag.options()), loss = at::empty({nq}, diag.options());
+    row_finish_kernel<SYM><<<finish_grid(nq), kFinishThreads, 0, stream>>>(
+        rpm.const_data_ptr<float>(), rps.const_data_ptr<float>(), rpm.size(0), nq,
+        diag.const_data_ptr<float>(), sp, rlse.data_ptr<float>(), loss.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return finish_fwd<float, SYM>(cm, cs, rlse, diag, loss, sp, stream);
+  }
+};
 
 }  // namespace semcomp::infonce_lse

@@ -62,10 +62,8 @@ using semcomp::cuda::Lse2;
 using semcomp::cuda::mul_rn;
 using semcomp::cuda::nan_max;
 using semcomp::cuda::neg_inf;
-using semcomp::infonce_lse::col_merge_kernel;
-using semcomp::infonce_lse::row_finish_kernel;
+using semcomp::infonce_lse::FwdPartials;
 using semcomp::infonce_lse::scale_ok;
-using semcomp::infonce_lse::sym_finish_kernel;
 using namespace semcomp::ptx;
 
 constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 3;
@@ -482,10 +480,6 @@ mma_grad_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k, 
 
 // ---- host ----------------------------------------------------------------------------------
 
-unsigned grid_1d(int64_t n) {
-  return static_cast<unsigned>(std::clamp<int64_t>(ceil_div(n, kThreads), 1, 65536));
-}
-
 // Column splits for `row_blocks` CTAs of rows: enough CTAs to fill the GPU about twice, at
 // most one per column tile (grid.y <= 65535).
 int64_t pick_splits(int64_t row_blocks, int64_t col_tiles, int64_t sms) {
@@ -556,39 +550,14 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q, const at::Tensor& k, const
   const int64_t pass = SYM ? pick_blocks(chunk, n_rb, 8 * nk) : n_rb;
   TORCH_CHECK_VALUE(pass <= std::numeric_limits<int>::max(), "infonce: too many rows (", nq, ")");
   const int64_t splits = pick_splits(pass, n_ct, semcomp::cuda::multiprocessor_count(q.device().index()));
-  at::Tensor rpm = at::empty({splits, nq}, opts), rps = at::empty({splits, nq}, opts);
-  at::Tensor diag = at::empty({nq}, opts), cpm, cps, cm, cs;
-  if constexpr (SYM) {
-    cpm = at::empty({pass, nk}, opts);
-    cps = at::empty({pass, nk}, opts);
-    cm = at::full({nk}, -std::numeric_limits<double>::infinity(), opts);
-    cs = at::zeros({nk}, opts);
-  }
+  FwdPartials p(splits, nq, pass, nk, SYM, opts);
   const float* sp = s.const_data_ptr<float>();
   for (int64_t rb0 = 0; rb0 < n_rb; rb0 += pass) {
     const int64_t nb = std::min(pass, n_rb - rb0);
-    launch_fwd<SYM>(q, k, sp, offset, rb0, nb, splits, rpm, rps, cpm, cps, diag, stream);
-    if constexpr (SYM) {
-      col_merge_kernel<float><<<grid_1d(nk), kThreads, 0, stream>>>(
-          cpm.const_data_ptr<float>(), cps.const_data_ptr<float>(), nb, nk, cm.data_ptr<float>(),
-          cs.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    launch_fwd<SYM>(q, k, sp, offset, rb0, nb, splits, p.rpm, p.rps, p.cpm, p.cps, p.diag, stream);
+    if constexpr (SYM) p.merge_columns(nb, stream);
   }
-  at::Tensor rlse = at::empty({nq}, opts), loss = at::empty({nq}, opts);
-  row_finish_kernel<SYM><<<grid_1d(nq), kThreads, 0, stream>>>(
-      rpm.const_data_ptr<float>(), rps.const_data_ptr<float>(), splits, nq,
-      diag.const_data_ptr<float>(), sp, rlse.data_ptr<float>(), loss.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if constexpr (SYM) {
-    at::Tensor clse = at::empty({nk}, opts);
-    sym_finish_kernel<float><<<grid_1d(nq), kThreads, 0, stream>>>(
-        cm.const_data_ptr<float>(), cs.const_data_ptr<float>(), rlse.const_data_ptr<float>(),
-        diag.const_data_ptr<float>(), sp, nq, clse.data_ptr<float>(), loss.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {loss, rlse, clse};
-  }
-  return {loss, rlse};
+  return p.template finish<SYM>(sp, stream);
 }
 
 #if SEMCOMP_MM_OUT_DTYPE
