@@ -112,6 +112,23 @@ def test_url_lock_is_exclusive_on_memory_store():
         OutputLock("http://127.0.0.1:9/out").acquire()
 
 
+def test_url_lock_on_a_client_without_conditional_create_is_refused(monkeypatch):
+    """A store of a known kind whose client cannot create conditionally (an fsspec filesystem
+    raising NotImplementedError for mode="create") is refused in one line, never left unlocked."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    def no_create(self, path, value, mode="overwrite", **kw):
+        if mode == "create":
+            raise NotImplementedError("mode='create'")
+        return original(self, path, value, mode=mode, **kw)
+
+    original = MemoryFileSystem.pipe_file
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", no_create)
+    with pytest.raises(FolderLockedError, match="cannot create the lock object conditionally"):
+        OutputLock("memory://semcomp-lock-test/nocreate").acquire()
+    assert not MemoryFileSystem().exists("memory://semcomp-lock-test/nocreate/" + LOCK)
+
+
 def test_index_takes_the_folder_lock(done, tmp_path, capsys, monkeypatch):
     pytest.importorskip("faiss")
     from semcomp_ext.compress import index as index_mod
