@@ -99,6 +99,21 @@ def refresh(url: str) -> None:
         fs.invalidate_cache(p)
 
 
+def existing_folder(path, who: str, storage_options: dict | None = None) -> str:
+    """The folder `path` (a local path or URL; a URL without its trailing slash and with this
+    process's listing cache dropped, since another process may have written there), after
+    setting `storage_options` when given. FileNotFoundError naming `who` if it is no folder."""
+    path = local(os.fspath(path))
+    if storage_options is not None:
+        configure(storage_options)
+    if is_url(path):
+        path = path.rstrip("/")
+        refresh(path)
+    if not isdir(path):
+        raise FileNotFoundError(f"{who}: path {path!r} is not a folder")
+    return path
+
+
 def exists(path: str) -> bool:
     if not is_url(path):
         return os.path.exists(path)

@@ -221,14 +221,7 @@ def build_index(folder, *, index_factory: str | None = None, nprobe: int | None 
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
     if index_factory is not None and (not isinstance(index_factory, str) or not index_factory.strip()):
         raise OptionError("index_factory", f"must be a faiss index_factory string, got {index_factory!r}")
-    folder = fsio.local(os.fspath(folder))
-    if storage_options is not None:
-        fsio.configure(storage_options)
-    if fsio.is_url(folder):
-        folder = folder.rstrip("/")
-        fsio.refresh(folder)
-    if not fsio.isdir(folder):
-        raise FileNotFoundError(f"index: path {folder!r} is not a folder")
+    folder = fsio.existing_folder(folder, "index", storage_options)
     # one writer per folder, as compress: held from before the folder is read until index.json
     # is written, so a compress --overwrite/--resume or a second index is refused meanwhile
     lock = OutputLock(folder, command="semcomp index").acquire()

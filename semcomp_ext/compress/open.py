@@ -318,14 +318,7 @@ def open_compressed(path, *, verify: bool = False, storage_options: dict | None 
     the recorded row count. `verify=True` also re-hashes every file (`semcomp verify`).
     Raises FileNotFoundError (no folder / no manifest) or CompressedFolderError (a
     ValueError: unfinished job, missing or corrupt shard)."""
-    path = fsio.local(os.fspath(path))
-    if storage_options is not None:
-        fsio.configure(storage_options)
-    if fsio.is_url(path):
-        path = path.rstrip("/")
-        fsio.refresh(path)
-    if not fsio.isdir(path):
-        raise FileNotFoundError(f"open_compressed: path {path!r} is not a folder")
+    path = fsio.existing_folder(path, "open_compressed", storage_options)
     if not fsio.exists(_manifest.manifest_path(path)):
         raise FileNotFoundError(f"open_compressed: {path!r} has no {_manifest.MANIFEST}; "
                                 "is it the output folder of `semcomp compress`?")
