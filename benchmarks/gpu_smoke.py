@@ -59,9 +59,9 @@ def _unit(n, d, device, dtype):
 
 
 def cuda_impls() -> tuple[str, ...]:
-    from semcomp_ext import _ops
+    from semcomp_ext import infonce_cuda_impls
 
-    return tuple(getattr(_ops, "_CUDA_IMPLS", ("auto", "gemm", "tile")))
+    return infonce_cuda_impls()
 
 
 def infonce_cases(device: str, impl: str) -> list[str]:
