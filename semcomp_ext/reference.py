@@ -49,6 +49,21 @@ def infonce_rect_reference(q: torch.Tensor, k: torch.Tensor, logit_scale, offset
     return F.cross_entropy(logits, labels, reduction="none")
 
 
+def infonce_lse_reference(q: torch.Tensor, k: torch.Tensor, logit_scale, offset: int = 0,
+                          symmetric: bool = False) -> tuple[torch.Tensor, ...]:
+    """The fused ops' forward outputs in fp64: per-row loss and row log-sum-exps r (and for the
+    symmetric form, offset 0, the column log-sum-exps c): (loss, r) or (loss, r, c), where
+    loss_i = r_i - S_i,i+offset, or (r_i + c_i)/2 - S_ii when symmetric."""
+    S = _as_scale(logit_scale, q.double()) * (q.double() @ k.double().T)
+    r = torch.logsumexp(S, 1)
+    idx = torch.arange(q.shape[0], device=q.device)
+    diag = S[idx, idx + offset]
+    if symmetric:
+        c = torch.logsumexp(S, 0)
+        return 0.5 * (r + c) - diag, r, c
+    return r - diag, r
+
+
 def centroids_reference(x: torch.Tensor, ids: torch.Tensor, num_groups: int, features=None):
     """Segment mean via index_add_: returns (means (G, K), counts (G,) int64)."""
     if features is not None:

@@ -367,3 +367,23 @@ def test_autocast_under_torch_compile():
             return sc.infonce_loss(a, b, logit_scale=s)
 
     torch.testing.assert_close(f(a, b, s), sc.infonce_loss(a.bfloat16(), b.bfloat16(), logit_scale=s))
+
+
+@pytest.mark.parametrize("symmetric,offset", [(True, 0), (False, 0), (False, 3)])
+def test_lse_reference_matches_the_ops_forward_outputs(symmetric, offset):
+    """reference.infonce_lse_reference (the emulator drivers' ground truth) against every
+    forward output of the fused CPU op (loss rows and log-sum-exps) and against the
+    cross-entropy reference's loss."""
+    q, k = torch.randn(9, 6, dtype=torch.float64), torch.randn(9 + offset, 6, dtype=torch.float64)
+    s = torch.tensor(2.5, dtype=torch.float64)
+    out = R.infonce_lse_reference(q, k, s, offset, symmetric=symmetric)
+    if symmetric:
+        native = ops.infonce_fwd(q, k, s)
+        truth = R.infonce_rows_reference(q, k, s)
+    else:
+        native = ops.infonce_rect_fwd(q, k, s, offset)
+        truth = R.infonce_rect_reference(q, k, s, offset)
+    assert len(out) == len(native) == (3 if symmetric else 2)
+    for ours, theirs in zip(out, native):
+        torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(out[0], truth)

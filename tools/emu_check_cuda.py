@@ -128,14 +128,9 @@ def check_siglip(E, C, ck: Checks):
 
 
 def infonce_fp64(q, k, s, off, sym):
-    S = float(s) * q.double() @ k.double().T
-    r = torch.logsumexp(S, 1)
-    idx = torch.arange(q.shape[0])
-    d = S[idx, idx + off]
-    if sym:
-        c = torch.logsumexp(S, 0)
-        return 0.5 * (r + c) - d, r, c
-    return r - d, r
+    from semcomp_ext.reference import infonce_lse_reference
+
+    return infonce_lse_reference(q, k, float(s), off, symmetric=sym)
 
 
 def run_infonce(E, q, k, s, off, sym, chunk):
