@@ -1,0 +1,27 @@
+// InfoNCE "wgmma" implementation for bf16/fp16 inputs on sm_90a (H100/H200;
+// infonce_wgmma_cuda.cu): the mma implementation's passes (infonce_mma.h) with a Hopper
+// mainloop, wgmma.mma_async fed by TMA loads through an mbarrier pipeline (producer and
+// consumer warpgroups, CUTLASS/CuTe headers), and the same epilogues
+// (infonce/infonce_mma_epilogue.cuh). Same arguments, results and guarantees as semcomp::mma.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace semcomp::wgmma {
+
+// True when q can run these kernels: built with the CuTe headers for sm_90a, a device of
+// compute capability 9.0, bf16/fp16, d > 0 with 16-byte aligned rows (TMA), torch >= 2.8.
+bool available(const at::Tensor& q, const at::Tensor& k);
+
+// As semcomp::mma::fwd and semcomp::mma::bwd.
+std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& s,
+                            int64_t offset, bool sym, int64_t chunk);
+std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& logit_scale,
+                            const at::Tensor& s, const at::Tensor& rlse, const at::Tensor& rcoef,
+                            const at::Tensor& dcoef, const at::Tensor& clse,
+                            const at::Tensor& ccoef, int64_t offset, bool sym, int64_t chunk);
+
+}  // namespace semcomp::wgmma
