@@ -8,20 +8,15 @@
 // same mma sequence over the same D steps in the forward and the backward kernel, so the
 // backward sees the forward's S bit for bit (N = 1: loss and gradients exactly 0).
 //
-// Forward epilogue (per column tile, in registers): per row, the warp's 64 columns reduce by
-// quad shuffles to (max, sum) and fold into a running state per (row, column half); per
-// column, the warp's 32 rows reduce by shuffles over the 8 row groups, the 4 row warps merge
-// through shared memory in warp order and one thread per column writes the row block's
-// partial. After the last tile the two column halves merge through shared memory (fixed
-// order) into the split's row partial. Splits, row blocks and passes merge in index order in
-// small kernels below: no atomics, results are reproducible for a given launch shape.
-//
-// Backward epilogue: G_ij = rc_i e^(x - r_i) [+ cc_j e^(x - c_j)] - dc_i [j = i + offset],
-// s*G (times gscale) stored from registers in the input dtype (2 columns per 4-byte store),
-// row shares of sum_j G_ij dot_ij per split. The host multiplies the s*G block by k and q on
-// cuBLAS. (The alternative, dq accumulated in registers against k tiles and dk in a second
-// pass over transposed tiles, avoids the s*G round trip through memory; it needs the ldmatrix
-// .trans staging of k and q and is left for the GPU measurements to justify.)
+// Epilogues (infonce/infonce_mma_epilogue.cuh, shared with the wgmma kernels): the forward
+// keeps row (max, sum) states in registers per column half and writes per row block column
+// partials; splits, row blocks and passes merge in index order in the small kernels of
+// infonce_lse.cuh (no atomics). The backward stores s*G (times the fp16 pre-scale) from
+// registers in the input dtype per chunk of rows and the row shares of d scale; the host
+// multiplies the s*G block by k and q on cuBLAS. (The alternative, dq accumulated in registers
+// against k tiles and dk in a second pass over transposed tiles, avoids the s*G round trip
+// through memory; it needs the ldmatrix .trans staging of k and q and is left for the GPU
+// measurements to justify.)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -39,21 +34,26 @@
 #include "infonce/infonce.h"
 #include "infonce/infonce_lse.cuh"
 #include "infonce/infonce_mma.h"
+#include "infonce/infonce_mma_epilogue.cuh"
 
 namespace semcomp::mma {
 namespace {
 
 using semcomp::cuda::ceil_div;
-using semcomp::cuda::exp_diff;
-using semcomp::cuda::Lse2;
-using semcomp::cuda::mul_rn;
-using semcomp::cuda::nan_max;
-using semcomp::cuda::neg_inf;
 using semcomp::infonce_lse::FwdPartials;
 using semcomp::infonce_lse::scale_ok;
 using namespace semcomp::mma_loop;
-// stages, then fp32 scratch: column partials [kWarpsM][kBN] (m, s), row halves [kBM] (m, s)
-constexpr int kSmemBytes = kStageBytes + (2 * kWarpsM * kBN + 2 * kBM) * 4;
+
+using FwdEpi = mma_epi::InfoNCEFwd<kBM, kBN, kWarpsM, 2, kMI, kNJ, true>;
+template <bool SYM>
+using FwdEpiT = mma_epi::InfoNCEFwd<kBM, kBN, kWarpsM, 2, kMI, kNJ, SYM>;
+template <typename T, bool SYM>
+using GradEpiT = mma_epi::InfoNCEGrad<T, kBM, kBN, kWarpsM, 2, kMI, kNJ, SYM>;
+// stages, then the epilogue's fp32 scratch (the forward's is the larger)
+constexpr int kSmemBytes = kStageBytes + FwdEpi::kScratchFloats * 4;
+static_assert(FwdEpi::kThreads == kThreads, "every thread runs the epilogue");
+
+__device__ __forceinline__ void block_sync() { __syncthreads(); }
 
 // grid (row blocks of this pass, splits); rb0: first row block of the pass. row_pm/row_ps:
 // (splits, nq); col_pm/col_ps: (row blocks of a pass, nk), only when SYM; diag: (nq).
@@ -65,151 +65,18 @@ mma_fwd_kernel(const uint16_t* __restrict__ q, int64_t nq, const uint16_t* __res
                float* __restrict__ col_ps, float* __restrict__ diag) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* stages = reinterpret_cast<uint16_t*>(smem_raw);
-  float* cm = reinterpret_cast<float*>(smem_raw + kStages * kStageElems * 2);
-  float* cs = cm + kWarpsM * kBN;
-  float* hm = cs + kWarpsM * kBN;
-  float* hs = hm + kBM;
+  float* scratch = reinterpret_cast<float*>(smem_raw + kStageBytes);
   const int64_t rbl = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int64_t r0 = (rb0 + rbl) * kBM;
   int64_t t0, t1;
   split_range(ceil_div(nk, kBN), split, splits, t0, t1);
-  const float s = scale[0];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wm = warp % kWarpsM, wn = warp / kWarpsM, g = lane >> 2, tq = lane & 3;
-  bool row_ok[kMI][2];
-#pragma unroll
-  for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) row_ok[mi][h] = r0 + wm * kWM + mi * 16 + g + 8 * h < nq;
-  Lse2<float> row[kMI][2];
-#pragma unroll
-  for (int mi = 0; mi < kMI; ++mi) row[mi][0] = row[mi][1] = Lse2<float>::empty();
-
-  auto epi = [&](int64_t ct, float (&acc)[kMI][kNJ][4]) {
-    const int64_t c0 = ct * kBN;
-    // element (nj, b) of this thread is column c0 + cw + nj * 8 + b, valid when nj * 8 + b < ncol
-    const int cw = wn * kWN + 2 * tq;
-    const int ncol = static_cast<int>(std::min<int64_t>(nk - c0, kBN)) - cw;
-    // logits; -inf past nk (they drop out of maxima and sums)
-#pragma unroll
-    for (int nj = 0; nj < kNJ; ++nj)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool ok = nj * 8 + (e & 1) < ncol;
-#pragma unroll
-        for (int mi = 0; mi < kMI; ++mi) acc[mi][nj][e] = ok ? mul_rn(acc[mi][nj][e], s) : neg_inf<float>();
-      }
-    // the positive logit S_i,i+offset (tile column = tile row + dd), stored by its one holder
-    const int64_t dd64 = r0 + offset - c0;
-    if (dd64 > -kBM && dd64 < kBN) {
-      const int dd = static_cast<int>(dd64);
-#pragma unroll
-      for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int lr = wm * kWM + mi * 16 + g + 8 * h, target = lr + dd - cw;
-#pragma unroll
-          for (int nj = 0; nj < kNJ; ++nj)
-#pragma unroll
-            for (int b = 0; b < 2; ++b)
-              if (row_ok[mi][h] && nj * 8 + b == target) diag[r0 + lr] = acc[mi][nj][2 * h + b];
-        }
-    }
-    // rows: the warp's 64 columns -> (max, sum) over the quad, folded into the running state
-#pragma unroll
-    for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float m = neg_inf<float>();
-#pragma unroll
-        for (int nj = 0; nj < kNJ; ++nj)
-#pragma unroll
-          for (int b = 0; b < 2; ++b) m = nan_max(m, acc[mi][nj][2 * h + b]);
-        m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, 1));
-        m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, 2));
-        float e2 = 0.f;
-        if (m != neg_inf<float>()) {  // no valid column in this half: the empty state
-#pragma unroll
-          for (int nj = 0; nj < kNJ; ++nj)
-#pragma unroll
-            for (int b = 0; b < 2; ++b) e2 += exp_diff(acc[mi][nj][2 * h + b], m);
-        }
-        e2 += __shfl_xor_sync(0xffffffffu, e2, 1);
-        e2 += __shfl_xor_sync(0xffffffffu, e2, 2);
-        row[mi][h].merge(m, e2);
-      }
-    if constexpr (SYM) {
-      // columns: the warp's 32 rows (rows past nq left out) -> (max, sum) over the 8 row groups
-#pragma unroll
-      for (int nj = 0; nj < kNJ; ++nj)
-#pragma unroll
-        for (int b = 0; b < 2; ++b) {
-          float m = neg_inf<float>();
-#pragma unroll
-          for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-              if (row_ok[mi][h]) m = nan_max(m, acc[mi][nj][2 * h + b]);
-          m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, 4));
-          m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, 8));
-          m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, 16));
-          float e2 = 0.f;
-          if (m != neg_inf<float>()) {
-#pragma unroll
-            for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-              for (int h = 0; h < 2; ++h)
-                if (row_ok[mi][h]) e2 += exp_diff(acc[mi][nj][2 * h + b], m);
-          }
-          e2 += __shfl_xor_sync(0xffffffffu, e2, 4);
-          e2 += __shfl_xor_sync(0xffffffffu, e2, 8);
-          e2 += __shfl_xor_sync(0xffffffffu, e2, 16);
-          if (g == 0) {
-            const int col = wn * kWN + nj * 8 + 2 * tq + b;
-            cm[wm * kBN + col] = m;
-            cs[wm * kBN + col] = e2;
-          }
-        }
-      __syncthreads();
-      // (cm, cs) are written again only after the next mainloop barrier
-      const int t = threadIdx.x;
-      if (t < kBN && c0 + t < nk) {
-        Lse2<float> st{cm[t], cs[t]};
-#pragma unroll
-        for (int w = 1; w < kWarpsM; ++w) st.merge(cm[w * kBN + t], cs[w * kBN + t]);
-        col_pm[rbl * nk + c0 + t] = st.m;
-        col_ps[rbl * nk + c0 + t] = st.s;
-      }
-    }
-  };
-  tile_loop<BF16, VEC>(q, nq, k, nk, d, r0, t0, t1, stages, epi);
-
-  // the two column halves of each row, merged in order (half 0, then half 1)
-  if (wn == 1 && tq == 0) {
-#pragma unroll
-    for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int rr = wm * kWM + mi * 16 + g + 8 * h;
-        hm[rr] = row[mi][h].m;
-        hs[rr] = row[mi][h].s;
-      }
-  }
-  __syncthreads();
-  if (wn == 0 && tq == 0) {
-#pragma unroll
-    for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int rr = wm * kWM + mi * 16 + g + 8 * h;
-        if (row_ok[mi][h]) {
-          Lse2<float> st = row[mi][h];
-          st.merge(hm[rr], hs[rr]);
-          row_pm[split * nq + r0 + rr] = st.m;
-          row_ps[split * nq + r0 + rr] = st.s;
-        }
-      }
-  }
+  FwdEpiT<SYM> epi(mma_frag::grid_frag<kMI, kNJ>(warp, lane, kWarpsM), r0, nq, nk, scale[0], offset,
+                   scratch, threadIdx.x, SYM ? col_pm + rbl * nk : nullptr,
+                   SYM ? col_ps + rbl * nk : nullptr, diag);
+  tile_loop<BF16, VEC>(q, nq, k, nk, d, r0, t0, t1, stages,
+                       [&](int64_t ct, float (&acc)[kMI][kNJ][4]) { epi.tile(ct, acc, block_sync); });
+  epi.finish(row_pm + split * nq, row_ps + split * nq, block_sync);
 }
 
 // grid (row blocks of rows [i0, i0 + c), splits). gbuf: row i - i0, column j at
@@ -225,7 +92,7 @@ mma_grad_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k, 
                 float* __restrict__ ds_part, int64_t ld_ds) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* stages = reinterpret_cast<uint16_t*>(smem_raw);
-  float* hs = reinterpret_cast<float*>(smem_raw + kStages * kStageElems * 2) + 2 * kWarpsM * kBN;
+  float* scratch = reinterpret_cast<float*>(smem_raw + kStageBytes);
   const int64_t split = blockIdx.y, splits = gridDim.y;
   const int64_t r0 = i0 + int64_t(blockIdx.x) * kBM, rows_end = i0 + c;
   int64_t t0, t1;
@@ -233,97 +100,11 @@ mma_grad_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k, 
   const float s = scale_ok(scale[0]) ? scale[0] : std::numeric_limits<float>::quiet_NaN();
   const float sg = gscale ? s * gscale[0] : s;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wm = warp % kWarpsM, wn = warp / kWarpsM, g = lane >> 2, tq = lane & 3;
-  bool row_ok[kMI][2];
-  float rl[kMI][2], rc[kMI][2], dc[kMI][2], ds[kMI][2];
-#pragma unroll
-  for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t i = r0 + wm * kWM + mi * 16 + g + 8 * h;
-      row_ok[mi][h] = i < rows_end;
-      rl[mi][h] = row_ok[mi][h] ? rlse[i] : 0.f;
-      rc[mi][h] = row_ok[mi][h] ? rcoef[i] : 0.f;
-      dc[mi][h] = row_ok[mi][h] ? dcoef[i] : 0.f;
-      ds[mi][h] = 0.f;
-    }
-
-  auto epi = [&](int64_t ct, float (&acc)[kMI][kNJ][4]) {
-    const int64_t c0 = ct * kBN;
-    const int cw = wn * kWN + 2 * tq;  // (nj, b) is column c0 + cw + nj * 8 + b
-    const int ncol = static_cast<int>(std::min<int64_t>(nk - c0, kBN)) - cw;
-    const int64_t dd64 = r0 + offset - c0;  // diagonal: tile column = tile row + dd
-    const bool diag_here = dd64 > -kBM && dd64 < kBN;
-    const int dd = diag_here ? static_cast<int>(dd64) : 0;
-    float cl[kNJ][2], cc[kNJ][2];
-    if constexpr (SYM) {
-#pragma unroll
-      for (int nj = 0; nj < kNJ; ++nj)
-#pragma unroll
-        for (int b = 0; b < 2; ++b) {
-          const bool ok = nj * 8 + b < ncol;
-          cl[nj][b] = ok ? clse[c0 + cw + nj * 8 + b] : 0.f;
-          cc[nj][b] = ok ? ccoef[c0 + cw + nj * 8 + b] : 0.f;
-        }
-    }
-#pragma unroll
-    for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (!row_ok[mi][h]) continue;
-        const int lr = wm * kWM + mi * 16 + g + 8 * h, target = diag_here ? lr + dd - cw : -1;
-        uint16_t* grow = gbuf + (r0 - i0 + lr) * ld_g + c0 + cw;
-#pragma unroll
-        for (int nj = 0; nj < kNJ; ++nj) {
-          uint16_t out[2];
-#pragma unroll
-          for (int b = 0; b < 2; ++b) {
-            float gv = 0.f;
-            if (nj * 8 + b < ncol) {
-              const float w = acc[mi][nj][2 * h + b];
-              const float x = mul_rn(w, s);
-              gv = rc[mi][h] * exp_diff(x, rl[mi][h]);
-              if constexpr (SYM) gv += cc[nj][b] * exp_diff(x, cl[nj][b]);
-              if (nj * 8 + b == target) gv -= dc[mi][h];
-              ds[mi][h] += gv * w;
-            }
-            out[b] = T(sg * gv).x;
-          }
-          if (pair_store && nj * 8 + 1 < ncol) {
-            *reinterpret_cast<uint32_t*>(grow + nj * 8) = uint32_t(out[0]) | (uint32_t(out[1]) << 16);
-          } else {
-            if (nj * 8 < ncol) grow[nj * 8] = out[0];
-            if (nj * 8 + 1 < ncol) grow[nj * 8 + 1] = out[1];
-          }
-        }
-      }
-  };
-  tile_loop<BF16, VEC>(q, rows_end, k, nk, d, r0, t0, t1, stages, epi);
-
-  // row shares: quad sums, then column half 0 + half 1
-#pragma unroll
-  for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      ds[mi][h] += __shfl_xor_sync(0xffffffffu, ds[mi][h], 1);
-      ds[mi][h] += __shfl_xor_sync(0xffffffffu, ds[mi][h], 2);
-    }
-  if (wn == 1 && tq == 0) {
-#pragma unroll
-    for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) hs[wm * kWM + mi * 16 + g + 8 * h] = ds[mi][h];
-  }
-  __syncthreads();
-  if (wn == 0 && tq == 0) {
-#pragma unroll
-    for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int rr = wm * kWM + mi * 16 + g + 8 * h;
-        if (row_ok[mi][h]) ds_part[split * ld_ds + (r0 - i0) + rr] = ds[mi][h] + hs[rr];
-      }
-  }
+  GradEpiT<T, SYM> epi(mma_frag::grid_frag<kMI, kNJ>(warp, lane, kWarpsM), r0, i0, rows_end, nk,
+                       offset, s, sg, rlse, rcoef, dcoef, clse, ccoef, gbuf, ld_g, pair_store, scratch);
+  tile_loop<BF16, VEC>(q, rows_end, k, nk, d, r0, t0, t1, stages,
+                       [&](int64_t ct, float (&acc)[kMI][kNJ][4]) { epi.tile(ct, acc); });
+  epi.finish(ds_part + split * ld_ds, block_sync);
 }
 
 // ---- host ----------------------------------------------------------------------------------
