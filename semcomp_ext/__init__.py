@@ -8,6 +8,7 @@ import torch
 from . import _ops  # noqa: F401  (loads and registers the native ops)
 from ._ops import build_info, get_infonce_cuda_impl, infonce_cuda_impls, set_infonce_cuda_impl
 from .features import RandomFeatureSelector, rfs_index
+from .kernel_choice import choose_cuda_impl
 from .functional import (
     centroids,
     infonce_loss,
@@ -39,6 +40,7 @@ __all__ = [
     "build_index",
     "build_info",
     "centroids",
+    "choose_cuda_impl",
     "compress_arrays",
     "compression_ratio",
     "explained_variance",

@@ -23,7 +23,9 @@ ops = torch.ops.semcomp
 
 __all__ = ["ops", "has_kernel", "build_info", "set_infonce_cuda_impl", "get_infonce_cuda_impl", "infonce_cuda_impls"]
 
-_CUDA_IMPLS = ("auto", "gemm", "tile", "mma")
+# The CUDA implementations by the code the ops' `impl` argument takes (csrc/common/impl_choice.h):
+# 0 "auto" (the default), 1 gemm, 2 tile, 3 mma, 4 wgmma; minus a code = that one where it can run.
+_CUDA_IMPLS = ("auto", "gemm", "tile", "mma", "wgmma")
 
 
 def set_infonce_cuda_impl(impl: str) -> str:
@@ -32,8 +34,13 @@ def set_infonce_cuda_impl(impl: str) -> str:
     kernels compute the log-sum-exps and gradients. "tile": the logits are computed on the
     tensor cores tile by tile and consumed in shared memory (never written to device memory).
     "mma" (sm_80+): ldmatrix + mma.sync kernels with cp.async pipelines, logits and log-sum-exp
-    states in registers; the backward writes s*G for two cuBLAS products (checked on the CPU
-    emulator, not yet timed on a GPU). "auto" (default) currently means "gemm". fp32/fp64 inputs always use "gemm"."""
+    states in registers; the backward writes s*G for two cuBLAS products. "wgmma" (sm_90a
+    builds on compute capability 9.0): the mma passes on a Hopper wgmma + TMA mainloop.
+    "auto" (default): the Python API picks per call from the measured table
+    (:func:`semcomp_ext.choose_cuda_impl`); the raw ops run "gemm". Any other setting overrides
+    the table for every call that does not name an implementation itself (``impl=`` of
+    :func:`semcomp_ext.infonce_loss`). fp32/fp64 inputs always use "gemm", and so do inputs
+    the selected implementation cannot run (an ``impl=`` given per call raises instead)."""
     if impl not in _CUDA_IMPLS:
         raise ValueError(f"set_infonce_cuda_impl: impl must be one of {_CUDA_IMPLS}, got {impl!r}")
     previous = get_infonce_cuda_impl()
@@ -47,8 +54,20 @@ def infonce_cuda_impls() -> tuple[str, ...]:
 
 
 def get_infonce_cuda_impl() -> str:
-    """The CUDA InfoNCE implementation selected for bf16/fp16 inputs ("auto", "gemm", "tile", "mma")."""
+    """The CUDA InfoNCE implementation selected for bf16/fp16 inputs ("auto", "gemm", "tile", "mma", "wgmma")."""
     return _CUDA_IMPLS[_C._infonce_cuda_impl()]
+
+
+def _saved_impl(impl: int, family: str) -> int:
+    """The impl code a forward's autograd node hands its backward: the call's own code, or for
+    0 the implementation the default meant at forward time, as a preference (InfoNCE: minus the
+    process-wide setting, -1 gemm when it is "auto"; SigLIP: -1 gemm). The backward then
+    recomputes the logits with the forward's implementation even when the process-wide setting
+    changes in between; a preference resolves the same way for the same saved inputs."""
+    if impl != 0:
+        return impl
+    setting = _C._infonce_cuda_impl() if family == "infonce" else 0
+    return -(setting or 1)
 
 
 def build_info() -> dict:
@@ -95,28 +114,28 @@ def _check_pair(op: str, q, k, logit_scale, symmetric: bool, offset: int = 0) ->
 
 
 @torch.library.register_fake("semcomp::infonce_fwd")
-def _infonce_fwd_fake(a, b, logit_scale, chunk_size=0):
+def _infonce_fwd_fake(a, b, logit_scale, chunk_size=0, impl=0):
     _check_pair("infonce_fwd", a, b, logit_scale, True)
     n, acc = a.shape[0], _acc_dtype(a.dtype)
     return a.new_empty(n, dtype=acc), a.new_empty(n, dtype=acc), a.new_empty(n, dtype=acc)
 
 
 @torch.library.register_fake("semcomp::infonce_bwd")
-def _infonce_bwd_fake(a, b, logit_scale, row_lse, col_lse, row_coef, col_coef, diag_coef, chunk_size=0):
+def _infonce_bwd_fake(a, b, logit_scale, row_lse, col_lse, row_coef, col_coef, diag_coef, chunk_size=0, impl=0):
     _check_pair("infonce_bwd", a, b, logit_scale, True)
     # contiguous whatever the inputs' strides, as the kernels return them
     return a.new_empty(a.shape), b.new_empty(b.shape), torch.empty_like(logit_scale)
 
 
 @torch.library.register_fake("semcomp::infonce_rect_fwd")
-def _infonce_rect_fwd_fake(q, k, logit_scale, offset=0, chunk_size=0):
+def _infonce_rect_fwd_fake(q, k, logit_scale, offset=0, chunk_size=0, impl=0):
     _check_pair("infonce_rect_fwd", q, k, logit_scale, False, offset)
     n, acc = q.shape[0], _acc_dtype(q.dtype)
     return q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc)
 
 
 @torch.library.register_fake("semcomp::infonce_rect_bwd")
-def _infonce_rect_bwd_fake(q, k, logit_scale, lse, row_coef, diag_coef, offset=0, chunk_size=0):
+def _infonce_rect_bwd_fake(q, k, logit_scale, lse, row_coef, diag_coef, offset=0, chunk_size=0, impl=0):
     _check_pair("infonce_rect_bwd", q, k, logit_scale, False, offset)
     return q.new_empty(q.shape), k.new_empty(k.shape), torch.empty_like(logit_scale)
 
@@ -180,6 +199,7 @@ def _pair_mean_fake(zs, features=None):
 # The forward ops return per-row losses and log-sum-exps; gradients may arrive for any of
 # them. They enter the backward kernels as per-row coefficients:
 #   loss_i = (r_i + c_i)/2 - S_ii  ->  row_coef = g/2 + g_r, col_coef = g/2 + g_c, diag = g.
+# Every setup saves the forward's impl (_saved_impl) in ctx.impl for the backward op.
 
 
 def _zeros_if_none(g, like):
@@ -187,9 +207,9 @@ def _zeros_if_none(g, like):
 
 
 def _infonce_setup(ctx, inputs, output):
-    a, b, logit_scale, chunk_size = inputs
+    a, b, logit_scale, chunk_size, impl = inputs
     _, row_lse, col_lse = output
-    ctx.chunk_size = chunk_size
+    ctx.chunk_size, ctx.impl = chunk_size, _saved_impl(impl, "infonce")
     if any(ctx.needs_input_grad[:3]):
         ctx.save_for_backward(a, b, logit_scale, row_lse, col_lse)
 
@@ -200,18 +220,19 @@ def _infonce_backward(ctx, g_loss, g_row, g_col):
     half = 0.5 * g
     row_coef = half if g_row is None else half + g_row
     col_coef = half if g_col is None else half + g_col
-    ga, gb, gs = ops.infonce_bwd(a, b, logit_scale, row_lse, col_lse, row_coef, col_coef, g, ctx.chunk_size)
+    ga, gb, gs = ops.infonce_bwd(a, b, logit_scale, row_lse, col_lse, row_coef, col_coef, g, ctx.chunk_size,
+                                 ctx.impl)
     need = ctx.needs_input_grad
-    return (ga if need[0] else None, gb if need[1] else None, gs if need[2] else None, None)
+    return (ga if need[0] else None, gb if need[1] else None, gs if need[2] else None, None, None)
 
 
 torch.library.register_autograd("semcomp::infonce_fwd", _infonce_backward, setup_context=_infonce_setup)
 
 
 def _rect_setup(ctx, inputs, output):
-    q, k, logit_scale, offset, chunk_size = inputs
+    q, k, logit_scale, offset, chunk_size, impl = inputs
     _, lse = output
-    ctx.offset, ctx.chunk_size = offset, chunk_size
+    ctx.offset, ctx.chunk_size, ctx.impl = offset, chunk_size, _saved_impl(impl, "infonce")
     if any(ctx.needs_input_grad[:3]):
         ctx.save_for_backward(q, k, logit_scale, lse)
 
@@ -220,9 +241,9 @@ def _rect_backward(ctx, g_loss, g_lse):
     q, k, logit_scale, lse = ctx.saved_tensors
     g = _zeros_if_none(g_loss, lse)
     row_coef = g if g_lse is None else g + g_lse
-    gq, gk, gs = ops.infonce_rect_bwd(q, k, logit_scale, lse, row_coef, g, ctx.offset, ctx.chunk_size)
+    gq, gk, gs = ops.infonce_rect_bwd(q, k, logit_scale, lse, row_coef, g, ctx.offset, ctx.chunk_size, ctx.impl)
     need = ctx.needs_input_grad
-    return (gq if need[0] else None, gk if need[1] else None, gs if need[2] else None, None, None)
+    return (gq if need[0] else None, gk if need[1] else None, gs if need[2] else None, None, None, None)
 
 
 torch.library.register_autograd("semcomp::infonce_rect_fwd", _rect_backward, setup_context=_rect_setup)
@@ -300,20 +321,20 @@ def _check_sigmoid_fake(op, a, b, logit_scale, logit_bias, negative_only):
 
 
 @torch.library.register_fake("semcomp::sigmoid_fwd")
-def _sigmoid_fwd_fake(a, b, logit_scale, logit_bias, negative_only=False, chunk_size=0):
+def _sigmoid_fwd_fake(a, b, logit_scale, logit_bias, negative_only=False, chunk_size=0, impl=0):
     _check_sigmoid_fake("sigmoid_fwd", a, b, logit_scale, logit_bias, negative_only)
     return a.new_empty(a.shape[0], dtype=_acc_dtype(a.dtype))
 
 
 @torch.library.register_fake("semcomp::sigmoid_bwd")
-def _sigmoid_bwd_fake(a, b, logit_scale, logit_bias, grad_rows, negative_only=False, chunk_size=0):
+def _sigmoid_bwd_fake(a, b, logit_scale, logit_bias, grad_rows, negative_only=False, chunk_size=0, impl=0):
     _check_sigmoid_fake("sigmoid_bwd", a, b, logit_scale, logit_bias, negative_only)
     return (a.new_empty(a.shape), b.new_empty(b.shape), torch.empty_like(logit_scale),
             torch.empty_like(logit_bias))
 
 
 @torch.library.register_fake("semcomp::sigmoid_fwd_bwd")
-def _sigmoid_fwd_bwd_fake(a, b, logit_scale, logit_bias, negative_only=False, chunk_size=0):
+def _sigmoid_fwd_bwd_fake(a, b, logit_scale, logit_bias, negative_only=False, chunk_size=0, impl=0):
     _check_sigmoid_fake("sigmoid_fwd_bwd", a, b, logit_scale, logit_bias, negative_only)
     acc = _acc_dtype(a.dtype)
     return (a.new_empty((), dtype=acc), a.new_empty(a.shape, dtype=acc), b.new_empty(b.shape, dtype=acc),
@@ -321,18 +342,19 @@ def _sigmoid_fwd_bwd_fake(a, b, logit_scale, logit_bias, negative_only=False, ch
 
 
 def _sigmoid_setup(ctx, inputs, output):
-    a, b, logit_scale, logit_bias, negative_only, chunk_size = inputs
-    ctx.negative_only, ctx.chunk_size = negative_only, chunk_size
+    a, b, logit_scale, logit_bias, negative_only, chunk_size, impl = inputs
+    ctx.negative_only, ctx.chunk_size, ctx.impl = negative_only, chunk_size, _saved_impl(impl, "sigmoid")
     if any(ctx.needs_input_grad[:4]):
         ctx.save_for_backward(a, b, logit_scale, logit_bias)
 
 
 def _sigmoid_backward(ctx, g_rows):
     a, b, logit_scale, logit_bias = ctx.saved_tensors
-    ga, gb, gs, gt = ops.sigmoid_bwd(a, b, logit_scale, logit_bias, g_rows, ctx.negative_only, ctx.chunk_size)
+    ga, gb, gs, gt = ops.sigmoid_bwd(a, b, logit_scale, logit_bias, g_rows, ctx.negative_only, ctx.chunk_size,
+                                     ctx.impl)
     need = ctx.needs_input_grad
     return (ga if need[0] else None, gb if need[1] else None, gs if need[2] else None,
-            gt if need[3] else None, None, None)
+            gt if need[3] else None, None, None, None)
 
 
 torch.library.register_autograd("semcomp::sigmoid_fwd", _sigmoid_backward, setup_context=_sigmoid_setup)
@@ -346,10 +368,10 @@ def _is_eager(x: torch.Tensor) -> bool:
 
 
 def _sigmoid_onepass_setup(ctx, inputs, output):
-    a, b, logit_scale, logit_bias, negative_only, chunk_size = inputs
+    a, b, logit_scale, logit_bias, negative_only, chunk_size, impl = inputs
     _, ga, gb, gs, gt = output
     ctx.dtypes = (a.dtype, b.dtype)
-    ctx.negative_only, ctx.chunk_size = negative_only, chunk_size
+    ctx.negative_only, ctx.chunk_size, ctx.impl = negative_only, chunk_size, _saved_impl(impl, "sigmoid")
     # the gradient outputs are never differentiated: without this, autograd would hand the
     # backward N x D zero tensors for them
     ctx.set_materialize_grads(False)
@@ -368,7 +390,7 @@ def _sigmoid_onepass_backward(ctx, g_loss, *_unused):
     # (retain_graph=True) recomputes them from the inputs.
     need = ctx.needs_input_grad
     if g_loss is None:  # only the gradient outputs were used: they are constants
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     saved = ctx.saved_tensors
     a, b, logit_scale, logit_bias = saved[:4]
     if len(saved) > 4:  # traced by torch.compile: out of place
@@ -382,13 +404,14 @@ def _sigmoid_onepass_backward(ctx, g_loss, *_unused):
         ga, gb = ga.mul_(g), gb.mul_(g)
     else:
         rows = g_loss.reshape(1).expand(a.shape[0])
-        ga, gb, gs, gt = ops.sigmoid_bwd(a, b, logit_scale, logit_bias, rows, ctx.negative_only, ctx.chunk_size)
+        ga, gb, gs, gt = ops.sigmoid_bwd(a, b, logit_scale, logit_bias, rows, ctx.negative_only, ctx.chunk_size,
+                                         ctx.impl)
         return (ga if need[0] else None, gb if need[1] else None, gs if need[2] else None,
-                gt if need[3] else None, None, None)
+                gt if need[3] else None, None, None, None)
     return (ga.to(ctx.dtypes[0]) if need[0] else None,
             gb.to(ctx.dtypes[1]) if need[1] else None,
             (g.to(gs.dtype) * gs) if need[2] else None,
-            (g.to(gt.dtype) * gt) if need[3] else None, None, None)
+            (g.to(gt.dtype) * gt) if need[3] else None, None, None, None)
 
 
 torch.library.register_autograd("semcomp::sigmoid_fwd_bwd", _sigmoid_onepass_backward, setup_context=_sigmoid_onepass_setup)

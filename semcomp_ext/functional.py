@@ -26,6 +26,7 @@ import torch
 
 from . import reference
 from ._ops import ops
+from .kernel_choice import call_impl_code, check_impl_choice
 from .validation import (
     DEFAULT_TEMPERATURE,
     attach_bias,
@@ -84,33 +85,42 @@ def infonce_loss(
         reduction: "mean" (scalar), "sum" (scalar) or "none" (per-pair loss, shape (N,)).
         symmetric: True = (a->b + b->a)/2; False = a->b only.
         chunk_size: rows per workspace block (0 = automatic); memory is O(chunk_size * N).
-        impl: "auto" (fused kernel, reference where the device has none), "fused", "reference".
+        impl: "auto" (fused kernel, reference where the device has none), "fused" (the fused
+            kernel or a ValueError), "reference" (pure PyTorch, O(N^2) memory), or one CUDA
+            implementation of the fused kernel: "gemm", "tile", "mma", "wgmma" (a ValueError
+            naming it and why when it cannot run the inputs). "auto" and "fused" on CUDA
+            bf16/fp16 inputs take the process-wide set_infonce_cuda_impl() setting unless it
+            is "auto", else the measured table (semcomp_ext.choose_cuda_impl).
 
     Returns: the loss in fp32 (fp64 for fp64 inputs), whatever the input precision.
     """
     fn = "infonce_loss"
+    check_impl_choice(fn, "infonce", impl)
     check_pair(fn, a, b)
     check_reduction(fn, reduction)
     a, b = promote(fn, (a, b))
     s = resolve_scale(fn, temperature, logit_scale, a)
     op = "infonce_fwd" if symmetric else "infonce_rect_fwd"
-    if use_fused(fn, op, impl, a.device):
+    if _use_fused(fn, op, impl, a.device):
+        code = call_impl_code(fn, "infonce", impl, a, b)
         if symmetric:
-            rows = ops.infonce_fwd(a, b, s, chunk_size)[0]
+            rows = ops.infonce_fwd(a, b, s, chunk_size, code)[0]
         else:
-            rows = ops.infonce_rect_fwd(a, b, s, 0, chunk_size)[0]
+            rows = ops.infonce_rect_fwd(a, b, s, 0, chunk_size, code)[0]
     else:
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
         rows = reference.infonce_reference(a.to(acc), b.to(acc), s, "none", symmetric)
     return attach_bias(reduce(rows, reduction), fn, logit_bias)
 
 
-def infonce_rect_loss(q, k, logit_scale, *, offset: int = 0, reduction: str = "none", chunk_size: int = 0):
+def infonce_rect_loss(q, k, logit_scale, *, offset: int = 0, reduction: str = "none", chunk_size: int = 0,
+                      impl: str = "auto"):
     """One-directional InfoNCE of q (Nq, D) against k (Nk, D) with positives at k[i + offset]:
     loss_i = logsumexp_j(s <q_i, k_j>) - s <q_i, k_{i+offset}>. The building block of the
     distributed local loss. logit_scale: tensor of shape [] or [1] (or a float). Mixed dtypes
-    are promoted as in :func:`infonce_loss`."""
+    are promoted as in :func:`infonce_loss`; impl as there."""
     fn = "infonce_rect_loss"
+    check_impl_choice(fn, "infonce", impl)
     check_pair(fn, q, k, ("q", "k"), same_rows=False)
     check_reduction(fn, reduction)
     if not (0 <= offset and offset + q.shape[0] <= k.shape[0]):
@@ -119,7 +129,18 @@ def infonce_rect_loss(q, k, logit_scale, *, offset: int = 0, reduction: str = "n
         )
     q, k = promote(fn, (q, k))
     s = resolve_scale(fn, None, logit_scale, q)
-    return reduce(ops.infonce_rect_fwd(q, k, s, offset, chunk_size)[0], reduction)
+    if _use_fused(fn, "infonce_rect_fwd", impl, q.device):
+        rows = ops.infonce_rect_fwd(q, k, s, offset, chunk_size, call_impl_code(fn, "infonce", impl, q, k))[0]
+    else:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        rows = reference.infonce_rect_reference(q.to(acc), k.to(acc), s, offset)
+    return reduce(rows, reduction)
+
+
+def _use_fused(fn: str, op: str, impl: str, device: torch.device) -> bool:
+    """validation.use_fused for the impl names of the fused kernels: a named CUDA
+    implementation needs the kernel as "fused" does."""
+    return use_fused(fn, op, impl if impl in ("auto", "reference") else "fused", device)
 
 
 # ---- centroids and feature selection -----------------------------------------------------
@@ -225,6 +246,7 @@ def sigmoid_loss(
     reduction: str = "mean",
     backward: str = "auto",
     chunk_size: int = 0,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Sigmoid (SigLIP) loss of a (Na, D) against b (Nb, D), fused (O(N) extra memory)::
 
@@ -245,9 +267,16 @@ def sigmoid_loss(
     the chunks and keeps them (2 x N x D) until the backward scales them (scalar losses only);
     "auto" (default): "onepass" for a scalar loss that needs gradients, else "recompute".
 
+    ``impl``: "auto" (fused kernel, reference where the device has none), "fused",
+    "reference" (pure PyTorch, Na x Nb memory), or one CUDA implementation of the fused kernel:
+    "gemm", "mma" ("wgmma" is reserved: no SigLIP wgmma kernels yet); a named one that cannot
+    run the inputs is a ValueError. "auto" and "fused" on CUDA bf16/fp16 inputs take the
+    measured table (semcomp_ext.choose_cuda_impl).
+
     Returns a 0-d tensor (or (Na,)) in fp32 (fp64 for fp64 inputs).
     """
     fn = "sigmoid_loss"
+    check_impl_choice(fn, "sigmoid", impl)
     if not isinstance(negative_only, bool):
         raise TypeError(f"{fn}: negative_only must be a bool, got {type(negative_only).__name__}")
     check_reduction(fn, reduction)
@@ -260,11 +289,16 @@ def sigmoid_loss(
     bias = scalar_param(fn, "logit_bias", 0.0 if logit_bias is None else logit_bias, a)
     if backward == "onepass" and reduction == "none":
         raise ValueError(f"{fn}: backward='onepass' needs a scalar loss (reduction 'mean' or 'sum'), got reduction='none'")
+    if not _use_fused(fn, "sigmoid_fwd", impl, a.device):
+        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        return reference.sigmoid_loss_reference(a.to(acc), b.to(acc), scale, bias, negative_only=negative_only,
+                                                reduction=reduction)
+    code = call_impl_code(fn, "sigmoid", impl, a, b)
     wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, scale, bias))
     if wants_grad and reduction != "none" and backward in ("auto", "onepass"):
-        total = ops.sigmoid_fwd_bwd(a, b, scale, bias, negative_only, chunk_size)[0]
+        total = ops.sigmoid_fwd_bwd(a, b, scale, bias, negative_only, chunk_size, code)[0]
         return total / a.shape[0] if reduction == "mean" else total
-    rows = ops.sigmoid_fwd(a, b, scale, bias, negative_only, chunk_size)
+    rows = ops.sigmoid_fwd(a, b, scale, bias, negative_only, chunk_size, code)
     if reduction == "mean":
         return rows.sum() / a.shape[0]
     return rows.sum() if reduction == "sum" else rows

@@ -22,10 +22,12 @@ namespace semcomp {
 
 // ---- process-wide state (infonce_state.cpp) ---------------------------------------------
 
-// Which CUDA implementation the InfoNCE ops use for bf16/fp16 inputs (fp32/fp64 always use
-// "gemm"): 0 auto, 1 gemm (cuBLAS logits in fp32 + LSE/gradient kernels), 2 tile (tensor-core
-// tiles fused with the LSE/gradient epilogues, infonce_tile.h). Process-wide; set from Python
-// with semcomp_ext.set_infonce_cuda_impl().
+// Which CUDA implementation the InfoNCE ops use for bf16/fp16 inputs when their impl argument
+// is 0 (common/impl_choice.h; fp32/fp64 always use "gemm"): 0 auto (= gemm here; the Python
+// API resolves "auto" from its measured table), 1 gemm (cuBLAS logits in fp32 + LSE/gradient
+// kernels), 2 tile (tensor-core tiles fused with the LSE/gradient epilogues, infonce_tile.h),
+// 3 mma (infonce_mma.h), 4 wgmma (infonce_wgmma.h); one that cannot run the inputs falls back
+// to gemm. Process-wide; set from Python with semcomp_ext.set_infonce_cuda_impl().
 std::atomic<int>& infonce_cuda_impl();
 
 // How the CUDA backward accumulates dk (fp32) from bf16/fp16 blocks, decided on first use:

@@ -37,6 +37,7 @@
 
 #include "common/cpu_lowp_gemm.h"
 #include "common/cpu_math.h"
+#include "common/impl_choice.h"
 #include "infonce/infonce.h"
 
 namespace semcomp {
@@ -373,9 +374,10 @@ std::vector<at::Tensor> bwd_impl(const char* op, const at::Tensor& q_in, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& a,
                                                                const at::Tensor& b,
                                                                const at::Tensor& logit_scale,
-                                                               int64_t chunk_size) {
+                                                               int64_t chunk_size, int64_t impl) {
   constexpr const char* op = "infonce_fwd";
   check_infonce_pair(op, a, b, logit_scale, /*symmetric=*/true, 0);
+  check_cpu_impl(op, impl);
   auto out = a.scalar_type() == at::kDouble
                  ? fwd_impl<true, double>(op, a, b, logit_scale, 0, chunk_size)
                  : fwd_impl<true, float>(op, a, b, logit_scale, 0, chunk_size);
@@ -385,11 +387,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
     const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_coef,
-    const at::Tensor& col_coef, const at::Tensor& diag_coef, int64_t chunk_size) {
+    const at::Tensor& col_coef, const at::Tensor& diag_coef, int64_t chunk_size, int64_t impl) {
   constexpr const char* op = "infonce_bwd";
   check_infonce_bwd(op, a, b, logit_scale, /*symmetric=*/true, 0,
                     {{"row_lse", &row_lse}, {"col_lse", &col_lse}, {"row_coef", &row_coef},
                      {"col_coef", &col_coef}, {"diag_coef", &diag_coef}});
+  check_cpu_impl(op, impl);
   auto out = a.scalar_type() == at::kDouble
                  ? bwd_impl<true, double>(op, a, b, logit_scale, row_lse, col_lse, row_coef,
                                           col_coef, diag_coef, 0, chunk_size)
@@ -400,9 +403,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
 
 std::tuple<at::Tensor, at::Tensor> infonce_rect_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& logit_scale,
-                                                        int64_t offset, int64_t chunk_size) {
+                                                        int64_t offset, int64_t chunk_size,
+                                                        int64_t impl) {
   constexpr const char* op = "infonce_rect_fwd";
   check_infonce_pair(op, q, k, logit_scale, /*symmetric=*/false, offset);
+  check_cpu_impl(op, impl);
   auto out = q.scalar_type() == at::kDouble
                  ? fwd_impl<false, double>(op, q, k, logit_scale, offset, chunk_size)
                  : fwd_impl<false, float>(op, q, k, logit_scale, offset, chunk_size);
@@ -412,10 +417,11 @@ std::tuple<at::Tensor, at::Tensor> infonce_rect_fwd_cpu(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_rect_bwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& logit_scale,
     const at::Tensor& lse, const at::Tensor& row_coef, const at::Tensor& diag_coef, int64_t offset,
-    int64_t chunk_size) {
+    int64_t chunk_size, int64_t impl) {
   constexpr const char* op = "infonce_rect_bwd";
   check_infonce_bwd(op, q, k, logit_scale, /*symmetric=*/false, offset,
                     {{"lse", &lse}, {"row_coef", &row_coef}, {"diag_coef", &diag_coef}});
+  check_cpu_impl(op, impl);
   const at::Tensor none;
   auto out = q.scalar_type() == at::kDouble
                  ? bwd_impl<false, double>(op, q, k, logit_scale, lse, none, row_coef, none,

@@ -47,11 +47,13 @@
 #include <atomic>
 
 #include "common/cuda_utils.cuh"  // also SEMCOMP_MM_OUT_DTYPE
+#include "common/impl_choice.h"
 #include "infonce/infonce.h"
 #include "infonce/infonce_chunks.h"
 #include "infonce/infonce_tile.h"
 #include "infonce/infonce_lse.cuh"
 #include "infonce/infonce_mma.h"
+#include "infonce/infonce_wgmma.h"
 
 namespace semcomp {
 namespace {
@@ -247,12 +249,37 @@ void dots(at::Tensor& out, const at::Tensor& qc, const at::Tensor& k) {
   at::mm_out(out, qc, k.t());
 }
 
-// The tile kernels run for bf16/fp16 when selected (infonce_cuda_impl() == 2). "auto" keeps
-// the gemm path until the tile kernels have been timed against it on a GPU. d = 0 (every
-// logit 0) always takes the gemm path: the tile kernels need d > 0.
+// The implementation one call runs (common/impl_choice.h): kImplGemm, kImplTile, kImplMma or
+// kImplWgmma. impl is the op's argument: 0 the process-wide setting (infonce_cuda_impl(); 0
+// there means gemm), > 0 exactly that one, < 0 that one where it can run. The tensor-core
+// implementations need bf16/fp16 GEMM operands (kMixed) and d > 0 (d = 0: every logit 0, the
+// gemm path); mma and wgmma also what their available() checks. An exact request that cannot
+// run is a ValueError naming it and what it needs; anything else falls back to gemm. q, k: the
+// GEMM operands (contiguous), the same tensors in the forward and the backward, so both
+// passes resolve a given impl to the same implementation.
 template <typename T>
-bool use_tile(int64_t d) {
-  return kMixed<T> && d > 0 && infonce_cuda_impl().load() == 2;
+int resolve_impl(const char* op, int64_t impl, const at::Tensor& q, const at::Tensor& k) {
+  check_impl_range(op, impl);
+  const int want = impl == 0 ? infonce_cuda_impl().load() : static_cast<int>(impl < 0 ? -impl : impl);
+  if (want <= kImplGemm) return kImplGemm;
+  constexpr bool lowp = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+  const char* needs = nullptr;
+  if (!lowp) {
+    needs = "bf16/fp16 inputs";
+  } else if (!kMixed<T>) {
+    needs = "torch >= 2.8 (mm.dtype_out)";
+  } else if (q.size(1) == 0) {
+    needs = "D > 0";
+  } else if (want == kImplMma && !mma::available(q)) {
+    needs = "compute capability >= 8.0";
+  } else if (want == kImplWgmma && !wgmma::available(q, k)) {
+    needs = "a build with its sm_90a kernels, compute capability 9.0 and 16-byte aligned rows";
+  }
+  if (needs == nullptr) return want;
+  TORCH_CHECK_VALUE(impl <= 0, op, ": impl=", impl, " (", impl_name(want),
+                    ") cannot run these inputs: it needs ", needs, "; got ",
+                    c10::CppTypeToScalarType<T>::value, " ", q.sizes(), " on ", q.device());
+  return kImplGemm;
 }
 
 // Forward on the tile kernels: logits never leave the SM. q, k contiguous bf16/fp16, d > 0.
@@ -281,18 +308,20 @@ std::vector<at::Tensor> tile_fwd_impl(const at::Tensor& q, const at::Tensor& k,
 }
 
 template <typename T, bool SYM>
-std::vector<at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
-                                 const at::Tensor& logit_scale, int64_t offset, int64_t chunk) {
+std::vector<at::Tensor> fwd_impl(const char* op, const at::Tensor& q_in, const at::Tensor& k_in,
+                                 const at::Tensor& logit_scale, int64_t offset, int64_t chunk,
+                                 int64_t impl_arg) {
   using A = acc_t<T>;
   constexpr int VW = 16 / sizeof(A);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q_in.device().index()).stream();
   const at::Tensor q = gemm_operand<T>(q_in), k = gemm_operand<T>(k_in);
   const int64_t nq = q.size(0), nk = k.size(0);
   const auto opts = q_in.options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
+  const int impl = resolve_impl<T>(op, impl_arg, q, k);
   const at::Tensor s = logit_scale.reshape({1}).to(opts).contiguous();  // stays on device
-  if (use_tile<T>(q.size(1))) return tile_fwd_impl<SYM>(q, k, s, offset);
-  if (kMixed<T> && infonce_cuda_impl().load() == 3 && mma::available(q))  // "mma" (sm_80+)
-    return mma::fwd(q, k, s, offset, SYM, chunk);
+  if (impl == kImplTile) return tile_fwd_impl<SYM>(q, k, s, offset);
+  if (impl == kImplMma) return mma::fwd(q, k, s, offset, SYM, chunk);
+  if (impl == kImplWgmma) return wgmma::fwd(q, k, s, offset, SYM, chunk);
   const int64_t C = gemm_chunk<T>(chunk, nq, nk);
   const int V = nk % VW == 0 ? VW : 1;
   const int64_t n_ct = ceil_div(nk, 32 * V), n_rt = ceil_div(C, kTileRows);
@@ -438,23 +467,26 @@ void apply_grad_block(const at::Tensor& g, const at::Tensor& qc, const at::Tenso
 }
 
 template <typename T, bool SYM>
-std::vector<at::Tensor> bwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
+std::vector<at::Tensor> bwd_impl(const char* op, const at::Tensor& q_in, const at::Tensor& k_in,
                                  const at::Tensor& logit_scale, const at::Tensor& rlse_in,
                                  const at::Tensor& clse_in, const at::Tensor& rcoef_in,
                                  const at::Tensor& ccoef_in, const at::Tensor& dcoef_in,
-                                 int64_t offset, int64_t chunk) {
+                                 int64_t offset, int64_t chunk, int64_t impl_arg) {
   using A = acc_t<T>;
   constexpr bool kPrescale = kMixed<T> && std::is_same_v<T, at::Half>;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q_in.device().index()).stream();
   const at::Tensor q = gemm_operand<T>(q_in), k = gemm_operand<T>(k_in);
   const int64_t nq = q.size(0), nk = k.size(0);
   const auto opts = q_in.options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
+  const int impl = resolve_impl<T>(op, impl_arg, q, k);
   const BwdCoefs b = bwd_coefs(opts, SYM, logit_scale, rlse_in, clse_in, rcoef_in, ccoef_in, dcoef_in);
-  if (kMixed<T> && infonce_cuda_impl().load() == 3 && mma::available(q))  // "mma" (sm_80+)
+  if (impl == kImplMma)
     return mma::bwd(q, k, logit_scale, b.s, b.rlse, b.rcoef, b.dcoef, b.clse, b.ccoef, offset, SYM, chunk);
+  if (impl == kImplWgmma)
+    return wgmma::bwd(q, k, logit_scale, b.s, b.rlse, b.rcoef, b.dcoef, b.clse, b.ccoef, offset, SYM, chunk);
   // The tile path needs only the G block (input dtype); the gemm path also the W block, and
   // splits the rows exactly as its forward did.
-  const bool tiled = use_tile<T>(q.size(1));
+  const bool tiled = impl == kImplTile;
   const int64_t C = tiled ? chunks::chunk_rows(chunk, nq, nk, sizeof(T)) : gemm_chunk<T>(chunk, nq, nk);
   const at::Tensor gscale = kPrescale ? fp16_grad_prescale(b, SYM) : at::Tensor();
   const A* gsp = kPrescale ? gscale.const_data_ptr<A>() : nullptr;
@@ -513,12 +545,12 @@ auto dispatch(const char* op, at::ScalarType t, F&& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(const at::Tensor& a,
                                                                 const at::Tensor& b,
                                                                 const at::Tensor& logit_scale,
-                                                                int64_t chunk_size) {
+                                                                int64_t chunk_size, int64_t impl) {
   constexpr const char* op = "infonce_fwd";
   check_infonce_pair(op, a, b, logit_scale, /*symmetric=*/true, 0);
   c10::cuda::CUDAGuard guard(a.device());
   auto out = dispatch<true>(op, a.scalar_type(), [&](auto tag) {
-    return fwd_impl<decltype(tag), true>(a, b, logit_scale, 0, chunk_size);
+    return fwd_impl<decltype(tag), true>(op, a, b, logit_scale, 0, chunk_size, impl);
   });
   return {out[0], out[1], out[2]};
 }
@@ -526,27 +558,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cuda(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
     const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_coef,
-    const at::Tensor& col_coef, const at::Tensor& diag_coef, int64_t chunk_size) {
+    const at::Tensor& col_coef, const at::Tensor& diag_coef, int64_t chunk_size, int64_t impl) {
   constexpr const char* op = "infonce_bwd";
   check_infonce_bwd(op, a, b, logit_scale, /*symmetric=*/true, 0,
                     {{"row_lse", &row_lse}, {"col_lse", &col_lse}, {"row_coef", &row_coef},
                      {"col_coef", &col_coef}, {"diag_coef", &diag_coef}});
   c10::cuda::CUDAGuard guard(a.device());
   auto out = dispatch<true>(op, a.scalar_type(), [&](auto tag) {
-    return bwd_impl<decltype(tag), true>(a, b, logit_scale, row_lse, col_lse, row_coef, col_coef,
-                                         diag_coef, 0, chunk_size);
+    return bwd_impl<decltype(tag), true>(op, a, b, logit_scale, row_lse, col_lse, row_coef,
+                                         col_coef, diag_coef, 0, chunk_size, impl);
   });
   return {out[0], out[1], out[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor> infonce_rect_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& logit_scale,
-                                                         int64_t offset, int64_t chunk_size) {
+                                                         int64_t offset, int64_t chunk_size,
+                                                         int64_t impl) {
   constexpr const char* op = "infonce_rect_fwd";
   check_infonce_pair(op, q, k, logit_scale, /*symmetric=*/false, offset);
   c10::cuda::CUDAGuard guard(q.device());
   auto out = dispatch<false>(op, q.scalar_type(), [&](auto tag) {
-    return fwd_impl<decltype(tag), false>(q, k, logit_scale, offset, chunk_size);
+    return fwd_impl<decltype(tag), false>(op, q, k, logit_scale, offset, chunk_size, impl);
   });
   return {out[0], out[1]};
 }
@@ -554,15 +587,15 @@ std::tuple<at::Tensor, at::Tensor> infonce_rect_fwd_cuda(const at::Tensor& q, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_rect_bwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& logit_scale,
     const at::Tensor& lse, const at::Tensor& row_coef, const at::Tensor& diag_coef, int64_t offset,
-    int64_t chunk_size) {
+    int64_t chunk_size, int64_t impl) {
   constexpr const char* op = "infonce_rect_bwd";
   check_infonce_bwd(op, q, k, logit_scale, /*symmetric=*/false, offset,
                     {{"lse", &lse}, {"row_coef", &row_coef}, {"diag_coef", &diag_coef}});
   c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor none;
   auto out = dispatch<false>(op, q.scalar_type(), [&](auto tag) {
-    return bwd_impl<decltype(tag), false>(q, k, logit_scale, lse, none, row_coef, none, diag_coef,
-                                          offset, chunk_size);
+    return bwd_impl<decltype(tag), false>(op, q, k, logit_scale, lse, none, row_coef, none,
+                                          diag_coef, offset, chunk_size, impl);
   });
   return {out[0], out[1], out[2]};
 }

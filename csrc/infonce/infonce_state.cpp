@@ -22,8 +22,8 @@ namespace {
 PyObject* set_infonce_cuda_impl(PyObject*, PyObject* arg) {
   const long v = PyLong_AsLong(arg);
   if (v == -1 && PyErr_Occurred()) return nullptr;
-  if (v < 0 || v > 3) {
-    PyErr_Format(PyExc_ValueError, "infonce CUDA implementation must be 0, 1, 2 or 3, got %ld", v);
+  if (v < 0 || v > 4) {
+    PyErr_Format(PyExc_ValueError, "infonce CUDA implementation must be 0, 1, 2, 3 or 4, got %ld", v);
     return nullptr;
   }
   infonce_cuda_impl().store(static_cast<int>(v));
@@ -43,9 +43,9 @@ PyObject* get_infonce_dk_accumulate(PyObject*, PyObject*) {
 std::vector<PyMethodDef> infonce_python_methods() {
   return {
       {"_set_infonce_cuda_impl", set_infonce_cuda_impl, METH_O,
-       "Selects the CUDA InfoNCE implementation for bf16/fp16: 0 auto, 1 gemm, 2 tile, 3 mma."},
+       "Selects the CUDA InfoNCE implementation for bf16/fp16: 0 auto, 1 gemm, 2 tile, 3 mma, 4 wgmma."},
       {"_infonce_cuda_impl", get_infonce_cuda_impl, METH_NOARGS,
-       "The selected CUDA InfoNCE implementation (0 auto, 1 gemm, 2 tile, 3 mma)."},
+       "The selected CUDA InfoNCE implementation (0 auto, 1 gemm, 2 tile, 3 mma, 4 wgmma)."},
       {"_infonce_dk_accumulate", get_infonce_dk_accumulate, METH_NOARGS,
        "How the CUDA backward accumulates dk: 0 not yet used, 1 addmm.dtype_out, 2 mm + add_."},
   };

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common/cpu_math.h"
+#include "common/impl_choice.h"
 #include "siglip/siglip.h"
 
 namespace semcomp {
@@ -237,9 +238,10 @@ Outputs dispatch(const char* op, const at::Tensor& a, const at::Tensor& b,
 
 at::Tensor sigmoid_fwd_cpu(const at::Tensor& a, const at::Tensor& b,
                            const at::Tensor& logit_scale, const at::Tensor& logit_bias,
-                           bool negative_only, int64_t chunk_size) {
+                           bool negative_only, int64_t chunk_size, int64_t impl) {
   constexpr const char* op = "sigmoid_fwd";
   check_sigmoid_args(op, a, b, logit_scale, logit_bias, negative_only);
+  check_cpu_impl(op, impl);
   return dispatch<true, false>(op, a, b, logit_scale, logit_bias, at::Tensor(), negative_only,
                                chunk_size)
       .loss;
@@ -248,10 +250,11 @@ at::Tensor sigmoid_fwd_cpu(const at::Tensor& a, const at::Tensor& b,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_bwd_cpu(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
     const at::Tensor& logit_bias, const at::Tensor& grad_rows, bool negative_only,
-    int64_t chunk_size) {
+    int64_t chunk_size, int64_t impl) {
   constexpr const char* op = "sigmoid_bwd";
   check_sigmoid_args(op, a, b, logit_scale, logit_bias, negative_only);
   check_row_vector(op, "grad_rows", grad_rows, a.size(0), a);
+  check_cpu_impl(op, impl);
   auto o = dispatch<false, true>(op, a, b, logit_scale, logit_bias, grad_rows, negative_only,
                                  chunk_size);
   return {o.ga, o.gb, o.gs, o.gt};
@@ -259,9 +262,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_bwd_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_fwd_bwd_cpu(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
-    const at::Tensor& logit_bias, bool negative_only, int64_t chunk_size) {
+    const at::Tensor& logit_bias, bool negative_only, int64_t chunk_size, int64_t impl) {
   constexpr const char* op = "sigmoid_fwd_bwd";
   check_sigmoid_args(op, a, b, logit_scale, logit_bias, negative_only);
+  check_cpu_impl(op, impl);
   auto o = dispatch<true, true, true>(op, a, b, logit_scale, logit_bias, at::Tensor(),
                                       negative_only, chunk_size);
   return {o.total, o.ga, o.gb, o.gs, o.gt};

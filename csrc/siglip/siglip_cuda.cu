@@ -39,8 +39,10 @@
 #include <algorithm>
 
 #include "common/cuda_utils.cuh"  // also SEMCOMP_MM_OUT_DTYPE, addmm_fp32_accumulate
+#include "common/impl_choice.h"
 #include "infonce/infonce.h"      // infonce_dk_accumulate_mode(): how torch takes an fp32 bias
 #include "siglip/siglip.h"
+#include "siglip/siglip_mma.h"
 
 namespace semcomp {
 namespace {
@@ -154,9 +156,7 @@ void addmm_acc(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2, at::
   acc.addmm_(m1, m2, /*beta=*/1, /*alpha=*/1);
 }
 
-struct Outputs {
-  at::Tensor loss, total, ga, gb, gs, gt;
-};
+using Outputs = siglip_mma::Outputs;  // loss, total, ga, gb, gs, gt
 
 // T: the input dtype; A: the accumulation dtype; GT: the dtype of the s*G block the backward
 // GEMMs read (T when mixed, else A, written over W in place).
@@ -227,10 +227,44 @@ Outputs run(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& lo
   return out;
 }
 
+// The implementation one call runs (common/impl_choice.h): kImplGemm (this file) or kImplMma
+// (siglip_mma.h). impl is the op's argument: 0 gemm (SigLIP has no process-wide setting), > 0
+// exactly that one, < 0 that one where it can run. There is no SigLIP tile implementation and
+// no wgmma one yet. An exact request that cannot run is a ValueError naming it and why;
+// anything else falls back to gemm. The forward and the backward see the same a, so both
+// resolve a given impl to the same implementation.
+int resolve_impl(const char* op, int64_t impl, const at::Tensor& a) {
+  check_impl_range(op, impl);
+  const int want = static_cast<int>(impl < 0 ? -impl : impl);
+  if (want <= kImplGemm) return kImplGemm;
+  TORCH_CHECK_VALUE(impl < 0 || want == kImplMma, op, ": impl=", impl, " (", impl_name(want),
+                    ") is not an implementation of the sigmoid ops in this version (they have 1 "
+                    "gemm and 3 mma)");
+  if (want != kImplMma) return kImplGemm;
+  const bool lowp = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+  const char* needs = nullptr;
+  if (!lowp) {
+    needs = "bf16/fp16 inputs";
+  } else if (!siglip_mma::available(a)) {
+    needs = "compute capability >= 8.0, torch >= 2.8 and D > 0";
+  }
+  if (needs == nullptr) return want;
+  TORCH_CHECK_VALUE(impl <= 0, op, ": impl=", impl, " (", impl_name(want),
+                    ") cannot run these inputs: it needs ", needs, "; got ", a.scalar_type(), " ",
+                    a.sizes(), " on ", a.device());
+  return kImplGemm;
+}
+
 template <bool LOSS, bool GRAD>
-Outputs dispatch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
-                 const at::Tensor& logit_bias, const at::Tensor& grad_rows, bool negative_only,
-                 int64_t chunk, bool keep_acc = false) {
+Outputs dispatch(const char* op, const at::Tensor& a, const at::Tensor& b,
+                 const at::Tensor& logit_scale, const at::Tensor& logit_bias,
+                 const at::Tensor& grad_rows, bool negative_only, int64_t chunk, int64_t impl,
+                 bool keep_acc = false) {
+  if (resolve_impl(op, impl, a) == kImplMma) {
+    const c10::cuda::CUDAGuard guard(a.device());
+    return siglip_mma::run(a, b, logit_scale, logit_bias, grad_rows, negative_only, LOSS, GRAD,
+                           chunk, keep_acc);
+  }
   switch (a.scalar_type()) {
     case at::kDouble:
       return run<LOSS, GRAD, double>(a, b, logit_scale, logit_bias, grad_rows, negative_only,
@@ -249,31 +283,33 @@ Outputs dispatch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& log
 
 at::Tensor sigmoid_fwd_cuda(const at::Tensor& a, const at::Tensor& b,
                             const at::Tensor& logit_scale, const at::Tensor& logit_bias,
-                            bool negative_only, int64_t chunk_size) {
-  check_sigmoid_args("sigmoid_fwd", a, b, logit_scale, logit_bias, negative_only);
-  return dispatch<true, false>(a, b, logit_scale, logit_bias, at::Tensor(), negative_only,
-                               chunk_size)
+                            bool negative_only, int64_t chunk_size, int64_t impl) {
+  constexpr const char* op = "sigmoid_fwd";
+  check_sigmoid_args(op, a, b, logit_scale, logit_bias, negative_only);
+  return dispatch<true, false>(op, a, b, logit_scale, logit_bias, at::Tensor(), negative_only,
+                               chunk_size, impl)
       .loss;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_bwd_cuda(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
     const at::Tensor& logit_bias, const at::Tensor& grad_rows, bool negative_only,
-    int64_t chunk_size) {
+    int64_t chunk_size, int64_t impl) {
   constexpr const char* op = "sigmoid_bwd";
   check_sigmoid_args(op, a, b, logit_scale, logit_bias, negative_only);
   check_row_vector(op, "grad_rows", grad_rows, a.size(0), a);
-  auto o = dispatch<false, true>(a, b, logit_scale, logit_bias, grad_rows, negative_only,
-                                 chunk_size);
+  auto o = dispatch<false, true>(op, a, b, logit_scale, logit_bias, grad_rows, negative_only,
+                                 chunk_size, impl);
   return {o.ga, o.gb, o.gs, o.gt};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_fwd_bwd_cuda(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
-    const at::Tensor& logit_bias, bool negative_only, int64_t chunk_size) {
-  check_sigmoid_args("sigmoid_fwd_bwd", a, b, logit_scale, logit_bias, negative_only);
-  auto o = dispatch<true, true>(a, b, logit_scale, logit_bias, at::Tensor(), negative_only,
-                                chunk_size, /*keep_acc=*/true);
+    const at::Tensor& logit_bias, bool negative_only, int64_t chunk_size, int64_t impl) {
+  constexpr const char* op = "sigmoid_fwd_bwd";
+  check_sigmoid_args(op, a, b, logit_scale, logit_bias, negative_only);
+  auto o = dispatch<true, true>(op, a, b, logit_scale, logit_bias, at::Tensor(), negative_only,
+                                chunk_size, impl, /*keep_acc=*/true);
   return {o.total, o.ga, o.gb, o.gs, o.gt};
 }
 
