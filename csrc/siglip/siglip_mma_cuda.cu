@@ -1,0 +1,259 @@
+// SigLIP "mma" implementation (siglip_mma.h): the logit dots of a chunk of rows of a against all
+// of b on the tensor cores (common/mma_mainloop.cuh: cp.async stages, ldmatrix, mma.sync
+// m16n8k16; sm_80 and newer), consumed in registers by the sigmoid epilogue of
+// siglip_mma_epilogue.cuh. Same contract as siglip_cuda.cu's gemm path for bf16/fp16:
+//
+//   * z = mul_rn(s, w) + t on fp32 dots w; loss_i, and with the gradient the row shares of
+//     d scale (sum_j G_ij w_ij) and d bias (sum_j G_ij), all in fp32;
+//   * s*G rounded once to the input dtype into a (chunk x Nb) block, fp16 times the
+//     power-of-two pre-scale of pow2_prescale (bound |s| max|g|), then da_c = (sG) b in fp32
+//     and db += (sG)^T a_c in an fp32 buffer on cuBLAS (mm.dtype_out / addmm_fp32_accumulate),
+//     both multiplied by 1/p (exact) for fp16;
+//   * a non-finite scale or bias poisons every output with NaN (no host sync, no raise);
+//   * fixed-order reductions, no float atomics: per row, each thread's columns in tile order,
+//     the quad, the two column warps of the CTA in order (the epilogue's finish()), then the
+//     column splits in index order (at::sum over the split dimension), then the rows in order.
+//     Results are reproducible for a given (Na, Nb, chunk) and device (the splits follow the
+//     multiprocessor count).
+//
+// Launch shape: grid (row blocks of 128 rows of the chunk, column splits), 256 threads, the
+// mainloop's 48 KiB of stages plus the epilogue's scratch (3 KiB) of dynamic shared memory.
+// The forward alone runs the same chunks and splits as the forward + backward (only the
+// s*G block and the two GEMMs are left out), so both give bit-identical losses.
+//
+// Emulator route (development aid, not part of the Python API): under the host emulator
+// (shared/tools/cuda-emu, EMU_HAVE_TORCH) this unit also registers
+// torch.ops.semcomp_siglip_mma_emu.run, which calls run() directly; tools/emu/
+// test_siglip_mma_emu.py drives it. GPU builds do not compile it.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "common/cuda_utils.cuh"  // SEMCOMP_MM_OUT_DTYPE, pow2_prescale, addmm_fp32_accumulate
+#include "common/mma_frag.cuh"
+#include "common/mma_mainloop.cuh"
+#include "infonce/infonce.h"  // infonce_dk_accumulate_mode(): how torch takes an fp32 bias
+#include "siglip/siglip_mma.h"
+#include "siglip/siglip_mma_epilogue.cuh"
+
+#if defined(EMU_HAVE_TORCH)
+#include <torch/library.h>
+#endif
+
+namespace semcomp::siglip_mma {
+namespace {
+
+using semcomp::cuda::ceil_div;
+using namespace semcomp::mma_loop;
+constexpr int kWarpsN = kBN / kWN;  // the mainloop's warps along columns
+
+template <typename T, bool LOSS, bool GRAD>
+using Epi = siglip_epi::Epilogue<T, kMI, kNJ, kBM, kBN, kWarpsM, kWarpsN, LOSS, GRAD>;
+
+template <typename T, bool LOSS, bool GRAD>
+constexpr int kSmemBytes = kStageBytes + Epi<T, LOSS, GRAD>::kScratchFloats * 4;
+
+// grid (row blocks of rows [p.i0, p.rows_end), p.splits). scale, bias: one fp32 each on the
+// device; gscale: the fp16 pre-scale or nullptr. p.s, p.t, p.sg are set here.
+template <typename T, bool VEC, bool LOSS, bool GRAD>
+__global__ void __launch_bounds__(kThreads)
+siglip_mma_kernel(const uint16_t* __restrict__ a, const uint16_t* __restrict__ b, int64_t d,
+                  const float* __restrict__ scale, const float* __restrict__ bias,
+                  const float* __restrict__ gscale, siglip_epi::Params p) {
+  constexpr bool kBF16 = std::is_same_v<T, c10::BFloat16>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* stages = reinterpret_cast<uint16_t*>(smem_raw);
+  float* scratch = reinterpret_cast<float*>(smem_raw + kStageBytes);
+  float s = scale[0], t = bias[0];
+  siglip_epi::poison_params(s, t);
+  p.s = s;
+  p.t = t;
+  p.sg = gscale != nullptr ? s * gscale[0] : s;
+  const int64_t split = blockIdx.y;
+  const int64_t r0 = p.i0 + int64_t(blockIdx.x) * kBM;
+  int64_t t0, t1;
+  split_range(ceil_div(p.nb, kBN), split, p.splits, t0, t1);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const auto f = mma_frag::grid_frag<kMI, kNJ>(warp, lane, kWarpsM);
+  Epi<T, LOSS, GRAD> epi;
+  epi.begin(p, f, r0);
+  tile_loop<kBF16, VEC>(a, p.rows_end, b, p.nb, d, r0, t0, t1, stages,
+                        [&](int64_t ct, float (&acc)[kMI][kNJ][4]) { epi.tile(p, f, ct * kBN, acc); });
+  epi.finish(p, f, split, scratch, [] { __syncthreads(); }, static_cast<int>(threadIdx.x), kThreads);
+}
+
+#if SEMCOMP_MM_OUT_DTYPE
+template <bool LOSS, bool GRAD>
+void launch(const at::Tensor& a, const at::Tensor& b, bool vec, const float* sp, const float* tp,
+            const float* gsp, const siglip_epi::Params& p, int64_t c, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(c, kBM)), static_cast<unsigned>(p.splits));
+  const auto* ap = static_cast<const uint16_t*>(a.const_data_ptr());
+  const auto* bp = static_cast<const uint16_t*>(b.const_data_ptr());
+  const int64_t d = a.size(1);
+  dispatch(a, vec, [&](auto bf16, auto vtag) {
+    constexpr bool V = decltype(vtag)::value;
+    using T = std::conditional_t<decltype(bf16)::value, c10::BFloat16, c10::Half>;
+    constexpr int smem = kSmemBytes<T, LOSS, GRAD>;
+    allow_smem(&siglip_mma_kernel<T, V, LOSS, GRAD>, smem);
+    siglip_mma_kernel<T, V, LOSS, GRAD><<<grid, kThreads, smem, stream>>>(ap, bp, d, sp, tp, gsp, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <bool LOSS, bool GRAD>
+Outputs run_impl(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& logit_scale,
+                 const at::Tensor& logit_bias, const at::Tensor& grad_rows, bool negative_only,
+                 int64_t chunk, bool keep_acc) {
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a_in.device().index()).stream();
+  const auto opts = a_in.options().dtype(at::kFloat);
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor s = logit_scale.to(opts).reshape({1}).contiguous();
+  const at::Tensor t = logit_bias.to(opts).reshape({1}).contiguous();
+  const int64_t na = a.size(0), nb = b.size(0), d = a.size(1);
+  at::Tensor g;
+  if (GRAD && grad_rows.defined()) g = grad_rows.to(opts).contiguous();
+  // fp16: |s*G_ij| <= |s| max|g_i| (sigmoid < 1) bounds the stored block (as siglip_cuda.cu)
+  const bool prescale = GRAD && a.scalar_type() == at::kHalf;
+  at::Tensor gscale;
+  if (prescale) gscale = semcomp::cuda::pow2_prescale(g.defined() ? s.abs().mul(g.abs().amax()) : s.abs());
+
+  // Rows per chunk: the requested size, or whole row blocks whose s*G block fits the budget.
+  // The same with and without GRAD (same chunks, same splits: the same losses).
+  const int64_t n_rb = ceil_div(na, kBM), n_ct = ceil_div(nb, kBN);
+  const int64_t C = chunk > 0 ? std::min(chunk, na)
+                              : std::min(na, pick_blocks(0, n_rb, kBM * nb * a.element_size()) * kBM);
+  const int64_t splits =
+      pick_splits(ceil_div(C, kBM), n_ct, semcomp::cuda::multiprocessor_count(a.device().index()));
+  constexpr int kParts = Epi<c10::Half, LOSS, GRAD>::kParts;  // loss; ds, dt
+  at::Tensor part = at::empty({kParts, splits, C}, opts);
+  at::Tensor rows = at::empty({kParts, na}, opts);
+  at::Tensor gbuf, scratch;  // scratch: only for the addmm_fp32_accumulate fallback
+  Outputs out;
+  if (GRAD) {
+    gbuf = at::empty({C, nb}, a.options());
+    out.ga = at::empty({na, d}, opts);
+    out.gb = at::zeros({nb, d}, opts);
+  }
+  const bool vec = vec_ok(a, b);
+  siglip_epi::Params p{};
+  p.grad_rows = g.defined() ? g.const_data_ptr<float>() : nullptr;
+  p.positive = !negative_only;
+  p.nb = nb;
+  p.gbuf = GRAD ? static_cast<uint16_t*>(gbuf.data_ptr()) : nullptr;
+  p.ld_g = nb;
+  p.pair_store = nb % 2 == 0;  // gbuf from at::empty: 4-byte aligned rows when nb is even
+  p.part = part.data_ptr<float>();
+  p.splits = splits;
+  p.ld_part = C;
+  const float* gsp = prescale ? gscale.const_data_ptr<float>() : nullptr;
+  for (int64_t i0 = 0; i0 < na; i0 += C) {
+    const int64_t c = std::min(C, na - i0);
+    p.i0 = i0;
+    p.rows_end = i0 + c;
+    launch<LOSS, GRAD>(a, b, vec, s.const_data_ptr<float>(), t.const_data_ptr<float>(), gsp, p, c,
+                       stream);
+    rows.narrow(1, i0, c).copy_(at::sum(part.narrow(2, 0, c), 1));  // splits in order
+    if (GRAD) {
+      const at::Tensor gblk = gbuf.narrow(0, 0, c), ac = a.narrow(0, i0, c);
+      at::Tensor ga_blk = out.ga.narrow(0, i0, c);
+      at::mm_out(ga_blk, gblk, b, at::kFloat);  // da_c = (sG) b, fp32
+      semcomp::cuda::addmm_fp32_accumulate(out.gb, gblk.t(), ac, scratch,  // db += (sG)^T a_c
+                                           infonce_dk_accumulate_mode());
+    }
+  }
+  if (LOSS) {
+    out.loss = rows.select(0, 0);
+    out.total = out.loss.sum();
+  }
+  if (GRAD) {
+    if (prescale) {
+      const at::Tensor inv = gscale.reciprocal();  // exact: a power of two
+      out.ga.mul_(inv);
+      out.gb.mul_(inv);
+    }
+    if (!keep_acc) {
+      out.ga = out.ga.to(a_in.scalar_type());
+      out.gb = out.gb.to(b_in.scalar_type());
+    }
+    const int q = LOSS ? 1 : 0;
+    out.gs = rows.select(0, q).sum().reshape(logit_scale.sizes()).to(logit_scale.scalar_type());
+    out.gt = rows.select(0, q + 1).sum().reshape(logit_bias.sizes()).to(logit_bias.scalar_type());
+  }
+  return out;
+}
+#endif
+
+}  // namespace
+
+bool available(const at::Tensor& a) {
+  if (!SEMCOMP_MM_OUT_DTYPE) return false;
+  if (a.scalar_type() != at::kBFloat16 && a.scalar_type() != at::kHalf) return false;
+  if (a.dim() != 2 || a.size(1) == 0) return false;  // d = 0: every dot 0, the gemm path
+#if defined(EMU_HAVE_TORCH)  // the host emulator (shared/tools/cuda-emu) runs the sm_80 code
+#if defined(EMU_CUDA_ARCH)
+  return EMU_CUDA_ARCH >= 800;
+#else
+  return false;
+#endif
+#else
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, a.device().index()));
+  return major >= 8;
+#endif
+}
+
+Outputs run(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit_scale,
+            const at::Tensor& logit_bias, const at::Tensor& grad_rows, bool negative_only,
+            bool loss, bool grad, int64_t chunk, bool keep_acc) {
+  TORCH_CHECK(available(a), "siglip mma: not available for ", a.scalar_type(), " inputs of shape ",
+              a.sizes(), " on this device");
+  TORCH_CHECK(b.scalar_type() == a.scalar_type() && b.size(1) == a.size(1),
+              "siglip mma: b must match a's dtype and feature dimension");
+#if SEMCOMP_MM_OUT_DTYPE
+  if (loss && grad)
+    return run_impl<true, true>(a, b, logit_scale, logit_bias, grad_rows, negative_only, chunk, keep_acc);
+  if (grad)
+    return run_impl<false, true>(a, b, logit_scale, logit_bias, grad_rows, negative_only, chunk, keep_acc);
+  TORCH_CHECK(loss, "siglip mma: neither the loss nor the gradient asked for");
+  return run_impl<true, false>(a, b, logit_scale, logit_bias, grad_rows, negative_only, chunk, keep_acc);
+#else
+  TORCH_CHECK(false, "siglip mma: needs torch >= 2.8 (mm.dtype_out)");
+  return {};
+#endif
+}
+
+}  // namespace semcomp::siglip_mma
+
+#if defined(EMU_HAVE_TORCH)
+// The emulator's route to run() (see the top of this file): [loss, total] when loss, then
+// [ga, gb, gs, gt] when grad.
+namespace {
+std::vector<at::Tensor> siglip_mma_emu_run(const at::Tensor& a, const at::Tensor& b,
+                                           const at::Tensor& logit_scale, const at::Tensor& logit_bias,
+                                           const std::optional<at::Tensor>& grad_rows, bool negative_only,
+                                           bool loss, bool grad, int64_t chunk, bool keep_acc) {
+  const auto o = semcomp::siglip_mma::run(a, b, logit_scale, logit_bias, grad_rows.value_or(at::Tensor()),
+                                          negative_only, loss, grad, chunk, keep_acc);
+  std::vector<at::Tensor> v;
+  if (loss) v.insert(v.end(), {o.loss, o.total});
+  if (grad) v.insert(v.end(), {o.ga, o.gb, o.gs, o.gt});
+  return v;
+}
+}  // namespace
+TORCH_LIBRARY(semcomp_siglip_mma_emu, m) {
+  m.def("run(Tensor a, Tensor b, Tensor logit_scale, Tensor logit_bias, Tensor? grad_rows, "
+        "bool negative_only, bool loss, bool grad, int chunk, bool keep_acc) -> Tensor[]",
+        &siglip_mma_emu_run);
+}
+#endif
