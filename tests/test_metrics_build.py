@@ -96,9 +96,10 @@ def test_infonce_cuda_impl_selection_round_trips():
         assert sc.set_infonce_cuda_impl("auto") == "tile"
     with pytest.raises(ValueError, match="impl must be one of .*got 'fast'"):
         sc.set_infonce_cuda_impl("fast")
-    assert sc.infonce_cuda_impls() == ("auto", "gemm", "tile", "mma")
-    assert sc.set_infonce_cuda_impl("mma") == "auto"
-    try:
-        assert sc.get_infonce_cuda_impl() == "mma"
-    finally:
-        assert sc.set_infonce_cuda_impl("auto") == "mma"
+    assert sc.infonce_cuda_impls() == ("auto", "gemm", "tile", "mma", "wgmma")
+    for impl in ("mma", "wgmma"):
+        assert sc.set_infonce_cuda_impl(impl) == "auto"
+        try:
+            assert sc.get_infonce_cuda_impl() == impl
+        finally:
+            assert sc.set_infonce_cuda_impl("auto") == impl
