@@ -10,8 +10,13 @@ rotated past L2, CUDA events, medians.
 (benchmarks/gpu_timing.py is the entry point; this module is the implementation, timed by
 semcomp_ext.bench.timing.interleaved_times.)
 
-Shapes: N x D : dtype (symmetric InfoNCE, N x N logits). SigLIP runs at --siglip shapes and is
-compared with InfoNCE (gemm) at the same shape: the SigLIP/InfoNCE ratio in the JSON.
+Shapes: N x D : dtype (symmetric InfoNCE, N x N logits). SigLIP runs at --siglip shapes, per
+SigLIP implementation (gemm, mma), and is compared with InfoNCE (gemm) at the same shape: the
+SigLIP/InfoNCE ratio in the JSON. Every call names its implementation (impl=, never the
+process-wide setting), and an implementation that cannot run here (a build without it, an older
+device) is left out after a probe, so each row's "impl" is what ran; the JSON records the
+device's compute capability. `python -m benchmarks.impl_table` turns such files into the table
+behind impl="auto" (semcomp_ext/kernel_choice.py).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from semcomp_ext.bench.timing import environment, interleaved_times
+from semcomp_ext.kernel_choice import LOWP
 
 WINDOW_SHAPES = ("32768x512:bfloat16", "65536x768:bfloat16", "32768x512:float16")
 WINDOW_SIGLIP = ("32768x512:bfloat16",)
@@ -50,27 +56,27 @@ def infonce_step(impl, sets, s, device):
     import semcomp_ext as sc
 
     state = {"i": 0}
+    impl = "auto" if device == "cpu" else impl
 
     def step():
-        if device != "cpu":
-            sc.set_infonce_cuda_impl(impl)
         a, b = sets[state["i"] % len(sets)]
         state["i"] += 1
-        loss = sc.infonce_loss(a, b, logit_scale=s)
+        loss = sc.infonce_loss(a, b, logit_scale=s, impl=impl)
         loss.backward()
         a.grad = b.grad = None
     return step
 
 
-def siglip_step(sets, device):
+def siglip_step(sets, device, impl="gemm"):
     import semcomp_ext as sc
 
     state = {"i": 0}
+    impl = "auto" if device == "cpu" else impl
 
     def step():
         a, b = sets[state["i"] % len(sets)]
         state["i"] += 1
-        loss = sc.sigmoid_loss(a, b, 10.0, -10.0)
+        loss = sc.sigmoid_loss(a, b, 10.0, -10.0, impl=impl)
         loss.backward()
         a.grad = b.grad = None
     return step
@@ -86,13 +92,30 @@ def interleaved_ms(fns: dict, device: str, rounds: int, warmup: int) -> dict:
                    "rounds": r["repeats"]} for name, r in times.items()}
 
 
-def available_impls(device: str, wanted) -> list[str]:
+def runs_here(op: str, impl: str, device: str) -> bool:
+    """Whether a named implementation runs a small bf16 problem on this device (a build or a
+    device without it raises ValueError)."""
+    import semcomp_ext as sc
+
+    x = F.normalize(torch.randn(64, 64, device=device), dim=1).to(torch.bfloat16)
+    try:
+        if op == "infonce":
+            sc.infonce_loss(x, x, impl=impl)
+        else:
+            sc.sigmoid_loss(x, x, 10.0, -10.0, impl=impl)
+    except ValueError as exc:
+        print(f"gpu_timing: {op} {impl} left out: {exc}")
+        return False
+    return True
+
+
+def available_impls(device: str, wanted, op: str = "infonce") -> list[str]:
     if device == "cpu":
         return ["cpu"]
-    from semcomp_ext import infonce_cuda_impls
+    from semcomp_ext.kernel_choice import IMPLS
 
-    have = [i for i in infonce_cuda_impls() if i != "auto"]
-    return [i for i in (wanted or have) if i in have]
+    have = IMPLS[op]
+    return [i for i in (wanted or have) if i in have and runs_here(op, i, device)]
 
 
 def main(argv=None) -> int:
@@ -106,43 +129,43 @@ def main(argv=None) -> int:
     p.add_argument("--sets", type=int, default=3, help="input sets rotated through (L2)")
     p.add_argument("--out", default=None, help="JSON path (default: print only)")
     args = p.parse_args(argv)
-    import semcomp_ext as sc
-
     torch.manual_seed(0)
     device = args.device
     impls = available_impls(device, args.impls)
-    previous = sc.get_infonce_cuda_impl() if device != "cpu" else None
+    siglip_impls = available_impls(device, None, "sigmoid")
     name = torch.cuda.get_device_name() if device != "cpu" else "cpu"
     result = {"device": name, "env": environment(device), "infonce": [], "siglip": []}
+    if device != "cpu":
+        result["capability"] = "%d.%d" % torch.cuda.get_device_capability(device)
     s = torch.tensor(14.3, device=device)
     lines = []
-    try:
-        for n, d, dtype in args.shapes:
-            sets = input_sets(n, d, dtype, device, args.sets)
-            t = interleaved_ms({i: infonce_step(i, sets, s, device) for i in impls}, device, args.rounds, args.warmup)
-            flops = 8.0 * n * n * d  # fwd 2 N^2 D, bwd 3 x 2 N^2 D (recompute, dq, dk)
-            for impl, rec in t.items():
-                rec.update(n=n, d=d, dtype=str(dtype).replace("torch.", ""), impl=impl,
-                           tflops=flops / rec["median_ms"] / 1e9)
-                result["infonce"].append(rec)
-                lines.append(f"infonce {n}x{d} {rec['dtype']:>8} {impl:>5}: {rec['median_ms']:9.2f} ms"
-                             f" ({rec['tflops']:.0f} TFLOP/s)")
-            del sets
-        for n, d, dtype in args.siglip:
-            sets = input_sets(n, d, dtype, device, args.sets)
-            base = "gemm" if "gemm" in impls else impls[0]
-            t = interleaved_ms({"siglip": siglip_step(sets, device), "infonce": infonce_step(base, sets, s, device)},
-                               device, args.rounds, args.warmup)
-            rec = dict(t["siglip"], n=n, d=d, dtype=str(dtype).replace("torch.", ""),
+    for n, d, dtype in args.shapes:
+        sets = input_sets(n, d, dtype, device, args.sets)
+        here = [i for i in impls if dtype in LOWP or i in ("gemm", "cpu")]  # fp32/fp64: gemm only
+        t = interleaved_ms({i: infonce_step(i, sets, s, device) for i in here}, device, args.rounds, args.warmup)
+        flops = 8.0 * n * n * d  # fwd 2 N^2 D, bwd 3 x 2 N^2 D (recompute, dq, dk)
+        for impl, rec in t.items():
+            rec.update(n=n, d=d, dtype=str(dtype).replace("torch.", ""), impl=impl,
+                       tflops=flops / rec["median_ms"] / 1e9)
+            result["infonce"].append(rec)
+            lines.append(f"infonce {n}x{d} {rec['dtype']:>8} {impl:>5}: {rec['median_ms']:9.2f} ms"
+                         f" ({rec['tflops']:.0f} TFLOP/s)")
+        del sets
+    for n, d, dtype in args.siglip:
+        sets = input_sets(n, d, dtype, device, args.sets)
+        base = "gemm" if "gemm" in impls else impls[0]
+        here = [i for i in siglip_impls if dtype in LOWP or i in ("gemm", "cpu")]
+        fns = {f"siglip_{i}": siglip_step(sets, device, i) for i in here}
+        t = interleaved_ms(dict(fns, infonce=infonce_step(base, sets, s, device)), device, args.rounds,
+                           args.warmup)
+        for i in here:
+            rec = dict(t[f"siglip_{i}"], n=n, d=d, dtype=str(dtype).replace("torch.", ""), impl=i,
                        infonce_impl=base, infonce_median_ms=t["infonce"]["median_ms"])
             rec["ratio_to_infonce"] = rec["median_ms"] / rec["infonce_median_ms"]
             result["siglip"].append(rec)
-            lines.append(f"siglip  {n}x{d} {rec['dtype']:>8}      : {rec['median_ms']:9.2f} ms"
+            lines.append(f"siglip  {n}x{d} {rec['dtype']:>8} {i:>5}: {rec['median_ms']:9.2f} ms"
                          f" = {rec['ratio_to_infonce']:.2f} x infonce[{base}]")
-            del sets
-    finally:
-        if previous is not None:
-            sc.set_infonce_cuda_impl(previous)
+        del sets
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
