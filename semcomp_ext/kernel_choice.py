@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["choose_cuda_impl", "load_table", "lookup", "table_path", "IMPLS", "IMPL_CODES", "shape_bucket"]
+__all__ = ["choose_cuda_impl", "pick_impl", "load_table", "lookup", "table_path", "IMPLS", "IMPL_CODES", "shape_bucket"]
 
 # Implementations per op family; the ops' impl argument takes the code (csrc/common/impl_choice.h).
 IMPLS = {"infonce": ("gemm", "tile", "mma", "wgmma"), "sigmoid": ("gemm", "mma", "wgmma")}
@@ -153,19 +153,31 @@ def choose_cuda_impl(op: str, a: torch.Tensor, b: torch.Tensor | None = None, *,
     dtype = effective_dtype(op, a)
     if dtype not in LOWP:
         return FALLBACK
-    pick = "auto"
+    setting = "auto"
     if op == "infonce":
         from ._ops import get_infonce_cuda_impl
 
-        pick = get_infonce_cuda_impl()
-    cap = _capability(a.device)
+        setting = get_infonce_cuda_impl()
+    na = a.shape[0]
+    nb = b.shape[0] if b is not None else na
+    return pick_impl(op, setting=setting, capability=_capability(a.device), dtype=dtype, rows=(na, nb),
+                     d=a.shape[1], table=table)
+
+
+def pick_impl(op: str, *, setting: str, capability: tuple[int, int], dtype: torch.dtype, rows: tuple[int, int],
+              d: int, table=None) -> str:
+    """choose_cuda_impl's rule without a device: the process-wide setting unless "auto", else
+    the table's entry for (capability, dtype, N = sqrt(Na * Nb), D), else gemm; gemm for
+    fp32/fp64 and for a pick that cannot run at this capability and dtype."""
+    _check_op("pick_impl", op)
+    if dtype not in LOWP:
+        return FALLBACK
+    pick = setting
     if pick == "auto":
         t = table if isinstance(table, dict) else load_table(table)
-        na = a.shape[0]
-        nb = b.shape[0] if b is not None else na
-        pick, _ = lookup(t, op, f"{cap[0]}.{cap[1]}", str(dtype).replace("torch.", ""),
-                         math.sqrt(max(na, 1) * max(nb, 1)), a.shape[1])
-    return pick if can_run(op, pick, cap, dtype) else FALLBACK
+        pick, _ = lookup(t, op, f"{capability[0]}.{capability[1]}", str(dtype).replace("torch.", ""),
+                         math.sqrt(max(rows[0], 1) * max(rows[1], 1)), d)
+    return pick if can_run(op, pick, tuple(capability), dtype) else FALLBACK
 
 
 # ---- the functional API's impl argument ----------------------------------------------------
