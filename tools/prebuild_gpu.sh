@@ -9,14 +9,16 @@
 # Steps: a Python 3.12 interpreter (pyenv, or SEMCOMP_PY312), a venv in .gpu-build/venv with
 # torch==2.11.0 from the package index installed WITHOUT its dependencies (the build needs
 # torch's headers and link libraries only; the CUDA runtime headers and libcudart come from the
-# local nvcc 13.0 toolkit), then CMake with SEMCOMP_CUDA=ON for sm_90a, parallel nvcc.
+# local nvcc 13.0 toolkit) and nvidia-cutlass (the CuTe headers of the wgmma kernels, also
+# without dependencies), then CMake with SEMCOMP_CUDA=ON for sm_90a, parallel nvcc.
 # The module and a stamp (source hash, python, torch, arch) land in .gpu-build/prebuilt/
 # (git-ignored, a few MiB): carry `.gpu-build/prebuilt` to the GPU machine, where
 # benchmarks/gpu_check.sh uses it when the stamp matches the tree there and
 # benchmarks/native_error_check passes with it, and builds from source otherwise.
 #
 # Environment: SEMCOMP_GPU_BUILD (work folder, default .gpu-build), SEMCOMP_PREBUILD_ARCH
-# (default 90a), SEMCOMP_TORCH_SPEC (default torch==2.11.0), SEMCOMP_PY312 (interpreter).
+# (default 90a), SEMCOMP_TORCH_SPEC (default torch==2.11.0), SEMCOMP_CUTLASS_SPEC (default
+# nvidia-cutlass==4.2.0.0), SEMCOMP_PY312 (interpreter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -67,6 +69,15 @@ if ! torch_info >/dev/null; then
   echo "== installing $TORCH_SPEC (no dependencies) into $VENV"
   "$VENV/bin/python" -m pip install -q --no-deps --only-binary=:all: "$TORCH_SPEC"
 fi
+# the CuTe/CUTLASS headers (header-only): without them the module's wgmma kernels are stubs
+CUTLASS_SPEC="${SEMCOMP_CUTLASS_SPEC:-nvidia-cutlass==4.2.0.0}"
+cutlass_version() {
+  "$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('nvidia-cutlass'))" 2>/dev/null
+}
+if [ "$(cutlass_version)" != "${CUTLASS_SPEC#*==}" ]; then
+  echo "== installing $CUTLASS_SPEC (no dependencies) into $VENV"
+  "$VENV/bin/python" -m pip install -q --no-deps --only-binary=:all: "$CUTLASS_SPEC"
+fi
 TORCH_INFO=$(torch_info)
 echo "== torch $TORCH_INFO (python $("$VENV/bin/python" -c 'import platform; print(platform.python_version())'))"
 case "$TORCH_INFO" in
@@ -87,6 +98,11 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CXX_COMPILER="${SEMCOMP_CXX:-/usr/bin/g++}" -DCMAKE_CUDA_HOST_COMPILER="${SEMCOMP_CXX:-/usr/bin/g++}" \
   -DSKBUILD_PROJECT_VERSION="$VERSION" >"$GB/cmake-configure.log" 2>&1 ||
   { tail -30 "$GB/cmake-configure.log" >&2; exit 1; }
+if ! grep -q "semcomp_ext: CuTe headers at" "$GB/cmake-configure.log"; then
+  grep "CuTe" "$GB/cmake-configure.log" >&2 || true
+  echo "prebuild_gpu.sh: CMake found no CuTe headers; the wgmma kernels would be stubs" >&2
+  exit 1
+fi
 t_build=$SECONDS
 rm -f "$BUILD"/_C.*.so  # a failed build must not leave the previous module to be stamped
 if ! cmake --build "$BUILD" -j "$JOBS" >"$GB/cmake-build.log" 2>&1; then
@@ -119,6 +135,7 @@ strip --strip-unneeded "$OUTD.tmp/$(basename "$SO")" 2>/dev/null || true
   echo "torch=$(echo "$TORCH_INFO" | cut -d' ' -f1)"
   echo "cuda=$(echo "$TORCH_INFO" | cut -d' ' -f2)"
   echo "arch=$ARCH"
+  echo "cutlass=$(cutlass_version)"
   echo "nvcc=$(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
   echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } >"$OUTD.tmp/stamp.txt"

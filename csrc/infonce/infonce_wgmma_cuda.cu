@@ -125,6 +125,7 @@ struct Smem {
   float scratch[kScratchFloats];
 };
 constexpr int kSmemBytes = int(sizeof(Smem)) + 1024;
+static_assert(kStageTxBytes == sizeof(Smem::q[0]) + sizeof(Smem::k[0]), "a stage's TMA bytes");
 static_assert(kSmemBytes <= 227 * 1024, "sm_90 shared memory per block");
 
 template <bool BF16>
@@ -197,6 +198,8 @@ struct Walk {
   int kt;  // D steps per column tile
 };
 
+// Device code for sm_90a only (other device passes compile the kernels' trapping bodies).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ Smem& smem_ref() {
   extern __shared__ unsigned char smem_raw[];
   const uintptr_t p = (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023);
@@ -286,6 +289,8 @@ __device__ __forceinline__ Frag<1, kNJ> consumer_frag() {
 __device__ __forceinline__ void consumer_bar() {
   cutlass::arch::NamedBarrier::sync(kEpiThreads, 0);  // id 0 past CUTLASS's reserved ids
 }
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 struct FwdArgs {
   int64_t nq, nk, d, offset, rb0;
