@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from . import reference
-from ._ops import ops
+from ._ops import has_kernel, ops
 from .kernel_choice import call_impl_code, check_impl_choice
 from .validation import (
     DEFAULT_TEMPERATURE,
@@ -34,6 +34,7 @@ from .validation import (
     check_matrix,
     check_pair,
     check_reduction,
+    is_tracing,
     normalize_mode,
     promote,
     reduce,
@@ -138,9 +139,13 @@ def infonce_rect_loss(q, k, logit_scale, *, offset: int = 0, reduction: str = "n
 
 
 def _use_fused(fn: str, op: str, impl: str, device: torch.device) -> bool:
-    """validation.use_fused for the impl names of the fused kernels: a named CUDA
-    implementation needs the kernel as "fused" does."""
-    return use_fused(fn, op, impl if impl in ("auto", "reference") else "fused", device)
+    """validation.use_fused, and for a named CUDA implementation the CUDA kernel (other devices
+    are refused by kernel_choice.call_impl_code, with the reason)."""
+    if impl in ("auto", "fused", "reference"):
+        return use_fused(fn, op, impl, device)
+    if device.type == "cuda" and not (is_tracing() or has_kernel(op, device)):
+        raise ValueError(f"{fn}: impl={impl!r} but semcomp_ext has no CUDA kernel for {op} (build_info(): cuda?)")
+    return True
 
 
 # ---- centroids and feature selection -----------------------------------------------------
