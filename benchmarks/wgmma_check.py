@@ -1,0 +1,242 @@
+"""GPU check of the InfoNCE "wgmma" kernels (csrc/infonce/infonce_wgmma_cuda.cu: TMA + mbarrier
+pipeline + wgmma, sm_90a), which the CPU emulator cannot run: their outputs against the "mma"
+kernels (emulator-verified) and an fp64 reference, then their timing.
+
+    python -m benchmarks.wgmma_check OUTDIR                # checks, then timing
+    python -m benchmarks.wgmma_check OUTDIR --no-timing    # checks only (about 20 s)
+
+Checks, bf16 and fp16, each case naming the implementation per call (impl=, never the
+process-wide setting):
+  * forward outputs of the raw ops (loss rows, row LSEs, symmetric: column LSEs), symmetric and
+    rectangular with an offset, on ragged shapes (N and D tails, one and many 128-row blocks and
+    column tiles, D over one and many 64-wide steps, chunked passes): wgmma vs fp64 and vs mma;
+  * gradients (a, b and the logit scale through autograd, weighted rows so that every
+    coefficient differs): wgmma vs fp64 (relative norm) and vs mma;
+  * N = 1 at several D: loss and gradients exactly 0 (the backward recomputes the forward's
+    logits bit for bit; any difference between the two kernels' dots shows here);
+  * reruns are bit-identical (fixed-order merges, no atomics);
+  * inputs the kernels cannot take (d % 8 != 0, a base not 16-byte aligned) are refused with a
+    ValueError/RuntimeError naming wgmma, never run.
+Timing: semcomp_ext.bench.gpu_timing (CUDA events, interleaved rounds, inputs rotated past L2)
+for wgmma, mma and gemm, forward+backward at 32768 x 512 bf16 (and fp16) -> OUTDIR/wgmma_timing.json.
+
+OUTDIR/wgmma_check.json: every case with its errors and verdict, the device and the
+environment. Exit status: 0 every check passes, 1 a check failed, 2 wgmma cannot run here (a
+build without the CuTe headers or sm_90a code, or a device other than compute capability 9.0:
+the reason is printed and recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+# (n_rows, n_keys, d, offset, chunk): symmetric cases have n_rows == n_keys and offset 0
+SYM_CASES = [
+    (1, 1, 8, 0, 0), (5, 5, 8, 0, 0), (70, 70, 40, 0, 0), (128, 128, 64, 0, 0), (129, 129, 72, 0, 0),
+    (257, 257, 128, 0, 0), (300, 300, 136, 0, 100), (1000, 1000, 96, 0, 256), (1030, 1030, 520, 0, 0),
+    (4099, 4099, 512, 0, 0), (2500, 2500, 768, 0, 1000),
+]
+RECT_CASES = [
+    (1, 3, 8, 2, 0), (50, 130, 16, 70, 0), (127, 300, 64, 100, 0), (200, 1000, 200, 333, 64),
+    (2049, 4099, 512, 1500, 0),
+]
+ONE_ROW_D = (8, 64, 72, 520, 1024)
+ATOL_FWD = 1e-3  # fp32 logits of unit rows at s = 14.3: observed errors are ~1e-5
+GRAD_REL = 2e-2  # s*G is rounded once to the input dtype before the cuBLAS products
+
+
+def unit(n, d, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).to(dtype)
+
+
+def max_err(x, y):
+    x, y = x.double(), y.double()
+    both_nan = torch.isnan(x) & torch.isnan(y)
+    d = (x - y).abs().masked_fill(both_nan, 0.0)
+    return float(d.max()) if d.numel() else 0.0
+
+
+def rel_norm(x, y):
+    y = y.double()
+    return float((x.double() - y).norm() / y.norm().clamp_min(1e-300))
+
+
+def fwd_outputs(impl_code, q, k, s, offset, chunk, sym):
+    ops = torch.ops.semcomp
+    if sym:
+        return ops.infonce_fwd(q, k, s, chunk, impl_code)
+    return ops.infonce_rect_fwd(q, k, s, offset, chunk, impl_code)
+
+
+def grads(impl, q, k, s, offset, chunk, sym):
+    import semcomp_ext as sc
+
+    q, k, s = (t.detach().clone().requires_grad_() for t in (q, k, s))
+    if sym:
+        loss = sc.infonce_loss(q, k, logit_scale=s, chunk_size=chunk, impl=impl)
+    else:
+        rows = sc.infonce_rect_loss(q, k, s, offset=offset, chunk_size=chunk, impl=impl)
+        loss = (rows * torch.linspace(0.5, 1.5, rows.shape[0], device="cuda")).sum()
+    return (loss.detach(), *torch.autograd.grad(loss, (q, k, s)))
+
+
+def reference_grads(q, k, s, offset, sym):
+    from semcomp_ext import reference as R
+
+    q, k, s = (t.detach().double().requires_grad_() for t in (q, k, s))
+    if sym:
+        loss = R.infonce_reference(q, k, s)
+    else:
+        rows = R.infonce_rect_reference(q, k, s, offset)
+        loss = (rows * torch.linspace(0.5, 1.5, rows.shape[0], device="cuda", dtype=torch.float64)).sum()
+    return (loss.detach(), *torch.autograd.grad(loss, (q, k, s)))
+
+
+def check_case(dtype, nq, nk, d, offset, chunk, sym, seed):
+    from semcomp_ext.kernel_choice import IMPL_CODES
+    from semcomp_ext.reference import infonce_lse_reference
+
+    q, k = unit(nq, d, dtype, seed), unit(nk, d, dtype, seed + 1)
+    s = torch.tensor(14.3, device="cuda")
+    rec = {"form": "sym" if sym else "rect", "dtype": str(dtype).replace("torch.", ""), "nq": nq, "nk": nk,
+           "d": d, "offset": offset, "chunk": chunk}
+    w = fwd_outputs(IMPL_CODES["wgmma"], q, k, s, offset, chunk, sym)
+    w2 = fwd_outputs(IMPL_CODES["wgmma"], q, k, s, offset, chunk, sym)
+    m = fwd_outputs(IMPL_CODES["mma"], q, k, s, offset, chunk, sym)
+    ref = infonce_lse_reference(q, k, s, offset, symmetric=sym)
+    names = ("loss", "rlse", "clse")[: len(ref)]
+    rec["fwd_vs_fp64"] = {n: max_err(x, y) for n, x, y in zip(names, w, ref)}
+    rec["fwd_vs_mma"] = {n: max_err(x, y) for n, x, y in zip(names, w, m)}
+    rec["rerun_identical"] = all(torch.equal(x, y) for x, y in zip(w, w2))
+    gw = grads("wgmma", q, k, s, offset, chunk, sym)
+    gm = grads("mma", q, k, s, offset, chunk, sym)
+    gr = reference_grads(q, k, s, offset, sym)
+    rec["grad_rel_vs_fp64"] = {n: rel_norm(x, y) for n, x, y in zip(("gq", "gk"), gw[1:3], gr[1:3])}
+    rec["gscale_vs_fp64"] = abs(float(gw[3]) - float(gr[3])) / max(abs(float(gr[3])), 1e-6)
+    rec["grad_vs_mma"] = {n: max_err(x, y) for n, x, y in zip(("loss", "gq", "gk", "gs"), gw, gm)}
+    finite = all(bool(torch.isfinite(t).all()) for t in (*w, *gw))
+    rec["ok"] = bool(
+        finite
+        and rec["rerun_identical"]
+        and max(rec["fwd_vs_fp64"].values()) <= ATOL_FWD
+        and max(rec["fwd_vs_mma"].values()) <= ATOL_FWD
+        and max(rec["grad_rel_vs_fp64"].values()) <= GRAD_REL
+        and rec["gscale_vs_fp64"] <= GRAD_REL
+        # same rounding of s*G in both; gradients of unit rows are O(1 / N)
+        and max(rec["grad_vs_mma"].values()) <= 2e-2 * max(1.0, float(gm[1].abs().max()), float(gm[2].abs().max()))
+    )
+    return rec
+
+
+def check_one_row(dtype, d, seed):
+    """N = 1: the loss and every gradient exactly 0 (wgmma's forward and backward dots agree)."""
+    q = unit(1, d, dtype, seed)
+    s = torch.tensor(14.3, device="cuda")
+    out = grads("wgmma", q, q.clone(), s, 0, 0, True)
+    exact = all(float(t.abs().max()) == 0.0 for t in out)
+    return {"form": "one_row", "dtype": str(dtype).replace("torch.", ""), "d": d, "ok": exact,
+            "max_abs": {n: float(t.abs().max()) for n, t in zip(("loss", "gq", "gk", "gs"), out)}}
+
+
+def check_refusals(dtype):
+    """Inputs the TMA path cannot take are refused for an exact wgmma request."""
+    import semcomp_ext as sc
+
+    out = []
+    s = torch.tensor(14.3, device="cuda")
+    ragged = unit(64, 33, dtype, 7)  # d % 8 != 0
+    buf = torch.empty(64 * 64 + 1, device="cuda", dtype=dtype)
+    misaligned = buf[1:].view(64, 64).copy_(unit(64, 64, dtype, 8))  # base 2 bytes off
+    for name, x in (("d=33", ragged), ("misaligned base", misaligned)):
+        try:
+            sc.infonce_loss(x, x, logit_scale=s, impl="wgmma")
+            torch.cuda.synchronize()
+            out.append({"form": "refusal", "case": name, "ok": False, "error": "ran"})
+        except (ValueError, RuntimeError) as exc:
+            out.append({"form": "refusal", "case": name, "ok": "wgmma" in str(exc), "error": str(exc)[:300]})
+    return out
+
+
+def wgmma_unavailable_reason():
+    import semcomp_ext as sc
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if "wgmma" not in sc.infonce_cuda_impls():
+        return "this semcomp_ext has no wgmma implementation"
+    x = unit(64, 64, torch.bfloat16, 0)
+    try:
+        sc.infonce_loss(x, x, impl="wgmma")
+        torch.cuda.synchronize()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("outdir")
+    p.add_argument("--no-timing", action="store_true")
+    args = p.parse_args(argv)
+    os.makedirs(args.outdir, exist_ok=True)
+    from semcomp_ext.bench.timing import environment
+
+    result = {"env": environment("cuda" if torch.cuda.is_available() else "cpu"), "cases": []}
+    if torch.cuda.is_available():
+        result["device"] = torch.cuda.get_device_name()
+        result["capability"] = "%d.%d" % torch.cuda.get_device_capability()
+    reason = wgmma_unavailable_reason()
+    path = os.path.join(args.outdir, "wgmma_check.json")
+    if reason:
+        result["skipped"] = reason
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wgmma_check: wgmma cannot run here: {reason}")
+        return 2
+    seed = 0
+    for dtype in (torch.bfloat16, torch.float16):
+        cases = [(c, True) for c in SYM_CASES] + [(c, False) for c in RECT_CASES]
+        for (nq, nk, d, offset, chunk), sym in cases:
+            seed += 2
+            try:
+                rec = check_case(dtype, nq, nk, d, offset, chunk, sym, seed)
+            except Exception as exc:  # a failing kernel must not hide the other cases
+                rec = {"form": "sym" if sym else "rect", "dtype": str(dtype), "nq": nq, "nk": nk, "d": d,
+                       "offset": offset, "chunk": chunk, "ok": False, "error": "".join(
+                           traceback.format_exception_only(type(exc), exc)).strip()[:500]}
+            result["cases"].append(rec)
+            print(("ok  " if rec["ok"] else "FAIL") + " " + json.dumps(rec))
+        for d in ONE_ROW_D:
+            rec = check_one_row(dtype, d, seed)
+            result["cases"].append(rec)
+            print(("ok  " if rec["ok"] else "FAIL") + " " + json.dumps(rec))
+        for rec in check_refusals(dtype):
+            result["cases"].append(rec)
+            print(("ok  " if rec["ok"] else "FAIL") + " " + json.dumps(rec))
+        # a CUDA error (a trap, an illegal address) poisons the context: stop here
+        torch.cuda.synchronize()
+    failed = [c for c in result["cases"] if not c["ok"]]
+    result["failed"] = len(failed)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wgmma_check: {len(result['cases']) - len(failed)} of {len(result['cases'])} checks pass -> {path}")
+    rc = 1 if failed else 0
+    if not args.no_timing:
+        from semcomp_ext.bench.gpu_timing import main as timing_main
+
+        out = os.path.join(args.outdir, "wgmma_timing.json")
+        rc = max(rc, timing_main(["--impls", "wgmma", "mma", "gemm", "--shapes", "32768x512:bfloat16",
+                                  "32768x512:float16", "--siglip", "--out", out]) or 0)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
