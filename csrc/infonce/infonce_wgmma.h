@@ -12,11 +12,15 @@
 
 namespace semcomp::wgmma {
 
-// True when q can run these kernels: built with the CuTe headers for sm_90a, a device of
-// compute capability 9.0, bf16/fp16, d > 0 with 16-byte aligned rows (TMA), torch >= 2.8.
+// True when (q, k) can run these kernels: a build with the CuTe headers (SEMCOMP_HAVE_CUTE)
+// whose architecture list has 90a, a device of compute capability 9.0, torch >= 2.8; q and k
+// CUDA, contiguous, both bf16 or both fp16, with d % 8 == 0 and 16-byte aligned bases (the TMA
+// rules: 16-byte row strides and addresses), 1 <= rows < 2^31 (int32 TMA coordinates).
+// False in the host emulator (it cannot run wgmma/TMA/mbarrier). fwd/bwd raise otherwise.
 bool available(const at::Tensor& q, const at::Tensor& k);
 
-// As semcomp::mma::fwd and semcomp::mma::bwd.
+// As semcomp::mma::fwd and semcomp::mma::bwd. bwd's row chunks are `chunk` rounded up to a
+// multiple of 128 rows (the forward's row blocks, so each dot tile is recomputed bit for bit).
 std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& s,
                             int64_t offset, bool sym, int64_t chunk);
 std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& logit_scale,
