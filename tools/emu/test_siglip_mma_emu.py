@@ -9,9 +9,9 @@ the repository):
     .venv/bin/python tools/emu/test_siglip_mma_emu.py build/emu_siglip.so [--quick]
 
 The mma path is reached through torch.ops.semcomp_siglip_mma_emu.run (registered by
-siglip_mma_cuda.cu in emulator builds only: it calls siglip_mma::run directly); the gemm path
-through torch.ops.semcomp_emu.sigmoid_fwd / _bwd / _fwd_bwd (with impl set to the gemm path when
-the ops have an `impl` argument).
+siglip_mma_cuda.cu in emulator builds only: it calls siglip_mma::run directly, and also takes
+keep_acc with upstream gradients, which no op does) and through the ops with impl=3; the gemm
+path through torch.ops.semcomp_emu.sigmoid_fwd / _bwd / _fwd_bwd (impl=1 when the ops have it).
 
 Checks, for bf16 and fp16, forward, backward (random upstream row gradients) and forward +
 backward (ones, fp32 gradients), paired (Na = Nb, positives on the diagonal) and
@@ -30,6 +30,9 @@ negative_only (Na != Nb):
     misaligned base through the plain-load path), chunks of 50 and 128 rows, one column split
     per row block (EMU_SMS=1: several column tiles through one cp.async pipeline), scale 100
     with bias -10, fp16 with tiny upstream gradients (the power-of-two pre-scale);
+  * when the ops have the `impl` argument (siglip_cuda.cu's per-call dispatch): the ops with
+    impl=3 give run()'s results bit for bit (NaN cases included), impl=-3 falls back to gemm
+    for fp32 and runs mma for bf16;
   * zero emulator errors, and m16n8k16 tiles did run.
 Prints cases, checks, failures and time; exit status 0 when every check passes.
 """
@@ -59,13 +62,23 @@ fails, n_checks, worst = [], 0, {}
 # the gemm path's ops: pass impl = the gemm implementation when the schema has one
 _ARGS = {op: [a.name for a in getattr(E, op).default._schema.arguments]
          for op in ("sigmoid_fwd", "sigmoid_bwd", "sigmoid_fwd_bwd")}
-GEMM_IMPL = int(os.environ.get("SIGLIP_GEMM_IMPL", "1"))
+GEMM_IMPL, MMA_IMPL = 1, 3  # common/impl_choice.h
+OP_ROUTE = all("impl" in a for a in _ARGS.values())
 
 
 def gemm(op, *args, **kw):
     if "impl" in _ARGS[op]:
         kw["impl"] = GEMM_IMPL
     return getattr(E, op)(*args, **kw)
+
+
+def chk_route(tag, via_op, via_run):
+    """The ops with impl=3 (siglip_cuda.cu's dispatch) give run()'s results bit for bit."""
+    via_op = [via_op] if isinstance(via_op, torch.Tensor) else list(via_op)
+    chk_exact(f"op route {tag}", len(via_op) == len(via_run) and all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.nan_to_num(), y.nan_to_num())
+        and torch.equal(x.isnan(), y.isnan()) for x, y in zip(via_op, via_run)),
+        "sigmoid op with impl=3 differs from siglip_mma::run")
 
 
 def note(tag, ratio):
@@ -153,11 +166,14 @@ def torch_dtype(a, b, s, t, neg, g):
     return {"loss": rows.detach(), "ga": A.grad, "gb": B.grad, "gs": S.grad, "gt": T.grad}
 
 
-def tol_of(name, mag, dt):
+TINY = {torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}  # smallest subnormals
+
+
+def tol_of(name, mag, dt, out_dtype=torch.float32):
     if name == "loss":
         return 2.0**-20 * mag
-    if name in ("ga", "gb"):
-        return 4 * EPS[dt] * mag + 1e-30
+    if name in ("ga", "gb"):  # plus the final rounding of a bf16/fp16 output (subnormals too)
+        return 4 * EPS[dt] * mag + (TINY[dt] if out_dtype == dt else 1e-30)
     return 2.0**-14 * mag + 1e-30  # gs, gt
 
 
@@ -187,6 +203,8 @@ def case(dt, na, d, nb=None, neg=False, s_val=10.0, t_val=-5.0, chunk=0, g_scale
     fm2 = M.run(a, b, s, t, None, neg, True, False, chunk, False)
     chk_exact(f"fwd {tag}", all(torch.equal(x, y) for x, y in zip(fm, fm2)), "rerun not bit-identical")
     fg = gemm("sigmoid_fwd", a, b, s, t, negative_only=neg, chunk_size=chunk)
+    if OP_ROUTE:
+        chk_route(f"fwd {tag}", E.sigmoid_fwd(a, b, s, t, negative_only=neg, chunk_size=chunk, impl=MMA_IMPL), fm[:1])
     ref, mags = reference(a, b, s_val, t_val, neg, None)
     tdt = torch_dtype(a, b, s_val, t_val, neg, None)
     tol = tol_of("loss", mags["loss"], dt)
@@ -201,20 +219,29 @@ def case(dt, na, d, nb=None, neg=False, s_val=10.0, t_val=-5.0, chunk=0, g_scale
     # ---- backward, random upstream gradients ----
     bm = M.run(a, b, s, t, g, neg, False, True, chunk, False)
     bg = gemm("sigmoid_bwd", a, b, s, t, g, negative_only=neg, chunk_size=chunk)
+    if OP_ROUTE:
+        chk_route(f"bwd {tag}", E.sigmoid_bwd(a, b, s, t, g, negative_only=neg, chunk_size=chunk, impl=MMA_IMPL), bm)
     ref, mags = reference(a, b, s_val, t_val, neg, g)
     tdt = torch_dtype(a, b, s_val, t_val, neg, g)
     for nm, x, y in zip(("ga", "gb", "gs", "gt"), bm, bg):
         chk_exact(f"bwd {nm} {tag}", x.dtype == y.dtype and x.shape == y.shape,
                   f"dtype/shape {x.dtype} {tuple(x.shape)} vs gemm {y.dtype} {tuple(y.shape)}")
-        tol = tol_of(nm, mags[nm], dt)
+        tol = tol_of(nm, mags[nm], dt, x.dtype)
         chk(f"bwd mma-vs-fp64 {nm} {tag}", x, ref[nm], tol)
         chk(f"bwd mma-vs-gemm {nm} {tag}", x, y, tol)
         fl = floor_of(nm, mags[nm], dt)
         chk_peer(f"bwd mma-vs-fp64/gemm {nm} {tag}", x, ref[nm], y, fl)
         chk_peer(f"bwd mma-vs-fp64/torch {nm} {tag}", x, ref[nm], tdt[nm], fl)
+    if g_scale != 1.0:  # the same in fp32 (keep_acc): what the fp16 pre-scale keeps
+        km = M.run(a, b, s, t, g, neg, False, True, chunk, True)
+        for nm, x in zip(("ga", "gb"), km):
+            chk(f"bwd[keep_acc] mma-vs-fp64 {nm} {tag}", x, ref[nm], tol_of(nm, mags[nm], dt))
     # ---- forward + backward (ones, fp32 gradients) ----
     om = M.run(a, b, s, t, None, neg, True, True, chunk, True)
     og = gemm("sigmoid_fwd_bwd", a, b, s, t, negative_only=neg, chunk_size=chunk)
+    if OP_ROUTE:
+        chk_route(f"fwd_bwd {tag}", E.sigmoid_fwd_bwd(a, b, s, t, negative_only=neg, chunk_size=chunk, impl=MMA_IMPL),
+                  om[1:])
     chk_exact(f"fwd_bwd {tag}", torch.equal(om[0], fm[0]) and torch.equal(om[1], fm[1]),
               "losses differ from the forward's")
     ref, mags = reference(a, b, s_val, t_val, neg, None)
@@ -247,6 +274,9 @@ def nan_case(dt, na, d, nb=None, neg=False, s_val=10.0, t_val=-5.0):
     bg = gemm("sigmoid_bwd", a, b, s, t, g, negative_only=neg, chunk_size=0)
     chk_exact(f"{tag} gemm", torch.isnan(fg).all() and all(torch.isnan(x).all() for x in bg),
               "the gemm path does not poison alike")
+    if OP_ROUTE:
+        chk_route(f"{tag} fwd", E.sigmoid_fwd(a, b, s, t, negative_only=neg, impl=MMA_IMPL), fm[:1])
+        chk_route(f"{tag} bwd", E.sigmoid_bwd(a, b, s, t, g, negative_only=neg, impl=MMA_IMPL), bm)
 
 
 torch.manual_seed(0)
@@ -297,6 +327,17 @@ else:
         nan_case(dt, 5, 33, s_val=float("nan"))
         nan_case(dt, 67, 33, nb=5, neg=True, t_val=float("-inf"))
         n_cases += 3
+if OP_ROUTE:  # a preference falls back to gemm where mma cannot run (fp32), runs mma where it can
+    a32 = torch.randn(9, 8)
+    s, t = torch.tensor(10.0), torch.tensor(-5.0)
+    chk_exact("op route fp32 impl=-3", torch.equal(E.sigmoid_fwd(a32, a32, s, t, impl=-MMA_IMPL),
+                                                   E.sigmoid_fwd(a32, a32, s, t, impl=GEMM_IMPL)),
+              "fp32 with impl=-3 is not the gemm path")
+    a16 = a32.to(torch.bfloat16)
+    chk_exact("op route bf16 impl=-3", torch.equal(E.sigmoid_fwd(a16, a16, s, t, impl=-MMA_IMPL),
+                                                   M.run(a16, a16, s, t, None, False, True, False, 0, False)[0]),
+              "bf16 with impl=-3 is not the mma path")
+print(f"op route (sigmoid ops with impl=3 vs siglip_mma::run): {'checked' if OP_ROUTE else 'not in this build'}")
 errs = cl.emu_errors() - e0
 chk_exact("emulator", errs == 0, f"{errs} emulator errors")
 mma = cl.emu_mma_tiles()
