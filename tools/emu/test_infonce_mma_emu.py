@@ -19,7 +19,12 @@ Checks, for bf16 and fp16, symmetric and rectangular (offset) forms, forward and
     reference has NaN; a non-positive scale poisons the LSEs; scale 100; ragged N and D
     (masked tails, unaligned rows through the plain-load path), chunked passes, one column
     split per row block (several column tiles through one cp.async pipeline); reruns are
-    bit-identical; zero emulator errors.
+    bit-identical; zero emulator errors;
+  * impl per call (the ops' last argument: 3 exactly mma, -3 mma as a preference, 1 gemm, 2
+    tile, 4 wgmma) against the process-wide setter: the per-call choice wins over the setting
+    and gives the setter's bits; exact requests that cannot run (fp32 inputs, wgmma, which the
+    emulator does not run) are ValueErrors naming the implementation, preferences fall back to
+    gemm.
 Exit status 0 when every check passes.
 """
 import ctypes
@@ -40,7 +45,7 @@ E, C = torch.ops.semcomp_emu, torch.ops.semcomp
 cl = ctypes.CDLL(lib)
 for fn in (cl.emu_errors, cl.emu_launches, cl.emu_blocks, cl.emu_mma_tiles):
     fn.restype = ctypes.c_longlong
-MMA, GEMM = 3, 1
+MMA, GEMM, TILE, WGMMA = 3, 1, 2, 4
 fails, n_checks, worst = [], 0, {}
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
@@ -277,6 +282,59 @@ def nan_case(dt, n, d, bad_row, in_k=False):
         chk_nan(f"{tag} rect bwd {nm}", x, r, p)
 
 
+def same(tag, got, want):
+    chk_exact(tag, all(torch.equal(x, y) for x, y in zip(got, want)), "not bit-identical")
+
+
+def refused(tag, pattern, f, *args):
+    global n_checks
+    n_checks += 1
+    try:
+        f(*args)
+    except ValueError as exc:
+        if pattern not in str(exc):
+            fails.append(f"{tag}: message {str(exc)!r} lacks {pattern!r}")
+        return
+    fails.append(f"{tag}: no ValueError")
+
+
+def per_call_case(dt, n=67, d=40, off=9):
+    """The ops' impl argument against the process-wide setting (emu_set_impl)."""
+    a = F.normalize(torch.randn(n, d), dim=1).to(dt)
+    b = F.normalize(torch.randn(n, d), dim=1).to(dt)
+    s = torch.tensor(14.3)
+    tag = f"per-call {str(dt)[6:]} n={n} d={d}"
+    want = run(MMA, E.infonce_fwd, a, b, s, 0)
+    tiles = cl.emu_mma_tiles()
+    same(f"{tag} fwd impl=3 under setting gemm", run(GEMM, E.infonce_fwd, a, b, s, 0, MMA), want)
+    chk_exact(tag, cl.emu_mma_tiles() > tiles, "impl=3 per call did not run mma.sync tiles")
+    same(f"{tag} fwd impl=-3 under setting gemm", run(GEMM, E.infonce_fwd, a, b, s, 0, -MMA), want)
+    gemm = run(GEMM, E.infonce_fwd, a, b, s, 0)
+    tiles = cl.emu_mma_tiles()
+    same(f"{tag} fwd impl=1 under setting mma", run(MMA, E.infonce_fwd, a, b, s, 0, GEMM), gemm)
+    chk_exact(tag, cl.emu_mma_tiles() == tiles, "impl=1 per call ran mma.sync tiles")
+    same(f"{tag} fwd impl=2 under setting gemm", run(GEMM, E.infonce_fwd, a, b, s, 0, TILE),
+         run(TILE, E.infonce_fwd, a, b, s, 0))
+    rc, cc, dc = torch.rand(n), torch.rand(n), torch.rand(n)
+    same(f"{tag} bwd impl=3 under setting gemm",
+         run(GEMM, E.infonce_bwd, a, b, s, want[1], want[2], rc, cc, dc, 0, MMA),
+         run(MMA, E.infonce_bwd, a, b, s, want[1], want[2], rc, cc, dc, 0))
+    q = a[1:1 + n // 2]
+    rw = run(MMA, E.infonce_rect_fwd, q, b, s, off, 0)
+    same(f"{tag} rect fwd impl=3", run(GEMM, E.infonce_rect_fwd, q, b, s, off, 0, MMA), rw)
+    rc = torch.rand(q.shape[0])
+    same(f"{tag} rect bwd impl=-3", run(GEMM, E.infonce_rect_bwd, q, b, s, rw[1], rc, rc, off, 0, -MMA),
+         run(MMA, E.infonce_rect_bwd, q, b, s, rw[1], rc, rc, off, 0))
+    # the emulator does not run wgmma: an exact request is refused, a preference runs gemm
+    refused(f"{tag} impl=4", "impl=4 (wgmma) cannot run these inputs", run, GEMM, E.infonce_fwd, a, b, s, 0, WGMMA)
+    same(f"{tag} fwd impl=-4", run(MMA, E.infonce_fwd, a, b, s, 0, -WGMMA), gemm)
+    refused(f"{tag} fp32 impl=3", "impl=3 (mma) cannot run these inputs: it needs bf16/fp16 inputs", run, GEMM,
+            E.infonce_fwd, a.float(), b.float(), s, 0, MMA)
+    f32 = run(GEMM, E.infonce_fwd, a.float(), b.float(), s, 0)
+    same(f"{tag} fp32 impl=-3 falls back to gemm", run(GEMM, E.infonce_fwd, a.float(), b.float(), s, 0, -MMA), f32)
+    refused(f"{tag} impl=5", "impl must be 0", run, GEMM, E.infonce_fwd, a, b, s, 0, 5)
+
+
 torch.manual_seed(0)
 t0 = time.time()
 e0 = cl.emu_errors()
@@ -313,6 +371,9 @@ if not quick and not races:
         nan_case(dt, 67, 40, 3)
         nan_case(dt, 130, 33, 129, in_k=True)
     print(f"special cases: {time.time() - t0:.0f}s", flush=True)
+for dt in (torch.bfloat16, torch.float16):
+    per_call_case(dt)
+print(f"per-call impl: {time.time() - t0:.0f}s", flush=True)
 for dt in (torch.bfloat16, torch.float16):  # non-positive scale: NaN LSEs, not silently finite
     a = torch.randn(9, 8).to(dt)
     bad = run(MMA, E.infonce_fwd, a, a, torch.tensor(-1.0), 0)
