@@ -8,9 +8,11 @@
 #                 otherwise the source build (SEMCOMP_CUDA=ON, this GPU's arch only)
 #       native    native_error_check --cuda on the module in use (errors raise, CUDA kernels run)
 #       tests     every CUDA-parametrised kernel test (no torch.compile tests)
-#       timing    InfoNCE gemm vs tile (32768x512, 65536x768 bf16; 32768x512 fp16) and SigLIP
-#                 32768x512 bf16 against InfoNCE -> timing.json
-#       mma       the mma implementation's tests and timing against gemm, when built (issue 21)
+#       timing    InfoNCE forward+backward per implementation that runs here (gemm, tile, mma,
+#                 wgmma; 32768x512 and 65536x768 bf16, 32768x512 fp16) and SigLIP per
+#                 implementation (gemm, mma) at 32768x512 bf16 -> timing.json
+#       kernels   the wgmma kernels (which no emulator runs) against mma and fp64
+#                 (benchmarks/wgmma_check.py -> wgmma_check.json; "cannot run here" is rc 0)
 #   P1  memcheck, racecheck   compute-sanitizer over gpu_smoke's groups that never ran on a GPU
 #   P2  (only while the window has room for the stage's whole budget)
 #       synccheck, compile (the reduce-overhead test), benchcli (`semcomp bench all`)
@@ -111,14 +113,15 @@ export -f prebuilt_usable build_from_source stage_build
 # ---- the plan ----------------------------------------------------------------------------------
 # Test selection: the CUDA parametrisations of every kernel test file, without the
 # torch.compile tests (those run in P2 / --full).
-KERNEL_TESTS="tests/test_infonce.py tests/test_segment_gather.py tests/test_pair_mean.py tests/test_siglip.py tests/test_cuda.py tests/test_cuda_chunking.py tests/test_loss_api_contracts.py tests/test_clip_loss.py tests/test_distributed.py tests/test_compress_device.py"
+KERNEL_TESTS="tests/test_infonce.py tests/test_segment_gather.py tests/test_pair_mean.py tests/test_siglip.py tests/test_cuda.py tests/test_cuda_chunking.py tests/test_cuda_impl_choice.py tests/test_loss_api_contracts.py tests/test_clip_loss.py tests/test_distributed.py tests/test_compress_device.py"
 PYTEST="\$PY -m pytest -q -p no:cacheprovider -o addopts='-ra'"
 # the kernel tests spread over 4 processes when pytest-xdist is there (the GPU image has it)
 XDIST="\$(\$PY -c 'import xdist' 2>/dev/null && echo '-n 4')"
 # gpu_smoke groups never run on a GPU before (the gemm path, segment and gather were sanitized)
-NEW_GROUPS="infonce_gemm infonce_tile infonce_mma sigmoid pair_mean"
+NEW_GROUPS="infonce_gemm infonce_tile infonce_mma infonce_wgmma sigmoid sigmoid_mma pair_mean"
 SAN="compute-sanitizer --error-exitcode 9 --kernel-name kns=semcomp --print-limit 20"
-MMA_CHECK="if \$PY -c 'import sys; import semcomp_ext as sc; sys.exit(0 if \"mma\" in sc.infonce_cuda_impls() else 1)'; then files=\$(ls tests/*mma*.py 2>/dev/null); $PYTEST \${files:-$KERNEL_TESTS} -k 'mma and not compile'; rc=\$?; [ \$rc = 5 ] && rc=0; \$PY -m benchmarks.gpu_timing --impls mma gemm --siglip --out '$OUTDIR/mma_timing.json' || rc=1; exit \$rc; else echo 'mma: not in this build (skipped)'; fi"
+# exit 2: wgmma cannot run here (no sm_90a/CuTe build, another device): recorded, not a failure
+WGMMA_CHECK="\$PY -m benchmarks.wgmma_check '$OUTDIR' --no-timing; rc=\$?; [ \$rc = 2 ] && rc=0; exit \$rc"
 
 NAMES=(); PRIOS=(); BUDGETS=(); CMDS=()
 stage() { NAMES+=("$1"); PRIOS+=("$2"); BUDGETS+=("${OVERRIDE[$1]:-$3}"); CMDS+=("$4"); }
@@ -127,9 +130,9 @@ if [ "$MODE" = window ]; then
   stage env P0 20 "nvidia-smi -L; \$PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda)'; \$PY -m benchmarks.gpu_ceilings --out '$OUTDIR/ceilings.json'"
   stage build P0 120 "stage_build"
   stage native P0 20 "\$PY -m benchmarks.native_error_check --cuda"
-  stage tests P0 130 "$PYTEST $XDIST $KERNEL_TESTS -k 'cuda and not compile'"
-  stage timing P0 50 "\$PY -m benchmarks.gpu_timing --impls gemm tile --out '$OUTDIR/timing.json'"
-  stage mma P0 35 "$MMA_CHECK"
+  stage tests P0 120 "$PYTEST $XDIST $KERNEL_TESTS -k 'cuda and not compile'"
+  stage timing P0 55 "\$PY -m benchmarks.gpu_timing --out '$OUTDIR/timing.json'"
+  stage kernels P0 40 "$WGMMA_CHECK"
   stage memcheck P1 45 "$SAN --tool memcheck \$PY -m benchmarks.gpu_smoke --device cuda --only $NEW_GROUPS"
   stage racecheck P1 60 "$SAN --tool racecheck \$PY -m benchmarks.gpu_smoke --device cuda --only $NEW_GROUPS"
   stage synccheck P2 45 "$SAN --tool synccheck \$PY -m benchmarks.gpu_smoke --device cuda --only $NEW_GROUPS"
@@ -144,6 +147,7 @@ else
     export PYTHONPATH="/tmp/semcomp_site:$PYTHONPATH"
   fi
   stage compile P0 240 "$PYTEST $KERNEL_TESTS -k 'compile'"
+  stage kernels P0 120 "\$PY -m benchmarks.wgmma_check '$OUTDIR'; rc=\$?; [ \$rc = 2 ] && rc=0; exit \$rc"
   for tool in memcheck racecheck synccheck; do
     stage "$tool" P1 240 "$SAN --tool $tool \$PY -m benchmarks.gpu_smoke --device cuda"
   done

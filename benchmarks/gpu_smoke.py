@@ -9,8 +9,11 @@ are exercised on the error path. Groups (``--only``):
 
     infonce_gemm  InfoNCE, symmetric and rectangular with an offset (every dtype)
     infonce_tile  the same on the WMMA tile kernels (bf16/fp16; CUDA only)
-    infonce_mma   the same on the mma.sync kernels, when this build has them (CUDA only)
-    sigmoid       SigLIP forward, backward and the one-pass forward+backward
+    infonce_mma   the same on the mma.sync kernels (bf16/fp16; CUDA sm_80+)
+    infonce_wgmma the same on the wgmma/TMA kernels (bf16/fp16, D a multiple of 8; sm_90a builds
+                  on an H100/H200; "cannot run here" with the reason otherwise)
+    sigmoid       SigLIP forward, backward and the one-pass forward+backward (gemm path)
+    sigmoid_mma   the same on the mma.sync kernels (bf16/fp16; CUDA sm_80+)
     pair_mean     the row-aligned mean of M = 9 modalities with a column gather
     segment       segment (centroid) means, sorted and unsorted ids, with features
     gather        column gather and its backward
@@ -33,7 +36,10 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 LOW = (torch.bfloat16, torch.float16)
 # (N, D, chunk): ragged sizes; a chunk below N crosses chunk boundaries
 SHAPES = ((5, 7, 0), (67, 33, 16), (130, 40, 0))
-GROUPS = ("infonce_gemm", "infonce_tile", "infonce_mma", "sigmoid", "pair_mean", "segment", "gather")
+# the same for TMA loads, whose rows must be 16-byte multiples (D % 8 == 0 in bf16/fp16)
+SHAPES_TMA = ((5, 8, 0), (67, 40, 16), (130, 72, 0))
+GROUPS = ("infonce_gemm", "infonce_tile", "infonce_mma", "infonce_wgmma", "sigmoid", "sigmoid_mma",
+          "pair_mean", "segment", "gather")
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -58,10 +64,24 @@ def _unit(n, d, device, dtype):
     return F.normalize(torch.randn(n, d, device=device), dim=1).to(dtype)
 
 
-def cuda_impls() -> tuple[str, ...]:
-    from semcomp_ext import infonce_cuda_impls
+def cannot_run(op: str, impl: str, device: str) -> str:
+    """Why `impl` cannot run a small bf16 call of op ("infonce" or "sigmoid") here ("" when it
+    can): the kernels refuse an exact request with a ValueError that says why."""
+    import semcomp_ext as sc
 
-    return infonce_cuda_impls()
+    a = _unit(16, 64, device, torch.bfloat16)
+    try:
+        if op == "infonce":
+            sc.infonce_loss(a, a, logit_scale=10.0, impl=impl)
+        else:
+            sc.sigmoid_loss(a, a, 10.0, -10.0, impl=impl)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def _impl_arg(device: str, impl: str) -> str:
+    return "auto" if device == "cpu" else impl
 
 
 def infonce_cases(device: str, impl: str) -> list[str]:
@@ -69,45 +89,42 @@ def infonce_cases(device: str, impl: str) -> list[str]:
     from semcomp_ext import reference as R
 
     failures = []
-    previous = sc.set_infonce_cuda_impl(impl) if device != "cpu" else None
-    try:
-        for dtype in (DTYPES if impl == "gemm" else LOW):
-            for n, d, chunk in SHAPES:
-                a = _unit(n, d, device, dtype).requires_grad_()
-                b = _unit(n, d, device, dtype).requires_grad_()
-                s = torch.tensor(14.3, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                                 requires_grad=True)
-                loss = sc.infonce_loss(a, b, logit_scale=s, chunk_size=chunk)
-                grads = torch.autograd.grad(loss, (a, b, s))
-                ad, bd = (_ref(x) for x in (a, b))
-                sd = _ref(s)
-                ref = R.infonce_reference(ad, bd, sd)
-                refs = torch.autograd.grad(ref, (ad, bd, sd))
-                _check(failures, f"infonce[{impl}] {dtype} n={n} d={d} chunk={chunk}",
-                       zip(("loss", "grad_a", "grad_b", "grad_s"), (loss,) + grads, (ref,) + refs), dtype)
-                # rectangular form with an offset (the distributed local loss)
-                off = n // 3
-                q = a.detach()[: n - off].clone().requires_grad_()
-                k = b.detach().clone().requires_grad_()
-                out = sc.infonce_rect_loss(q, k, s, offset=off, chunk_size=chunk)
-                gq, gk = torch.autograd.grad(out.sum(), (q, k))
-                qd, kd = _ref(q), _ref(k)
-                refr = R.infonce_rect_reference(qd, kd, s.detach().cpu().double(), off)
-                rq, rk = torch.autograd.grad(refr.sum(), (qd, kd))
-                _check(failures, f"infonce_rect[{impl}] {dtype} n={n} d={d} offset={off}",
-                       zip(("loss", "grad_q", "grad_k"), (out, gq, gk), (refr, rq, rk)), dtype)
-    finally:
-        if previous is not None:
-            sc.set_infonce_cuda_impl(previous)
+    use = _impl_arg(device, impl)  # every call names its implementation
+    for dtype in (DTYPES if impl == "gemm" else LOW):
+        for n, d, chunk in (SHAPES_TMA if impl == "wgmma" else SHAPES):
+            a = _unit(n, d, device, dtype).requires_grad_()
+            b = _unit(n, d, device, dtype).requires_grad_()
+            s = torch.tensor(14.3, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                             requires_grad=True)
+            loss = sc.infonce_loss(a, b, logit_scale=s, chunk_size=chunk, impl=use)
+            grads = torch.autograd.grad(loss, (a, b, s))
+            ad, bd = (_ref(x) for x in (a, b))
+            sd = _ref(s)
+            ref = R.infonce_reference(ad, bd, sd)
+            refs = torch.autograd.grad(ref, (ad, bd, sd))
+            _check(failures, f"infonce[{impl}] {dtype} n={n} d={d} chunk={chunk}",
+                   zip(("loss", "grad_a", "grad_b", "grad_s"), (loss,) + grads, (ref,) + refs), dtype)
+            # rectangular form with an offset (the distributed local loss)
+            off = n // 3
+            q = a.detach()[: n - off].clone().requires_grad_()
+            k = b.detach().clone().requires_grad_()
+            out = sc.infonce_rect_loss(q, k, s, offset=off, chunk_size=chunk, impl=use)
+            gq, gk = torch.autograd.grad(out.sum(), (q, k))
+            qd, kd = _ref(q), _ref(k)
+            refr = R.infonce_rect_reference(qd, kd, s.detach().cpu().double(), off)
+            rq, rk = torch.autograd.grad(refr.sum(), (qd, kd))
+            _check(failures, f"infonce_rect[{impl}] {dtype} n={n} d={d} offset={off}",
+                   zip(("loss", "grad_q", "grad_k"), (out, gq, gk), (refr, rq, rk)), dtype)
     return failures
 
 
-def sigmoid_cases(device: str) -> list[str]:
+def sigmoid_cases(device: str, impl: str = "gemm") -> list[str]:
     import semcomp_ext as sc
     from semcomp_ext.siglip import sigmoid_loss_reference
 
     failures = []
-    for dtype in DTYPES:
+    use = _impl_arg(device, impl)
+    for dtype in (DTYPES if impl == "gemm" else LOW):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         for n, d, chunk in SHAPES:
             for neg in (False, True):
@@ -120,9 +137,10 @@ def sigmoid_cases(device: str) -> list[str]:
                 ref = sigmoid_loss_reference(*xd, negative_only=neg)
                 refs = torch.autograd.grad(ref, xd)
                 for backward in ("recompute", "onepass"):  # sigmoid_fwd + sigmoid_bwd, sigmoid_fwd_bwd
-                    loss = sc.sigmoid_loss(a, b, s, t, negative_only=neg, backward=backward, chunk_size=chunk)
+                    loss = sc.sigmoid_loss(a, b, s, t, negative_only=neg, backward=backward, chunk_size=chunk,
+                                           impl=use)
                     grads = torch.autograd.grad(loss, (a, b, s, t))
-                    _check(failures, f"sigmoid[{backward}] {dtype} n={n} d={d} chunk={chunk} neg={neg}",
+                    _check(failures, f"sigmoid[{impl} {backward}] {dtype} n={n} d={d} chunk={chunk} neg={neg}",
                            zip(("loss", "grad_a", "grad_b", "grad_scale", "grad_bias"), (loss,) + grads,
                                (ref,) + refs), dtype)
     return failures
@@ -224,15 +242,17 @@ def gather_cases(device: str) -> list[str]:
 
 def run_group(group: str, device: str) -> tuple[list[str], str]:
     """(failures, note); note says why a group did not run."""
-    if group.startswith("infonce_"):
-        impl = group.split("_", 1)[1]
+    if group.startswith(("infonce_", "sigmoid")):
+        op, _, impl = group.partition("_")
+        impl = impl or "gemm"
+        cases = infonce_cases if op == "infonce" else sigmoid_cases
         if device == "cpu":
-            return (infonce_cases(device, impl), "") if impl == "gemm" else ([], "CUDA only")
-        if impl not in cuda_impls():
-            return [], "not in this build"
-        return infonce_cases(device, impl), ""
-    fn = {"sigmoid": sigmoid_cases, "pair_mean": pair_mean_cases, "segment": segment_cases,
-          "gather": gather_cases}[group]
+            return (cases(device, impl), "") if impl == "gemm" else ([], "CUDA only")
+        why = cannot_run(op, impl, device)
+        if why:
+            return [], f"cannot run here: {why}"
+        return cases(device, impl), ""
+    fn = {"pair_mean": pair_mean_cases, "segment": segment_cases, "gather": gather_cases}[group]
     return fn(device), ""
 
 

@@ -30,7 +30,7 @@ def test_window_plan_in_priority_order_within_budget(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     plan = _plan(proc.stdout)
     names = [n for _, n, _, _ in plan]
-    assert names == ["env", "build", "native", "tests", "timing", "mma", "memcheck", "racecheck",
+    assert names == ["env", "build", "native", "tests", "timing", "kernels", "memcheck", "racecheck",
                      "synccheck", "compile", "benchcli"]
     prios = [p for p, _, _, _ in plan]
     assert prios == sorted(prios), prios  # P0 stages first, then P1, then P2
@@ -41,9 +41,14 @@ def test_window_plan_in_priority_order_within_budget(tmp_path):
     # the CUDA parametrisations of the kernel tests, compile tests left to P2 / --full
     assert "-k 'cuda and not compile'" in cmd["tests"] and "tests/test_cuda.py" in cmd["tests"]
     assert "tests/test_compress_device.py" in cmd["tests"] and "tests/test_siglip.py" in cmd["tests"]
-    assert "gpu_timing" in cmd["timing"] and "mma" in cmd["mma"] and "not in this build" in cmd["mma"]
+    assert "tests/test_cuda_impl_choice.py" in cmd["tests"]
+    # every implementation that runs here is timed; the wgmma kernels are checked against mma, and
+    # "cannot run here" (exit 2) is not a failure
+    assert "gpu_timing" in cmd["timing"] and "--impls" not in cmd["timing"]
+    assert "benchmarks.wgmma_check" in cmd["kernels"] and "--no-timing" in cmd["kernels"] and "[ $rc = 2 ] && rc=0" in cmd["kernels"]
+    groups = "--only infonce_gemm infonce_tile infonce_mma infonce_wgmma sigmoid sigmoid_mma pair_mean"
     for tool in ("memcheck", "racecheck", "synccheck"):
-        assert f"--tool {tool}" in cmd[tool] and "--only infonce_gemm infonce_tile infonce_mma sigmoid pair_mean" in cmd[tool]
+        assert f"--tool {tool}" in cmd[tool] and groups in cmd[tool]
     assert "compile_reduce_overhead" in cmd["compile"]
     assert (tmp_path / "summary.txt").read_text().split("\n")[:2] == ["env dry-run", "build dry-run"]
 
@@ -58,8 +63,9 @@ def test_full_plan_has_the_rest(tmp_path):
     assert proc.returncode == 0, proc.stderr
     plan = _plan(proc.stdout)
     cmd = {n: c for _, n, _, c in plan}
-    for stage in ("build", "compile", "memcheck", "racecheck", "synccheck", "bench", "benchcli"):
+    for stage in ("build", "compile", "kernels", "memcheck", "racecheck", "synccheck", "bench", "benchcli"):
         assert stage in cmd
+    assert "benchmarks.wgmma_check" in cmd["kernels"] and "--no-timing" not in cmd["kernels"]
     # every sanitizer over every group, the whole benchmark sweep
     assert cmd["memcheck"].endswith("gpu_smoke --device cuda") and "-m benchmarks.run_all --device cuda" in cmd["bench"]
 
@@ -84,7 +90,7 @@ def test_gpu_smoke_workload_passes_on_cpu():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "gpu_smoke on cpu: OK" in proc.stdout
     for group in ("infonce_gemm: OK", "sigmoid: OK", "pair_mean: OK", "segment: OK", "gather: OK",
-                  "infonce_tile: CUDA only"):
+                  "infonce_tile: CUDA only", "infonce_wgmma: CUDA only", "sigmoid_mma: CUDA only"):
         assert group in proc.stdout, proc.stdout
 
 
