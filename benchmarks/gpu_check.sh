@@ -148,6 +148,8 @@ else
   fi
   stage compile P0 240 "$PYTEST $KERNEL_TESTS -k 'compile'"
   stage kernels P0 120 "\$PY -m benchmarks.wgmma_check '$OUTDIR'; rc=\$?; [ \$rc = 2 ] && rc=0; exit \$rc"
+  # the workspace at the largest batch the issue names (one timed round per implementation)
+  stage memory P0 150 "\$PY -m benchmarks.gpu_timing --shapes 262144x512:bfloat16 --siglip 262144x512:bfloat16 --rounds 1 --warmup 1 --sets 1 --out '$OUTDIR/timing_262144.json'"
   for tool in memcheck racecheck synccheck; do
     stage "$tool" P1 240 "$SAN --tool $tool \$PY -m benchmarks.gpu_smoke --device cuda"
   done

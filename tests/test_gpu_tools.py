@@ -63,7 +63,7 @@ def test_full_plan_has_the_rest(tmp_path):
     assert proc.returncode == 0, proc.stderr
     plan = _plan(proc.stdout)
     cmd = {n: c for _, n, _, c in plan}
-    for stage in ("build", "compile", "kernels", "memcheck", "racecheck", "synccheck", "bench", "benchcli"):
+    for stage in ("build", "compile", "kernels", "memory", "memcheck", "racecheck", "synccheck", "bench", "benchcli"):
         assert stage in cmd
     assert "benchmarks.wgmma_check" in cmd["kernels"] and "--no-timing" not in cmd["kernels"]
     # every sanitizer over every group, the whole benchmark sweep
@@ -103,6 +103,7 @@ def test_timing_stage_runs_on_cpu(tmp_path):
     assert res["device"] == "cpu" and res["env"]
     (row,) = res["infonce"]
     assert (row["n"], row["d"], row["dtype"], row["impl"]) == (64, 16, "bfloat16", "cpu") and row["median_ms"] > 0
+    assert "extra_mib" in row and row["extra_mib"] is None  # measured on a GPU only
     (sig,) = res["siglip"]
     assert sig["ratio_to_infonce"] > 0 and sig["infonce_impl"] == "cpu"
     bad = _module("gpu_timing", "--device", "cpu", "--shapes", "64:bfloat16")

@@ -10,6 +10,9 @@ rotated past L2, CUDA events, medians.
 (benchmarks/gpu_timing.py is the entry point; this module is the implementation, timed by
 semcomp_ext.bench.timing.interleaved_times.)
 
+Each record also has extra_mib: what one untimed call allocates beyond the memory in use before
+it and beyond the two input gradients (the loss's workspace; None on the CPU).
+
 Shapes: N x D : dtype (symmetric InfoNCE, N x N logits). SigLIP runs at --siglip shapes, per
 SigLIP implementation (gemm, mma), and is compared with InfoNCE (gemm) at the same shape: the
 SigLIP/InfoNCE ratio in the JSON. Every call names its implementation (impl=, never the
@@ -92,6 +95,20 @@ def interleaved_ms(fns: dict, device: str, rounds: int, warmup: int) -> dict:
                    "rounds": r["repeats"]} for name, r in times.items()}
 
 
+def peak_extra_mib(step, device: str, grads_bytes: int) -> float | None:
+    """Memory one untimed call allocates beyond what was allocated before it and beyond the
+    gradients it returns (grads_bytes: the two N x D input gradients), in MiB: the loss's own
+    workspace. None on the CPU."""
+    if device == "cpu":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base - grads_bytes) / 2**20
+
+
 def runs_here(op: str, impl: str, device: str) -> bool:
     """Whether a named implementation runs a small bf16 problem on this device (a build or a
     device without it raises ValueError)."""
@@ -142,25 +159,34 @@ def main(argv=None) -> int:
     for n, d, dtype in args.shapes:
         sets = input_sets(n, d, dtype, device, args.sets)
         here = [i for i in impls if dtype in LOWP or i in ("gemm", "cpu")]  # fp32/fp64: gemm only
-        t = interleaved_ms({i: infonce_step(i, sets, s, device) for i in here}, device, args.rounds, args.warmup)
+        steps = {i: infonce_step(i, sets, s, device) for i in here}
+        t = interleaved_ms(steps, device, args.rounds, args.warmup)
         flops = 8.0 * n * n * d  # fwd 2 N^2 D, bwd 3 x 2 N^2 D (recompute, dq, dk)
+        grads_bytes = 2 * n * d * sets[0][0].element_size()
         for impl, rec in t.items():
             rec.update(n=n, d=d, dtype=str(dtype).replace("torch.", ""), impl=impl,
-                       tflops=flops / rec["median_ms"] / 1e9)
+                       tflops=flops / rec["median_ms"] / 1e9,
+                       extra_mib=peak_extra_mib(steps[impl], device, grads_bytes))
             result["infonce"].append(rec)
+            mem = "" if rec["extra_mib"] is None else f", {rec['extra_mib']:.0f} MiB extra"
             lines.append(f"infonce {n}x{d} {rec['dtype']:>8} {impl:>5}: {rec['median_ms']:9.2f} ms"
-                         f" ({rec['tflops']:.0f} TFLOP/s)")
+                         f" ({rec['tflops']:.0f} TFLOP/s{mem})")
         del sets
     for n, d, dtype in args.siglip:
         sets = input_sets(n, d, dtype, device, args.sets)
-        base = "gemm" if "gemm" in impls else impls[0]
         here = [i for i in siglip_impls if dtype in LOWP or i in ("gemm", "cpu")]
+        # each SigLIP implementation against InfoNCE on the same implementation (gemm where
+        # InfoNCE has no such one), interleaved in the same rounds
+        peer = {i: (i if i in impls else ("gemm" if "gemm" in impls else impls[0])) for i in here}
         fns = {f"siglip_{i}": siglip_step(sets, device, i) for i in here}
-        t = interleaved_ms(dict(fns, infonce=infonce_step(base, sets, s, device)), device, args.rounds,
-                           args.warmup)
+        fns.update({f"infonce_{j}": infonce_step(j, sets, s, device) for j in sorted(set(peer.values()))})
+        t = interleaved_ms(fns, device, args.rounds, args.warmup)
+        grads_bytes = 2 * n * d * sets[0][0].element_size()
         for i in here:
+            base = peer[i]
             rec = dict(t[f"siglip_{i}"], n=n, d=d, dtype=str(dtype).replace("torch.", ""), impl=i,
-                       infonce_impl=base, infonce_median_ms=t["infonce"]["median_ms"])
+                       infonce_impl=base, infonce_median_ms=t[f"infonce_{base}"]["median_ms"],
+                       extra_mib=peak_extra_mib(fns[f"siglip_{i}"], device, grads_bytes))
             rec["ratio_to_infonce"] = rec["median_ms"] / rec["infonce_median_ms"]
             result["siglip"].append(rec)
             lines.append(f"siglip  {n}x{d} {rec['dtype']:>8} {i:>5}: {rec['median_ms']:9.2f} ms"
