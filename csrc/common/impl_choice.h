@@ -44,8 +44,8 @@ inline void check_impl_range(const char* op, int64_t impl) {
 inline void check_cpu_impl(const char* op, int64_t impl) {
   check_impl_range(op, impl);
   TORCH_CHECK_VALUE(impl <= 0, op, ": impl=", impl, " (", impl_name(static_cast<int>(impl)),
-                    ") is a CUDA implementation; CPU tensors take impl=0 (the CPU kernels have "
-                    "one implementation)");
+                    ") is a CUDA implementation; CPU tensors take impl=0 or a preference "
+                    "(-1..-4), which run the CPU kernels' one implementation");
 }
 
 }  // namespace semcomp
