@@ -41,6 +41,11 @@
 // dot bit for bit. The wgmma dot itself differs from kernel 1's mma.sync dot in the last bits
 // (a different summation order inside the tensor cores).
 //
+// Left for the GPU measurements to justify: overlapping one consumer warpgroup's epilogue with
+// the other's wgmma (FA3's ping-pong; here both consumers run the epilogue together and the
+// tensor cores wait), keeping the q block resident across column tiles when 128 x d fits,
+// TMA stores of the backward's s*G tile, and 2-CTA clusters multicasting the k slices.
+//
 // Not yet run on a GPU: benchmarks/wgmma_check.py compares it with kernel 1 and an fp64
 // reference on ragged shapes and times it.
 #include <ATen/core/Tensor.h>
