@@ -45,7 +45,12 @@ def set_infonce_cuda_impl(impl: str) -> str:
         raise ValueError(f"set_infonce_cuda_impl: impl must be one of {_CUDA_IMPLS}, got {impl!r}")
     previous = get_infonce_cuda_impl()
     _C._set_infonce_cuda_impl(_CUDA_IMPLS.index(impl))
+    _SETTING[0] = impl
     return previous
+
+
+# The setting as a Python value, for code traced by torch.compile (which cannot call into _C).
+_SETTING = ["auto"]
 
 
 def infonce_cuda_impls() -> tuple[str, ...]:

@@ -48,6 +48,7 @@ LOWP = (torch.bfloat16, torch.float16)
 FALLBACK = "gemm"
 TABLE_FORMAT = 1
 
+_PACKAGED_TABLE = Path(__file__).resolve().parent / "data" / "cuda_impl_table.json"
 _TABLE_CACHE: dict = {}
 _CAPABILITY: dict = {}
 
@@ -56,13 +57,15 @@ def table_path() -> Path:
     """The packaged table (SEMCOMP_CUDA_IMPL_TABLE overrides it, e.g. for a table generated
     from a new GPU run before it is committed)."""
     env = os.environ.get("SEMCOMP_CUDA_IMPL_TABLE")
-    return Path(env) if env else Path(__file__).resolve().parent / "data" / "cuda_impl_table.json"
+    return Path(env) if env else _PACKAGED_TABLE
 
 
 def load_table(path: str | os.PathLike | None = None) -> dict:
     """The table as a dict (cached per path and modification time); a missing file is an
     empty table (every choice "gemm")."""
     p = Path(path) if path is not None else table_path()
+    if torch.compiler.is_compiling() and str(p) in _TABLE_CACHE:  # traced: no file system calls
+        return _TABLE_CACHE[str(p)][1]
     try:
         mtime = p.stat().st_mtime_ns
     except FileNotFoundError:
@@ -155,9 +158,9 @@ def choose_cuda_impl(op: str, a: torch.Tensor, b: torch.Tensor | None = None, *,
         return FALLBACK
     setting = "auto"
     if op == "infonce":
-        from ._ops import get_infonce_cuda_impl
+        from . import _ops
 
-        setting = get_infonce_cuda_impl()
+        setting = _ops._SETTING[0] if torch.compiler.is_compiling() else _ops.get_infonce_cuda_impl()
     na = a.shape[0]
     nb = b.shape[0] if b is not None else na
     return pick_impl(op, setting=setting, capability=_capability(a.device), dtype=dtype, rows=(na, nb),
