@@ -286,6 +286,11 @@ def test_bench_results_need_an_implementation_per_row(tmp_path):
         impl_table.measurements(str(path))
     assert impl_table.main([str(path), "--out", str(tmp_path / "x.json")]) == 1
     assert not (tmp_path / "x.json").exists()
+    res["env"]["device"] = "cpu"  # a CPU run: nothing to choose from, the table is left alone
+    path.write_text(json.dumps(res))
+    assert impl_table.measurements(str(path)) == []
+    assert impl_table.main([str(path), "--out", str(tmp_path / "x.json")]) == 1
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_packaged_table_loads_and_names_existing_results():

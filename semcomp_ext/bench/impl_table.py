@@ -186,6 +186,8 @@ def main(argv=None) -> int:
     try:
         for path in args.results:
             rows += measurements(path, capability=args.capability, method_impl=method_impl)
+        if not rows:
+            raise ValueError("no CUDA timings with a named implementation in the given files; table not written")
         table = build_table(rows, args.margin, [_source(r) for r in args.results])
     except (OSError, ValueError) as exc:
         print(f"impl_table: {exc}", file=sys.stderr)
