@@ -18,8 +18,8 @@
 //
 // Launch shape: grid (row blocks of 128 rows of the chunk, column splits), 256 threads, the
 // mainloop's 48 KiB of stages plus the epilogue's scratch (1 KiB for the forward, 3 KiB with the
-// gradient) of dynamic shared memory. Registers (ptxas, sm_80 and sm_90): 100-128 for the
-// forward (two CTAs per SM), 165-176 with the gradient (one), no spills.
+// gradient) of dynamic shared memory; at most 128 registers a thread (kMinBlocks), two CTAs
+// per SM.
 // The forward alone runs the same chunks and splits as the forward + backward (only the
 // s*G block and the two GEMMs are left out), so both give bit-identical losses.
 //
@@ -62,13 +62,19 @@ constexpr int kWarpsN = kBN / kWN;  // the mainloop's warps along columns
 template <typename T, bool LOSS, bool GRAD>
 using Epi = siglip_epi::Epilogue<T, kMI, kNJ, kBM, kBN, kWarpsM, kWarpsN, LOSS, GRAD>;
 
+// Two CTAs per SM (128 registers a thread: ptxas fits every variant without spills on sm_80
+// and sm_90; unbounded, the gradient variants take 165-176 and one CTA per SM), so that one
+// CTA's sigmoid epilogue (exp, log1p and a division per logit: multi-function-unit bound)
+// overlaps the other's mma mainloop. Not yet timed on a GPU against kMinBlocks = 1.
+constexpr int kMinBlocks = 2;
+
 template <typename T, bool LOSS, bool GRAD>
 constexpr int kSmemBytes = kStageBytes + Epi<T, LOSS, GRAD>::kScratchFloats * 4;
 
 // grid (row blocks of rows [p.i0, p.rows_end), p.splits). scale, bias: one fp32 each on the
 // device; gscale: the fp16 pre-scale or nullptr. p.s, p.t, p.sg are set here.
 template <typename T, bool VEC, bool LOSS, bool GRAD>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 siglip_mma_kernel(const uint16_t* __restrict__ a, const uint16_t* __restrict__ b, int64_t d,
                   const float* __restrict__ scale, const float* __restrict__ bias,
                   const float* __restrict__ gscale, siglip_epi::Params p) {
