@@ -48,8 +48,10 @@ RECT_CASES = [
     (2049, 4099, 512, 1500, 0),
 ]
 ONE_ROW_D = (8, 64, 72, 520, 1024)
-ATOL_FWD = 1e-3  # fp32 logits of unit rows at s = 14.3: observed errors are ~1e-5
-GRAD_REL = 2e-2  # s*G is rounded once to the input dtype before the cuBLAS products
+ATOL_FWD = 1e-4  # fp32 logits of unit rows at s = 14.3: errors are ~1e-6 (one dropped column at
+                 # N = 4099 moves an LSE by ~1e-4 or more; at the small N by ~1e-2)
+GRAD_REL = 2e-2  # vs fp64: s*G is rounded once to the input dtype before the cuBLAS products
+MMA_REL = 1e-2   # vs mma: the same roundings; only logits a last bit apart can round differently
 
 
 def unit(n, d, dtype, seed):
@@ -121,7 +123,7 @@ def check_case(dtype, nq, nk, d, offset, chunk, sym, seed):
     gr = reference_grads(q, k, s, offset, sym)
     rec["grad_rel_vs_fp64"] = {n: rel_norm(x, y) for n, x, y in zip(("gq", "gk"), gw[1:3], gr[1:3])}
     rec["gscale_vs_fp64"] = abs(float(gw[3]) - float(gr[3])) / max(abs(float(gr[3])), 1e-6)
-    rec["grad_vs_mma"] = {n: max_err(x, y) for n, x, y in zip(("loss", "gq", "gk", "gs"), gw, gm)}
+    rec["grad_rel_vs_mma"] = {n: rel_norm(x, y) for n, x, y in zip(("loss", "gq", "gk", "gs"), gw, gm)}
     finite = all(bool(torch.isfinite(t).all()) for t in (*w, *gw))
     rec["ok"] = bool(
         finite
@@ -130,8 +132,7 @@ def check_case(dtype, nq, nk, d, offset, chunk, sym, seed):
         and max(rec["fwd_vs_mma"].values()) <= ATOL_FWD
         and max(rec["grad_rel_vs_fp64"].values()) <= GRAD_REL
         and rec["gscale_vs_fp64"] <= GRAD_REL
-        # same rounding of s*G in both; gradients of unit rows are O(1 / N)
-        and max(rec["grad_vs_mma"].values()) <= 2e-2 * max(1.0, float(gm[1].abs().max()), float(gm[2].abs().max()))
+        and max(rec["grad_rel_vs_mma"].values()) <= MMA_REL
     )
     return rec
 
