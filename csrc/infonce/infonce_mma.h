@@ -10,7 +10,8 @@
 //             written in the input dtype per chunk of rows, then dq = (sG) k and
 //             dk += (sG)^T q_c are two cuBLAS products (no B x D atomics)
 //
-// The math is infonce.h's. Selected by infonce_cuda_impl() == 3 (see infonce_cuda.cu).
+// The math is infonce.h's. Selected by the ops' impl argument 3 (exact) or -3 (preferred), or the
+// process-wide setting "mma" (csrc/common/impl_choice.h, infonce_cuda.cu).
 #pragma once
 
 #include <ATen/core/Tensor.h>
