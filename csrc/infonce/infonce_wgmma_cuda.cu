@@ -407,6 +407,18 @@ CUtensorMap tma_map(const at::Tensor& x, const char* name) {
   return m;
 }
 
+// Rows per backward chunk: `chunk` rounded up to whole kBM-row blocks (the forward's row blocks,
+// so every dot tile is recomputed as the forward computed it), at most nq; auto_rows (a
+// multiple of kBM) when chunk <= 0.
+constexpr int64_t bwd_chunk_rows(int64_t chunk, int64_t nq, int64_t auto_rows) {
+  const int64_t want = chunk <= 0 ? auto_rows : chunk >= nq ? nq : (chunk + kBM - 1) / kBM * kBM;
+  return want < nq ? want : nq;
+}
+static_assert(bwd_chunk_rows(50, 1000, 0) == 128 && bwd_chunk_rows(128, 1000, 0) == 128 &&
+              bwd_chunk_rows(129, 1000, 0) == 256 && bwd_chunk_rows(999, 1000, 0) == 1000 &&
+              bwd_chunk_rows(int64_t(1) << 62, 1000, 0) == 1000 && bwd_chunk_rows(0, 1000, 384) == 384 &&
+              bwd_chunk_rows(0, 300, 384) == 300 && bwd_chunk_rows(1, 1, 128) == 1);
+
 template <typename K>
 void allow_smem(K* kernel) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
@@ -458,9 +470,7 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
   const int64_t nq = q.size(0), nk = k.size(0), d = q.size(1);
   const auto opts = q.options().dtype(at::kFloat);
   const int64_t n_rb = ceil_div(nq, kBM), n_ct = ceil_div(nk, kBN);
-  // rows per chunk: a multiple of kBM (or all rows), so every dot tile is the forward's tile
-  const int64_t C = std::min(nq, chunk > 0 ? ceil_div(chunk, kBM) * kBM
-                                           : pick_blocks(0, n_rb, kBM * nk * q.element_size()) * kBM);
+  const int64_t C = bwd_chunk_rows(chunk, nq, pick_blocks(0, n_rb, kBM * nk * q.element_size()) * kBM);
   const int64_t splits =
       pick_splits(ceil_div(C, kBM), n_ct, semcomp::cuda::multiprocessor_count(q.device().index()));
   // fp16: s*G stored times an exact power of two (as kernel 1 and the gemm path)
@@ -513,20 +523,29 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
 }
 #endif
 
-// True when the build's architecture list (CMake's SEMCOMP_CUDA_ARCHS, "80,90a") has sm_90a
-// code: without it an H100 would run the trapping sm_90 body.
-constexpr bool built_for_sm90a() {
-#if defined(SEMCOMP_CUDA_ARCHS)
-  const std::string_view archs = SEMCOMP_CUDA_ARCHS;
-  for (size_t i = 0; i < archs.size();) {
+// Whether a CMake architecture list ("80,90a", CMAKE_CUDA_ARCHITECTURES joined by commas) has
+// sm_90a code; without it an H100 would run the trapping sm_90 body. "all", "native" and the
+// like count as no: this implementation is then unavailable.
+constexpr bool archs_have_sm90a(std::string_view archs) {
+  for (size_t i = 0; i <= archs.size();) {
     size_t j = archs.find(',', i);
     if (j == std::string_view::npos) j = archs.size();
     const std::string_view a = archs.substr(i, j - i);
-    if (a == "90a" || a == "90a-real") return true;
+    if (a == "90a" || a == "90a-real" || a == "90a-virtual") return true;
     i = j + 1;
   }
-#endif
   return false;
+}
+static_assert(archs_have_sm90a("80,90a") && archs_have_sm90a("90a") && archs_have_sm90a("90a-real,80"));
+static_assert(!archs_have_sm90a("80,90") && !archs_have_sm90a("") && !archs_have_sm90a("190a") &&
+              !archs_have_sm90a("native") && !archs_have_sm90a("90a0"));
+
+constexpr bool built_for_sm90a() {
+#if defined(SEMCOMP_CUDA_ARCHS)
+  return archs_have_sm90a(SEMCOMP_CUDA_ARCHS);
+#else
+  return false;
+#endif
 }
 
 }  // namespace
