@@ -20,10 +20,13 @@ process-wide setting):
 Timing: semcomp_ext.bench.gpu_timing (CUDA events, interleaved rounds, inputs rotated past L2)
 for wgmma, mma and gemm, forward+backward at 32768 x 512 bf16 (and fp16) -> OUTDIR/wgmma_timing.json.
 
+A small forward + backward runs first in a child process with a time limit (PROBE_TIMEOUT_S), so
+a kernel that never finishes is reported as a hang instead of eating the stage's time box.
+
 OUTDIR/wgmma_check.json: every case with its errors and verdict, the device and the
-environment. Exit status: 0 every check passes, 1 a check failed, 2 wgmma cannot run here (a
-build without the CuTe headers or sm_90a code, or a device other than compute capability 9.0:
-the reason is printed and recorded).
+environment. Exit status: 0 every check passes, 1 a check failed (or the first run hung or
+raised), 2 wgmma cannot run here (a build without the CuTe headers or sm_90a code, or a device
+other than compute capability 9.0: the reason is printed and recorded).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import traceback
 
@@ -173,20 +177,40 @@ def check_refusals(dtype):
     return out
 
 
-def wgmma_unavailable_reason():
+# A first run in a child process, so that a kernel that never finishes (a pipeline deadlock)
+# costs PROBE_TIMEOUT_S and a clear verdict instead of the stage's whole time box.
+PROBE_TIMEOUT_S = 90
+PROBE = """
+import sys, torch, torch.nn.functional as F, semcomp_ext as sc
+x = F.normalize(torch.randn(300, 72, device="cuda"), dim=1).to(torch.bfloat16).requires_grad_()
+try:
+    sc.infonce_loss(x, x.detach(), logit_scale=torch.tensor(14.3, device="cuda"), impl="wgmma").backward()
+    torch.cuda.synchronize()
+except ValueError as exc:  # cannot run here (the build, the device)
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def probe():
+    """("ok" | "unavailable" | "hang" | "error", message) of a small forward + backward."""
     import semcomp_ext as sc
 
     if not torch.cuda.is_available():
-        return "no CUDA device"
+        return "unavailable", "no CUDA device"
     if "wgmma" not in sc.infonce_cuda_impls():
-        return "this semcomp_ext has no wgmma implementation"
-    x = unit(64, 64, torch.bfloat16, 0)
+        return "unavailable", "this semcomp_ext has no wgmma implementation"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        sc.infonce_loss(x, x, impl="wgmma")
-        torch.cuda.synchronize()
-    except ValueError as exc:
-        return str(exc)
-    return None
+        r = subprocess.run([sys.executable, "-c", PROBE], cwd=root, capture_output=True, text=True,
+                           timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return "hang", f"a 300 x 72 bf16 forward + backward did not finish in {PROBE_TIMEOUT_S} s"
+    if r.returncode == 2:
+        return "unavailable", r.stdout.strip()
+    if r.returncode != 0:
+        return "error", (r.stderr or r.stdout).strip()[-1000:]
+    return "ok", ""
 
 
 def main(argv=None) -> int:
@@ -201,14 +225,17 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         result["device"] = torch.cuda.get_device_name()
         result["capability"] = "%d.%d" % torch.cuda.get_device_capability()
-    reason = wgmma_unavailable_reason()
+    status, message = probe()
     path = os.path.join(args.outdir, "wgmma_check.json")
-    if reason:
-        result["skipped"] = reason
+    if status != "ok":
+        result["skipped" if status == "unavailable" else "probe_failed"] = f"{status}: {message}"
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"wgmma_check: wgmma cannot run here: {reason}")
-        return 2
+        if status == "unavailable":
+            print(f"wgmma_check: wgmma cannot run here: {message}")
+            return 2
+        print(f"wgmma_check: the first wgmma run failed ({status}): {message}")
+        return 1
     seed = 0
     for dtype in (torch.bfloat16, torch.float16):
         cases = [(c, True) for c in SYM_CASES] + [(c, False) for c in RECT_CASES]
