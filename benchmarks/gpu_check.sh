@@ -89,11 +89,18 @@ prebuilt_usable() {  # prints why not, returns 1, when the carried module cannot
   [ "$want" = "$have" ] || { echo "prebuilt module is for '$want', this machine has '$have'"; return 1; }
 }
 build_from_source() {
-  local arch
-  arch="${SEMCOMP_CUDA_ARCH:-$($PY -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")' 2>/dev/null || echo 90)}"
+  local arch cute=""
+  # sm_90a on an H100/H200: the wgmma kernels exist only there (plain sm_90 builds them as traps)
+  arch="${SEMCOMP_CUDA_ARCH:-$($PY -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}a" if p == (9, 0) else f"{p[0]}{p[1]}")' 2>/dev/null || echo 90a)}"
+  # the CuTe headers: nvidia-cutlass when installed here, else the copy carried with the prebuilt
+  # module (no network on the GPU machine); without either the wgmma kernels are stubs
+  if ! $PY -c 'import cutlass_library' 2>/dev/null && [ -f .gpu-build/prebuilt/cute-include.tar.gz ]; then
+    mkdir -p /tmp/semcomp_cute && tar -xzf .gpu-build/prebuilt/cute-include.tar.gz -C /tmp/semcomp_cute &&
+      cute=" -DSEMCOMP_CUTE_INCLUDE=/tmp/semcomp_cute"
+  fi
   rm -f semcomp_ext/_C.*.so
-  echo "building from source for sm_$arch ($(nproc) jobs)"
-  SEMCOMP_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$arch" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+  echo "building from source for sm_$arch ($(nproc) jobs)${cute:+, CuTe headers from the prebuilt folder}"
+  SEMCOMP_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$arch$cute" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
     $PY -m pip install -q --no-build-isolation --no-deps -e .
 }
 stage_build() {

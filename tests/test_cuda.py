@@ -132,13 +132,20 @@ def tile_impl():
     sc.set_infonce_cuda_impl(previous)
 
 
-@pytest.mark.parametrize("impl", ["tile", "mma"])
+@pytest.mark.parametrize("impl", ["tile", "mma", "wgmma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d,chunk", [(70, 40, 0), (130, 33, 50), (257, 64, 0), (1000, 96, 256), (5, 8, 0)])
 def test_tensor_core_impls_match_gemm_impl_and_fp64(impl, dtype, n, d, chunk):
-    """The tensor-core kernels (WMMA tiles; ldmatrix + mma.sync) against the gemm path (same
-    rounding of G to the input dtype) and against the fp64 reference, symmetric and
-    rectangular with an offset."""
+    """The tensor-core kernels (WMMA tiles; ldmatrix + mma.sync; wgmma + TMA on sm_90a) against
+    the gemm path (same rounding of G to the input dtype) and against the fp64 reference,
+    symmetric and rectangular with an offset. The process-wide setting is a preference: where
+    a kernel cannot take the inputs (wgmma with d % 8 != 0) the call runs gemm."""
+    if impl == "wgmma":
+        x = _unit(16, 64, dtype)
+        try:  # an exact request says why wgmma cannot run on this device or build
+            sc.infonce_loss(x, x, logit_scale=10.0, impl="wgmma")
+        except ValueError as exc:
+            pytest.skip(f"wgmma cannot run here: {exc}")
     chosen = sc.set_infonce_cuda_impl(impl)
     try:
         _tensor_core_impl_matches_gemm_impl_and_fp64(dtype, n, d, chunk)

@@ -26,9 +26,14 @@ def _pins(text):
 
 
 def _makefile_deps():
+    """The Makefile's HEADER_DEPS (installed with --no-deps; the headers are all the build uses)."""
     text = (ROOT / "Makefile").read_text()
-    m = re.search(r"^DEPS\s*:=((?:.*\\\n)*.*)$", text, re.M)
-    assert m, "Makefile: no DEPS line"
+    m = re.search(r"^HEADER_DEPS\s*:=((?:.*\\\n)*.*)$", text, re.M)
+    assert m, "Makefile: no HEADER_DEPS line"
+    assert re.search(r"pip install -q --no-deps -c constraints.txt \$\(HEADER_DEPS\)", text), \
+        "Makefile: HEADER_DEPS is not installed with --no-deps"
+    deps = re.search(r"^DEPS\s*:=((?:.*\\\n)*.*)$", text, re.M)
+    assert deps and not _pins(deps.group(1)), "Makefile: nvidia-cutlass belongs in HEADER_DEPS, not DEPS"
     return m.group(1)
 
 
@@ -36,8 +41,8 @@ def test_cutlass_pin_is_the_same_everywhere():
     deps = _pins(_makefile_deps())
     constraints = _pins((ROOT / "constraints.txt").read_text())
     prebuild = _pins((ROOT / "tools" / "prebuild_gpu.sh").read_text())
-    assert len(deps) == 1, f"Makefile DEPS pins nvidia-cutlass {len(deps)} times: {deps}"
-    assert constraints == deps, f"constraints.txt {constraints} != Makefile DEPS {deps}"
+    assert len(deps) == 1, f"Makefile HEADER_DEPS pins nvidia-cutlass {len(deps)} times: {deps}"
+    assert constraints == deps, f"constraints.txt {constraints} != Makefile HEADER_DEPS {deps}"
     assert prebuild and set(prebuild) == set(deps), f"tools/prebuild_gpu.sh {prebuild} != {deps}"
     cmake_hint = _pins((ROOT / "CMakeLists.txt").read_text())
     assert set(cmake_hint) <= set(deps), f"CMakeLists.txt names nvidia-cutlass {cmake_hint}, pinned {deps}"

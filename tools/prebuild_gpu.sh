@@ -12,7 +12,8 @@
 # local nvcc 13.0 toolkit) and nvidia-cutlass (the CuTe headers of the wgmma kernels, also
 # without dependencies), then CMake with SEMCOMP_CUDA=ON for sm_90a, parallel nvcc.
 # The module and a stamp (source hash, python, torch, arch) land in .gpu-build/prebuilt/
-# (git-ignored, a few MiB): carry `.gpu-build/prebuilt` to the GPU machine, where
+# with the CuTe/CUTLASS headers packed (cute-include.tar.gz, for a source build there)
+# (git-ignored, about 15 MiB): carry `.gpu-build/prebuilt` to the GPU machine, where
 # benchmarks/gpu_check.sh uses it when the stamp matches the tree there and
 # benchmarks/native_error_check passes with it, and builds from source otherwise.
 #
@@ -129,6 +130,10 @@ OUTD="$GB/prebuilt"
 rm -rf "$OUTD.tmp" && mkdir -p "$OUTD.tmp"
 cp "$SO" "$OUTD.tmp/"
 strip --strip-unneeded "$OUTD.tmp/$(basename "$SO")" 2>/dev/null || true
+# the CuTe/CUTLASS headers too (a few MiB packed): the GPU machine has no network, and a source
+# build there (a stale module) needs them for the wgmma kernels
+CUTE_INC=$("$VENV/bin/python" -c "import importlib.util, os; s = importlib.util.find_spec('cutlass_library'); print(os.path.join(s.submodule_search_locations[0], 'source', 'include'))")
+tar -czf "$OUTD.tmp/cute-include.tar.gz" -C "$CUTE_INC" cute cutlass
 {
   echo "source=$HASH"
   echo "python=3.12"
