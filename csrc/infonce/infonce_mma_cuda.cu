@@ -35,6 +35,7 @@
 #include "infonce/infonce_lse.cuh"
 #include "infonce/infonce_mma.h"
 #include "infonce/infonce_mma_epilogue.cuh"
+#include "infonce/infonce_sg_bwd.cuh"
 
 namespace semcomp::mma {
 namespace {
@@ -159,65 +160,32 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& ccoef, int64_t offset, int64_t chunk) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   const int64_t nq = q.size(0), nk = k.size(0), d = q.size(1);
-  const auto opts = q.options().dtype(at::kFloat);
   const int64_t n_rb = ceil_div(nq, kBM), n_ct = ceil_div(nk, kBN);
   const int64_t C = chunk > 0 ? std::min(chunk, nq)
                               : std::min(nq, pick_blocks(0, n_rb, kBM * nk * q.element_size()) * kBM);
   const int64_t splits =
       pick_splits(ceil_div(C, kBM), n_ct, semcomp::cuda::multiprocessor_count(q.device().index()));
-  // fp16 s*G blocks are stored times an exact power of two p (pow2_prescale, as the gemm
-  // path: bound = s * (max|rc| + max|cc| + max|dc|)); dq is then computed in fp32 and both
-  // gradients are multiplied by 1/p.
-  const bool prescale = q.scalar_type() == at::kHalf;
-  at::Tensor gscale;
-  if (prescale) {
-    at::Tensor m = rcoef.abs().amax().add(dcoef.abs().amax());
-    if constexpr (SYM) m = m.add(ccoef.abs().amax());
-    gscale = semcomp::cuda::pow2_prescale(m.mul(s.reshape({})));
-  }
-  at::Tensor gbuf = at::empty({C, nk}, q.options());
-  at::Tensor ds_part = at::empty({splits, C}, opts);
-  at::Tensor gq = at::empty({nq, d}, prescale ? opts : q.options());
-  at::Tensor gk = at::zeros({nk, d}, opts);
-  at::Tensor ds_rows = at::empty({nq}, opts);
-  at::Tensor scratch;
   const float* sp = s.const_data_ptr<float>();
-  const float* gsp = prescale ? gscale.const_data_ptr<float>() : nullptr;
   const float* clp = SYM ? clse.const_data_ptr<float>() : nullptr;
   const float* ccp = SYM ? ccoef.const_data_ptr<float>() : nullptr;
   const bool vec = vec_ok(q, k);
   const bool pair_store = nk % 2 == 0;  // 4-byte stores of column pairs (gbuf from empty: aligned)
   const auto* qp = static_cast<const uint16_t*>(q.const_data_ptr());
   const auto* kp = static_cast<const uint16_t*>(k.const_data_ptr());
-  auto* gp = static_cast<uint16_t*>(gbuf.data_ptr());
-  for (int64_t i0 = 0; i0 < nq; i0 += C) {
-    const int64_t c = std::min(C, nq - i0);
-    const dim3 grid(static_cast<unsigned>(ceil_div(c, kBM)), static_cast<unsigned>(splits));
+  return infonce_sg::backward<SYM>(q, k, logit_scale, s, rcoef, dcoef, ccoef, C, splits,
+                                   [&](const infonce_sg::Chunk& ch) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(ch.c, kBM)), static_cast<unsigned>(splits));
     dispatch(q, vec, [&](auto bf16, auto vtag) {
       constexpr bool B = decltype(bf16)::value, V = decltype(vtag)::value;
       using T = std::conditional_t<B, c10::BFloat16, c10::Half>;
       allow_smem(&mma_grad_kernel<T, B, SYM, V>, kSmemBytes);
       mma_grad_kernel<T, B, SYM, V><<<grid, kThreads, kSmemBytes, stream>>>(
-          qp, kp, nk, d, sp, i0, c, offset, rlse.const_data_ptr<float>(),
-          rcoef.const_data_ptr<float>(), dcoef.const_data_ptr<float>(), clp, ccp, gsp, gp, nk,
-          pair_store, ds_part.data_ptr<float>(), C);
+          qp, kp, nk, d, sp, ch.i0, ch.c, offset, rlse.const_data_ptr<float>(),
+          rcoef.const_data_ptr<float>(), dcoef.const_data_ptr<float>(), clp, ccp, ch.gscale, ch.gbuf,
+          nk, pair_store, ch.ds_part, C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    ds_rows.narrow(0, i0, c).copy_(at::sum(ds_part.narrow(1, 0, c), 0));
-    const at::Tensor gblk = gbuf.narrow(0, 0, c), qc = q.narrow(0, i0, c);
-    at::Tensor gq_blk = gq.narrow(0, i0, c);
-    if (prescale) at::mm_out(gq_blk, gblk, k, at::kFloat);  // p * dq_c in fp32
-    else at::mm_out(gq_blk, gblk, k);                       // dq_c, one rounding to the dtype
-    semcomp::cuda::addmm_fp32_accumulate(gk, gblk.t(), qc, scratch,  // dk += (sG)^T q_c, fp32
-                                         infonce_dk_accumulate_mode());
-  }
-  at::Tensor gs = at::sum(ds_rows).reshape(logit_scale.sizes()).to(logit_scale.scalar_type());
-  if (prescale) {
-    const at::Tensor inv = gscale.reciprocal();  // exact: p is a power of two
-    gq.mul_(inv);
-    gk.mul_(inv);
-  }
-  return {gq.to(q.scalar_type()), gk.to(k.scalar_type()), gs};
+  });
 }
 #endif
 

@@ -85,6 +85,7 @@
 #include "infonce/infonce.h"
 #include "infonce/infonce_lse.cuh"
 #include "infonce/infonce_mma_epilogue.cuh"
+#include "infonce/infonce_sg_bwd.cuh"
 #endif
 
 namespace semcomp::wgmma {
@@ -468,36 +469,23 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
   using semcomp::mma_loop::pick_splits;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   const int64_t nq = q.size(0), nk = k.size(0), d = q.size(1);
-  const auto opts = q.options().dtype(at::kFloat);
   const int64_t n_rb = ceil_div(nq, kBM), n_ct = ceil_div(nk, kBN);
   const int64_t C = bwd_chunk_rows(chunk, nq, pick_blocks(0, n_rb, kBM * nk * q.element_size()) * kBM);
   const int64_t splits =
       pick_splits(ceil_div(C, kBM), n_ct, semcomp::cuda::multiprocessor_count(q.device().index()));
-  // fp16: s*G stored times an exact power of two (as kernel 1 and the gemm path)
-  const bool prescale = q.scalar_type() == at::kHalf;
-  at::Tensor gscale;
-  if (prescale) {
-    at::Tensor m = rcoef.abs().amax().add(dcoef.abs().amax());
-    if constexpr (SYM) m = m.add(ccoef.abs().amax());
-    gscale = semcomp::cuda::pow2_prescale(m.mul(s.reshape({})));
-  }
-  at::Tensor gbuf = at::empty({C, nk}, q.options());
-  at::Tensor ds_part = at::empty({splits, C}, opts);
-  at::Tensor gq = at::empty({nq, d}, prescale ? opts : q.options());
-  at::Tensor gk = at::zeros({nk, d}, opts);
-  at::Tensor ds_rows = at::empty({nq}, opts);
-  at::Tensor scratch;
   const CUtensorMap qm = tma_map(q, "q"), km = tma_map(k, "k");
   GradArgs a{nk, d, 0, 0, offset, s.const_data_ptr<float>(), rlse.const_data_ptr<float>(),
              rcoef.const_data_ptr<float>(), dcoef.const_data_ptr<float>(),
              SYM ? clse.const_data_ptr<float>() : nullptr, SYM ? ccoef.const_data_ptr<float>() : nullptr,
-             prescale ? gscale.const_data_ptr<float>() : nullptr, static_cast<uint16_t*>(gbuf.data_ptr()),
-             nk, nk % 2 == 0, ds_part.data_ptr<float>(), C};
-  for (int64_t i0 = 0; i0 < nq; i0 += C) {
-    const int64_t c = std::min(C, nq - i0);
-    a.i0 = i0;
-    a.c = c;
-    const dim3 grid(static_cast<unsigned>(ceil_div(c, kBM)), static_cast<unsigned>(splits));
+             nullptr, nullptr, nk, nk % 2 == 0, nullptr, C};
+  return infonce_sg::backward<SYM>(q, k, logit_scale, s, rcoef, dcoef, ccoef, C, splits,
+                                   [&](const infonce_sg::Chunk& ch) {
+    a.i0 = ch.i0;
+    a.c = ch.c;
+    a.gscale = ch.gscale;
+    a.gbuf = ch.gbuf;
+    a.ds_part = ch.ds_part;
+    const dim3 grid(static_cast<unsigned>(ceil_div(ch.c, kBM)), static_cast<unsigned>(splits));
     auto launch = [&](auto kernel) {
       allow_smem(kernel);
       kernel<<<grid, kThreads, kSmemBytes, stream>>>(qm, km, a);
@@ -505,21 +493,7 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
     };
     if (q.scalar_type() == at::kBFloat16) launch(&wgmma_grad_kernel<c10::BFloat16, true, SYM>);
     else launch(&wgmma_grad_kernel<c10::Half, false, SYM>);
-    ds_rows.narrow(0, i0, c).copy_(at::sum(ds_part.narrow(1, 0, c), 0));
-    const at::Tensor gblk = gbuf.narrow(0, 0, c), qc = q.narrow(0, i0, c);
-    at::Tensor gq_blk = gq.narrow(0, i0, c);
-    if (prescale) at::mm_out(gq_blk, gblk, k, at::kFloat);  // p * dq_c in fp32
-    else at::mm_out(gq_blk, gblk, k);                       // dq_c, one rounding to the dtype
-    semcomp::cuda::addmm_fp32_accumulate(gk, gblk.t(), qc, scratch,  // dk += (sG)^T q_c, fp32
-                                         infonce_dk_accumulate_mode());
-  }
-  at::Tensor gs = at::sum(ds_rows).reshape(logit_scale.sizes()).to(logit_scale.scalar_type());
-  if (prescale) {
-    const at::Tensor inv = gscale.reciprocal();  // exact: p is a power of two
-    gq.mul_(inv);
-    gk.mul_(inv);
-  }
-  return {gq.to(q.scalar_type()), gk.to(k.scalar_type()), gs};
+  });
 }
 #endif
 
