@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         sizes = ["--n", "4096", "32768", "--d", "512"] if args.quick else \
             ["--n", "4096", "16384", "32768", "65536", "--d", "512", "768", "1024"]
         bench_infonce.main(["--device", args.device, *sizes, "--dtype", "bfloat16",
-                            "--methods", "semcomp", "semcomp_tile", "open_clip", "inf_cl", "compiled_reference"])
+                            "--methods", "semcomp", "semcomp_tile", "semcomp_mma", "semcomp_wgmma", "open_clip", "inf_cl", "compiled_reference"])
         for dtype in ("float32", "bfloat16"):
             bench_segment_gather.main(["--device", args.device, "--n", str(1 << 22), "--d", "512", "--groups", "10",
                                        "1000", str(1 << 20), "--dtype", dtype])

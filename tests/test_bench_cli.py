@@ -82,7 +82,8 @@ def test_cuda_configuration_without_a_gpu(monkeypatch):
     assert cfg.ops == ("infonce",) and cfg.device == "cuda" and cfg.n_repeats() == 10
     assert cfg.sizes_for("infonce") == [4096, 16384, 32768] and cfg.sizes_for("segment") == [1 << 20, 1 << 22]
     methods = cfg.infonce_methods()
-    assert methods[:2] == ["semcomp", "semcomp_tile"] and "compiled_reference" in methods and "reference" in methods
+    assert methods[:4] == ["semcomp", "semcomp_tile", "semcomp_mma", "semcomp_wgmma"]
+    assert "compiled_reference" in methods and "reference" in methods
     cpu = config_from_args(_args("all", "--sizes", "64", "128", "--groups", "8"), cuda_available=False)
     assert cpu.sizes_for("gather") == [64, 128] and "compiled_reference" not in cpu.infonce_methods()
     assert "semcomp_tile" not in cpu.infonce_methods() and cpu.n_repeats() == 3
@@ -156,6 +157,7 @@ def test_command_writes_json_plot_and_table(tmp_path):
         assert r["median_s"] > 0 and r["throughput"] > 0 and r["fraction_of_ceiling"] > 0
         assert r["extra_bytes"] >= 0 and r["unit"] in ("TFLOP/s", "GB/s")
     s, ref = by[("infonce", "semcomp", 512)], by[("infonce", "reference", 512)]
+    assert s["impl"] == "cpu" and "impl" not in ref  # the implementation that ran (semcomp rows only)
     assert s["time_ratio"]["reference"] == pytest.approx(s["median_s"] / ref["median_s"])
     assert s["tflops"] == pytest.approx(8 * 512**2 * 32 / s["median_s"] / 1e12)
     assert s["fraction_of_ceiling"] == pytest.approx(s["tflops"] / c["matmul_tflops"])

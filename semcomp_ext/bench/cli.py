@@ -189,7 +189,8 @@ def register(subparsers) -> None:
     p.add_argument("--groups", nargs="+", default=None, metavar="G", help="segment: number of groups (default 1000)")
     p.add_argument("--keep", nargs="+", default=None, metavar="F", help="gather: fraction of columns kept (default 0.25)")
     p.add_argument("--methods", nargs="+", default=None, metavar="M",
-                   help="infonce methods (default semcomp and every installed peer): semcomp, semcomp_tile, open_clip, "
+                   help="infonce methods (default semcomp and every installed peer): semcomp, semcomp_tile, semcomp_mma, "
+                        "semcomp_wgmma, open_clip, "
                         "inf_cl, reference, compiled_reference")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile of the reference (default: on CUDA only; compiling takes ~30 s on 2 cores)")

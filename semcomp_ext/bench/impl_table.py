@@ -40,7 +40,7 @@ DEFAULT_MARGIN = 0.05
 KNOWN_CAPABILITY = {"H100": "9.0", "H200": "9.0", "GH200": "9.0", "H800": "9.0", "H20": "9.0",
                     "A100": "8.0", "A800": "8.0", "A30": "8.0", "A10": "8.6", "A40": "8.6",
                     "L4": "8.9", "L40": "8.9", "L40S": "8.9"}
-BENCH_METHOD_IMPL = {"semcomp_tile": "tile"}
+BENCH_METHOD_IMPL = {"semcomp_tile": "tile", "semcomp_mma": "mma", "semcomp_wgmma": "wgmma"}
 
 
 def _capability(res: dict, path: str, override: str | None) -> str:

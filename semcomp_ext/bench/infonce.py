@@ -16,9 +16,12 @@ import torch.nn.functional as F
 from .results import INFONCE_METHODS as METHODS
 from .timing import L2_BYTES, cuda_median_time, interleaved_times, is_cuda, peak_extra_bytes
 
-# CUDA implementation selected while a method runs (forward and backward): "semcomp" is the
-# default path, "semcomp_tile" the tensor-core tile kernels (bf16/fp16 only).
-METHOD_IMPL = {"semcomp": "auto", "semcomp_tile": "tile"}
+# The implementation each semcomp method names per call (impl=): "semcomp" is the default path
+# ("auto": the measured table, else gemm), the others one CUDA implementation exactly (bf16/fp16;
+# a device or build that cannot run it gives the row an error saying why). Every semcomp row
+# records the implementation that ran ("impl"), which benchmarks.impl_table reads.
+METHOD_IMPL = {"semcomp": "auto", "semcomp_tile": "tile", "semcomp_mma": "mma", "semcomp_wgmma": "wgmma"}
+TENSOR_CORE_METHODS = ("semcomp_tile", "semcomp_mma", "semcomp_wgmma")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 FLOP_CONVENTION = "8*N^2*D"
 
@@ -33,7 +36,7 @@ def default_methods(device: str, dtype: str, compile_reference: bool | None = No
     cuda = is_cuda(device)
     methods = ["semcomp"]
     if cuda and dtype in ("bfloat16", "float16"):
-        methods.append("semcomp_tile")
+        methods += TENSOR_CORE_METHODS
     if importlib.util.find_spec("open_clip") is not None:
         methods.append("open_clip")
     if cuda and importlib.util.find_spec("inf_cl") is not None:  # Triton kernels: GPU only
@@ -44,10 +47,18 @@ def default_methods(device: str, dtype: str, compile_reference: bool | None = No
     return methods
 
 
-def select_impl(method: str) -> None:
-    import semcomp_ext as sc
+def impl_that_runs(method: str, a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """The implementation a semcomp method runs on these inputs ("cpu" off CUDA), None for peers."""
+    if method not in METHOD_IMPL:
+        return None
+    if not is_cuda(a.device):
+        return "cpu"
+    impl = METHOD_IMPL[method]
+    if impl == "auto":
+        from semcomp_ext.kernel_choice import choose_cuda_impl
 
-    sc.set_infonce_cuda_impl(METHOD_IMPL.get(method, "auto"))
+        return choose_cuda_impl("infonce", a, b)
+    return impl
 
 
 def make_loss(method: str):
@@ -55,8 +66,9 @@ def make_loss(method: str):
     import semcomp_ext as sc
     from semcomp_ext import reference as R
 
-    if method in ("semcomp", "semcomp_tile"):
-        return lambda a, b, s: sc.infonce_loss(a, b, logit_scale=s)
+    if method in METHOD_IMPL:
+        impl = METHOD_IMPL[method]
+        return lambda a, b, s: sc.infonce_loss(a, b, logit_scale=s, impl=impl if is_cuda(a.device) else "auto")
     if method == "open_clip":
         from semcomp_ext._compat import import_open_clip
 
@@ -132,7 +144,9 @@ def bench_case(n: int, d: int, dtype: str, device: str, methods, repeats: int, *
         rows.append(row)
         try:  # one method failing (out of memory, a peer's bug) must not stop the others
             fn = make_loss(m)
-            select_impl(m)
+            impl = impl_that_runs(m, a, b)
+            if impl is not None:
+                row["impl"] = impl
             val = float(fn(a, b, s).detach())
             row["loss"] = val
             if not abs(val - truth) <= tol * max(1.0, abs(truth)):
@@ -147,7 +161,6 @@ def bench_case(n: int, d: int, dtype: str, device: str, methods, repeats: int, *
         except Exception as exc:  # noqa: BLE001  (recorded in the results and the table)
             fail(row, exc)
         finally:
-            select_impl("semcomp")
             if cuda:
                 torch.cuda.empty_cache()
     by_method = {r["method"]: r for r in rows}
@@ -165,14 +178,12 @@ def bench_case(n: int, d: int, dtype: str, device: str, methods, repeats: int, *
             if m in fns:
                 row["tflops"] = flop(n, d) / row["median_s"] / 1e12
                 if memory:
-                    select_impl(m)
                     peak = peak_extra_bytes(lambda: fwd_bwd(fns[m], a, b, s), device)
                     if peak is not None:
                         row.update(peak_bytes=peak, extra_bytes=max(0, peak - grad_bytes), grad_bytes=grad_bytes)
         except Exception as exc:  # noqa: BLE001
             fail(row, exc)
         finally:
-            select_impl("semcomp")
             if cuda:
                 torch.cuda.empty_cache()
             if progress is not None:

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-INFONCE_METHODS = ("semcomp", "semcomp_tile", "open_clip", "inf_cl", "reference", "compiled_reference")
+INFONCE_METHODS = ("semcomp", "semcomp_tile", "semcomp_mma", "semcomp_wgmma", "open_clip", "inf_cl", "reference", "compiled_reference")
 # what makes two rows the same case (they differ only by method)
 CASE_KEYS = ("op", "n", "d", "dtype", "device", "groups", "keep")
 OPS = {  # op -> (throughput field, unit, ceiling field)
