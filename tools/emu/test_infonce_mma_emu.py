@@ -27,7 +27,6 @@ Checks, for bf16 and fp16, symmetric and rectangular (offset) forms, forward and
     gemm.
 Exit status 0 when every check passes.
 """
-import ctypes
 import os
 import sys
 import time
@@ -40,56 +39,12 @@ quick = "--quick" in sys.argv
 torch.ops.load_library(lib)
 import semcomp_ext  # noqa: E402,F401  (CPU ops under torch.ops.semcomp)
 from semcomp_ext.reference import infonce_lse_reference  # noqa: E402
+from emu_checks import chk, chk_exact, chk_within, counters, finish, refused  # noqa: E402
 
 E, C = torch.ops.semcomp_emu, torch.ops.semcomp
-cl = ctypes.CDLL(lib)
-for fn in (cl.emu_errors, cl.emu_launches, cl.emu_blocks, cl.emu_mma_tiles):
-    fn.restype = ctypes.c_longlong
+cl = counters(lib)
 MMA, GEMM, TILE, WGMMA = 3, 1, 2, 4
-fails, n_checks, worst = [], 0, {}
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def note(tag, err_ratio):
-    key = " ".join(w for w in tag.split() if not w.startswith(("n=", "d=", "off=", "chunk=", "s=")))
-    worst[key] = max(worst.get(key, 0.0), err_ratio)
-
-
-def chk(tag, got, want, tol):
-    """|got - want| <= tol elementwise (tol: tensor or number); NaN must match NaN."""
-    global n_checks
-    n_checks += 1
-    got, want = got.double(), want.double()
-    if got.shape != want.shape:
-        fails.append(f"{tag}: shapes {tuple(got.shape)} {tuple(want.shape)}")
-        return
-    both_nan = torch.isnan(got) & torch.isnan(want)
-    err = torch.where(both_nan, torch.zeros_like(got), (got - want).abs())
-    err = torch.nan_to_num(err, nan=float("inf"))
-    tol = torch.as_tensor(tol, dtype=torch.float64)
-    if got.numel():
-        note(tag, (err / tol.clamp_min(1e-300)).max().item())
-    bad = err > tol
-    if bad.any():
-        fails.append(f"{tag}: {int(bad.sum())} of {bad.numel()} off, max err {err.max().item():.3e}")
-
-
-def chk_vs_torch(tag, got, ref64, torch_dt, floor):
-    """max|got - ref64| <= 2 max|torch_dt - ref64| + floor (the dtype criterion)."""
-    global n_checks
-    n_checks += 1
-    e = (got.double() - ref64).abs().max().item()
-    et = (torch_dt.double() - ref64).abs().max().item()
-    note(tag, e / (2 * et + floor))
-    if not e <= 2 * et + floor:
-        fails.append(f"{tag}: error {e:.3e} > 2 x torch's {et:.3e} + {floor:.1e}")
-
-
-def chk_exact(tag, cond, what):
-    global n_checks
-    n_checks += 1
-    if not cond:
-        fails.append(f"{tag}: {what}")
 
 
 def run(impl, f, *args):
@@ -172,7 +127,7 @@ def case(dt, n, d, chunk=0, s_val=14.3, nq=None, off=None):
         chk(f"sym fwd mma-vs-gemm {nm} {tag}", x, y, ftol)
         chk(f"sym fwd mma-vs-CPU {nm} {tag}", x, z, ftol)
         chk(f"sym fwd mma-vs-fp64 {nm} {tag}", x, r, ftol)
-    chk_vs_torch(f"sym fwd mma-vs-fp64/torch loss {tag}", fm[0], fr[0], torch_loss(a, b, s, 0, True), 1e-6 * s_val)
+    chk_within(f"sym fwd mma-vs-fp64/torch loss {tag}", fm[0], fr[0], torch_loss(a, b, s, 0, True), 1e-6 * s_val, peer_name="torch")
     if n == 1:
         chk_exact(f"sym {tag}", fm[0].abs().max().item() == 0, f"N=1 loss not exactly 0 ({fm[0].tolist()})")
     for kind in ("none", "mean"):
@@ -193,7 +148,7 @@ def case(dt, n, d, chunk=0, s_val=14.3, nq=None, off=None):
         if kind == "mean":
             tg = torch_mean_grads(a, b, s_val, 0, True)
             for nm, x, ref, t in zip(("ga", "gb", "gs"), gm, grads, tg):
-                chk_vs_torch(f"sym bwd[mean] mma-vs-fp64/torch {nm} {tag}", x, ref, t, 1e-7)
+                chk_within(f"sym bwd[mean] mma-vs-fp64/torch {nm} {tag}", x, ref, t, 1e-7, peer_name="torch")
             if n == 1:
                 chk_exact(f"sym {tag}", all(x.abs().max().item() == 0 for x in gm), "N=1 gradients not exactly 0")
     # ---- rectangular: q = rows [1, 1 + nq) of a (a view: unaligned rows for most d), positives at k[i + off] ----
@@ -215,7 +170,7 @@ def case(dt, n, d, chunk=0, s_val=14.3, nq=None, off=None):
         chk(f"rect fwd mma-vs-gemm {nm} {rt}", x, y, ftol)
         chk(f"rect fwd mma-vs-CPU {nm} {rt}", x, z, ftol)
         chk(f"rect fwd mma-vs-fp64 {nm} {rt}", x, r, ftol)
-    chk_vs_torch(f"rect fwd mma-vs-fp64/torch loss {rt}", rm[0], rr[0], torch_loss(q, b, s, off, False), 1e-6 * s_val)
+    chk_within(f"rect fwd mma-vs-fp64/torch loss {rt}", rm[0], rr[0], torch_loss(q, b, s, off, False), 1e-6 * s_val, peer_name="torch")
     for kind in ("none", "mean"):
         if kind == "none":
             rc, dc = torch.rand(nq), torch.rand(nq)
@@ -233,7 +188,7 @@ def case(dt, n, d, chunk=0, s_val=14.3, nq=None, off=None):
         if kind == "mean":
             tg = torch_mean_grads(q, b, s_val, off, False)
             for nm, x, ref, t in zip(("gq", "gk", "gs"), bm, grads, tg):
-                chk_vs_torch(f"rect bwd[mean] mma-vs-fp64/torch {nm} {rt}", x, ref, t, 1e-7)
+                chk_within(f"rect bwd[mean] mma-vs-fp64/torch {nm} {rt}", x, ref, t, 1e-7, peer_name="torch")
 
 
 def chk_nan(tag, x, ref, peer=None):
@@ -284,18 +239,6 @@ def nan_case(dt, n, d, bad_row, in_k=False):
 
 def same(tag, got, want):
     chk_exact(tag, all(torch.equal(x, y) for x, y in zip(got, want)), "not bit-identical")
-
-
-def refused(tag, pattern, f, *args):
-    global n_checks
-    n_checks += 1
-    try:
-        f(*args)
-    except ValueError as exc:
-        if pattern not in str(exc):
-            fails.append(f"{tag}: message {str(exc)!r} lacks {pattern!r}")
-        return
-    fails.append(f"{tag}: no ValueError")
 
 
 def per_call_case(dt, n=67, d=40, off=9):
@@ -379,13 +322,4 @@ for dt in (torch.bfloat16, torch.float16):  # non-positive scale: NaN LSEs, not 
     bad = run(MMA, E.infonce_fwd, a, a, torch.tensor(-1.0), 0)
     chk_exact(f"mma {dt} scale -1", torch.isnan(bad[1]).all() and torch.isnan(bad[2]).all(),
               "non-positive scale did not poison the LSEs")
-errs = cl.emu_errors() - e0
-chk_exact("emulator", errs == 0, f"{errs} emulator errors")
-mma = cl.emu_mma_tiles()
-chk_exact("emulator", mma > 0, "no mma.sync tile ran (the mma path was not selected)")
-print(f"mma: {n_cases} cases, {n_checks} checks, {len(fails)} failures, {time.time() - t0:.0f}s; "
-      f"launches {cl.emu_launches()}, blocks {cl.emu_blocks()}, m16n8k16 tiles {mma}, emulator errors {errs}")
-print("worst err/tol per comparison:\n  " + "\n  ".join(f"{k}: {v:.2g}" for k, v in sorted(worst.items())))
-for f in fails[:40]:
-    print("FAIL", f)
-sys.exit(1 if fails else 0)
+finish("mma", n_cases, t0, cl, e0, "no mma.sync tile ran (the mma path was not selected)")

@@ -36,7 +36,6 @@ negative_only (Na != Nb):
   * zero emulator errors, and m16n8k16 tiles did run.
 Prints cases, checks, failures and time; exit status 0 when every check passes.
 """
-import ctypes
 import os
 import sys
 import time
@@ -49,15 +48,14 @@ quick = "--quick" in sys.argv
 torch.ops.load_library(lib)
 import semcomp_ext  # noqa: E402,F401  (CPU ops under torch.ops.semcomp)
 from semcomp_ext.reference import sigmoid_loss_reference  # noqa: E402
+from emu_checks import chk, chk_exact, counters, finish  # noqa: E402
+from emu_checks import chk_within as chk_peer  # noqa: E402
 
 E = torch.ops.semcomp_emu
 M = torch.ops.semcomp_siglip_mma_emu
-cl = ctypes.CDLL(lib)
-for fn in (cl.emu_errors, cl.emu_launches, cl.emu_blocks, cl.emu_mma_tiles):
-    fn.restype = ctypes.c_longlong
+cl = counters(lib)
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 U32 = 2.0**-24
-fails, n_checks, worst = [], 0, {}
 
 # the gemm path's ops: pass impl = the gemm implementation when the schema has one
 _ARGS = {op: [a.name for a in getattr(E, op).default._schema.arguments]
@@ -79,51 +77,6 @@ def chk_route(tag, via_op, via_run):
         x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.nan_to_num(), y.nan_to_num())
         and torch.equal(x.isnan(), y.isnan()) for x, y in zip(via_op, via_run)),
         "sigmoid op with impl=3 differs from siglip_mma::run")
-
-
-def note(tag, ratio):
-    key = " ".join(w for w in tag.split() if "=" not in w)
-    worst[key] = max(worst.get(key, 0.0), ratio)
-
-
-def chk(tag, got, want, tol):
-    """|got - want| <= tol elementwise; NaN must match NaN."""
-    global n_checks
-    n_checks += 1
-    got, want = got.double(), want.double()
-    if got.shape != want.shape:
-        fails.append(f"{tag}: shapes {tuple(got.shape)} {tuple(want.shape)}")
-        return
-    both_nan = torch.isnan(got) & torch.isnan(want)
-    err = torch.where(both_nan, torch.zeros_like(got), (got - want).abs())
-    err = torch.nan_to_num(err, nan=float("inf"))
-    tol = torch.as_tensor(tol, dtype=torch.float64).expand_as(err)
-    if got.numel():
-        note(tag, (err / tol.clamp_min(1e-300)).max().item())
-    bad = err > tol
-    if bad.any():
-        i = int(torch.argmax((err - tol).flatten()))
-        fails.append(f"{tag}: {int(bad.sum())} of {bad.numel()} off, worst err {err.flatten()[i].item():.3e} "
-                     f"tol {tol.flatten()[i].item():.3e} (got {got.flatten()[i].item():.6g}, "
-                     f"want {want.flatten()[i].item():.6g})")
-
-
-def chk_peer(tag, got, ref, peer, floor):
-    """max|got - ref| <= 2 max|peer - ref| + floor (the dtype criterion)."""
-    global n_checks
-    n_checks += 1
-    e = (got.double() - ref).abs().max().item()
-    ep = (peer.double() - ref).abs().max().item()
-    note(tag, e / (2 * ep + floor))
-    if not e <= 2 * ep + floor:
-        fails.append(f"{tag}: error {e:.3e} > 2 x peer's {ep:.3e} + {floor:.1e}")
-
-
-def chk_exact(tag, cond, what):
-    global n_checks
-    n_checks += 1
-    if not cond:
-        fails.append(f"{tag}: {what}")
 
 
 def reference(a, b, s, t, neg, g):
@@ -338,13 +291,4 @@ if OP_ROUTE:  # a preference falls back to gemm where mma cannot run (fp32), run
                                                    M.run(a16, a16, s, t, None, False, True, False, 0, False)[0]),
               "bf16 with impl=-3 is not the mma path")
 print(f"op route (sigmoid ops with impl=3 vs siglip_mma::run): {'checked' if OP_ROUTE else 'not in this build'}")
-errs = cl.emu_errors() - e0
-chk_exact("emulator", errs == 0, f"{errs} emulator errors")
-mma = cl.emu_mma_tiles()
-chk_exact("emulator", mma > 0, "no mma.sync tile ran")
-print(f"siglip mma: {n_cases} cases, {n_checks} checks, {len(fails)} failures, {time.time() - t_start:.0f}s; "
-      f"launches {cl.emu_launches()}, blocks {cl.emu_blocks()}, m16n8k16 tiles {mma}, emulator errors {errs}")
-print("worst err/tol per comparison:\n  " + "\n  ".join(f"{k}: {v:.2g}" for k, v in sorted(worst.items())))
-for f in fails[:40]:
-    print("FAIL", f)
-sys.exit(1 if fails else 0)
+finish("siglip mma", n_cases, t_start, cl, e0)
