@@ -15,6 +15,8 @@
 //     column splits in index order (at::sum over the split dimension), then the rows in order.
 //     Results are reproducible for a given (Na, Nb, chunk) and device (the splits follow the
 //     multiprocessor count).
+//   * the host side (chunks, the s*G block, the cuBLAS products) is siglip_driver.cuh, shared
+//     with the wgmma kernels (siglip_wgmma_cuda.cu); this file passes its chunk launcher.
 //
 // Launch shape: grid (row blocks of 128 rows of the chunk, column splits), 256 threads, the
 // mainloop's 48 KiB of stages plus the epilogue's scratch (1 KiB for the forward, 3 KiB with the
@@ -45,6 +47,7 @@
 #include "common/mma_frag.cuh"
 #include "common/mma_mainloop.cuh"
 #include "infonce/infonce.h"  // infonce_dk_accumulate_mode(): how torch takes an fp32 bias
+#include "siglip/siglip_driver.cuh"
 #include "siglip/siglip_mma.h"
 #include "siglip/siglip_mma_epilogue.cuh"
 
@@ -118,87 +121,20 @@ void launch(const at::Tensor& a, const at::Tensor& b, bool vec, const float* sp,
   });
 }
 
+// The host driver (chunks, the s*G block, the cuBLAS products, the fp16 pre-scale) is
+// siglip_driver.cuh's, shared with the wgmma kernels; this file passes its chunk launcher.
 template <bool LOSS, bool GRAD>
 Outputs run_impl(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& logit_scale,
                  const at::Tensor& logit_bias, const at::Tensor& grad_rows, bool negative_only,
                  int64_t chunk, bool keep_acc) {
-  const c10::cuda::CUDAGuard guard(a_in.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a_in.device().index()).stream();
-  const auto opts = a_in.options().dtype(at::kFloat);
-  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
-  const at::Tensor s = logit_scale.to(opts).reshape({1}).contiguous();
-  const at::Tensor t = logit_bias.to(opts).reshape({1}).contiguous();
-  const int64_t na = a.size(0), nb = b.size(0), d = a.size(1);
-  at::Tensor g;
-  if (GRAD && grad_rows.defined()) g = grad_rows.to(opts).contiguous();
-  // fp16: |s*G_ij| <= |s| max|g_i| (sigmoid < 1) bounds the stored block (as siglip_cuda.cu)
-  const bool prescale = GRAD && a.scalar_type() == at::kHalf;
-  at::Tensor gscale;
-  if (prescale) gscale = semcomp::cuda::pow2_prescale(g.defined() ? s.abs().mul(g.abs().amax()) : s.abs());
-
-  // Rows per chunk: the requested size, or whole row blocks whose s*G block fits the budget.
-  // The same with and without GRAD (same chunks, same splits: the same losses).
-  const int64_t n_rb = ceil_div(na, kBM), n_ct = ceil_div(nb, kBN);
-  const int64_t C = chunk > 0 ? std::min(chunk, na)
-                              : std::min(na, pick_blocks(0, n_rb, kBM * nb * a.element_size()) * kBM);
-  const int64_t splits =
-      pick_splits(ceil_div(C, kBM), n_ct, semcomp::cuda::multiprocessor_count(a.device().index()));
-  constexpr int kParts = Epi<c10::Half, LOSS, GRAD>::kParts;  // loss; ds, dt
-  at::Tensor part = at::empty({kParts, splits, C}, opts);
-  at::Tensor rows = at::empty({kParts, na}, opts);
-  at::Tensor gbuf, scratch;  // scratch: only for the addmm_fp32_accumulate fallback
-  Outputs out;
-  if (GRAD) {
-    gbuf = at::empty({C, nb}, a.options());
-    out.ga = at::empty({na, d}, opts);
-    out.gb = at::zeros({nb, d}, opts);
-  }
-  const bool vec = vec_ok(a, b);
-  siglip_epi::Params p{};
-  p.grad_rows = g.defined() ? g.const_data_ptr<float>() : nullptr;
-  p.positive = !negative_only;
-  p.nb = nb;
-  p.gbuf = GRAD ? static_cast<uint16_t*>(gbuf.data_ptr()) : nullptr;
-  p.ld_g = nb;
-  p.pair_store = nb % 2 == 0;  // gbuf from at::empty: 4-byte aligned rows when nb is even
-  p.part = part.data_ptr<float>();
-  p.splits = splits;
-  p.ld_part = C;
-  const float* gsp = prescale ? gscale.const_data_ptr<float>() : nullptr;
-  for (int64_t i0 = 0; i0 < na; i0 += C) {
-    const int64_t c = std::min(C, na - i0);
-    p.i0 = i0;
-    p.rows_end = i0 + c;
-    launch<LOSS, GRAD>(a, b, vec, s.const_data_ptr<float>(), t.const_data_ptr<float>(), gsp, p, c,
-                       stream);
-    rows.narrow(1, i0, c).copy_(at::sum(part.narrow(2, 0, c), 1));  // splits in order
-    if (GRAD) {
-      const at::Tensor gblk = gbuf.narrow(0, 0, c), ac = a.narrow(0, i0, c);
-      at::Tensor ga_blk = out.ga.narrow(0, i0, c);
-      at::mm_out(ga_blk, gblk, b, at::kFloat);  // da_c = (sG) b, fp32
-      semcomp::cuda::addmm_fp32_accumulate(out.gb, gblk.t(), ac, scratch,  // db += (sG)^T a_c
-                                           infonce_dk_accumulate_mode());
-    }
-  }
-  if (LOSS) {
-    out.loss = rows.select(0, 0);
-    out.total = out.loss.sum();
-  }
-  if (GRAD) {
-    if (prescale) {
-      const at::Tensor inv = gscale.reciprocal();  // exact: a power of two
-      out.ga.mul_(inv);
-      out.gb.mul_(inv);
-    }
-    if (!keep_acc) {
-      out.ga = out.ga.to(a_in.scalar_type());
-      out.gb = out.gb.to(b_in.scalar_type());
-    }
-    const int q = LOSS ? 1 : 0;
-    out.gs = rows.select(0, q).sum().reshape(logit_scale.sizes()).to(logit_scale.scalar_type());
-    out.gt = rows.select(0, q + 1).sum().reshape(logit_bias.sizes()).to(logit_bias.scalar_type());
-  }
-  return out;
+  static_assert(Epi<c10::Half, LOSS, GRAD>::kParts == (LOSS ? 1 : 0) + (GRAD ? 2 : 0),
+                "the driver's row-share layout");
+  return siglip_drv::run_chunks<LOSS, GRAD>(
+      a_in, b_in, logit_scale, logit_bias, grad_rows, negative_only, chunk, keep_acc,
+      [](const at::Tensor& a, const at::Tensor& b, const float* sp, const float* tp, const float* gsp,
+         const siglip_epi::Params& p, int64_t c, cudaStream_t stream) {
+        launch<LOSS, GRAD>(a, b, vec_ok(a, b), sp, tp, gsp, p, c, stream);
+      });
 }
 #endif
 
