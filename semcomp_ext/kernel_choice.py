@@ -4,7 +4,7 @@ The fused CUDA ops have several implementations of the same math (results agree 
 rounding; the tests compare each with the others and with fp64):
 
     InfoNCE  gemm, tile, mma, wgmma     (semcomp_ext.infonce_loss, infonce_rect_loss)
-    SigLIP   gemm, mma, wgmma           (semcomp_ext.sigmoid_loss; no SigLIP wgmma kernels yet)
+    SigLIP   gemm, mma, wgmma           (semcomp_ext.sigmoid_loss)
 
 "gemm" runs every input (any dtype); the others need CUDA bf16/fp16 inputs (mma: compute
 capability >= 8.0; wgmma: 9.0 and a build with its sm_90a kernels). fp32/fp64 inputs always run
@@ -119,8 +119,8 @@ def can_run(op: str, impl: str, capability: tuple[int, int], dtype: torch.dtype)
         return False
     if impl == "mma":
         return capability >= (8, 0)
-    if impl == "wgmma":
-        return op == "infonce" and capability == (9, 0)
+    if impl == "wgmma":  # both op families: the same Hopper mainloop (csrc/common/wgmma_mainloop.cuh)
+        return capability == (9, 0)
     return True  # tile: any device the CUDA kernels were built for
 
 
@@ -212,9 +212,6 @@ def call_impl_code(fn: str, op: str, impl: str, a: torch.Tensor, b: torch.Tensor
             raise ValueError(f"{fn}: impl='gemm' needs CUDA inputs, got device {a.device} "
                              "(the CPU kernels have one implementation: impl='auto' or 'fused')")
         return IMPL_CODES[impl]
-    if op == "sigmoid" and impl == "wgmma":
-        raise ValueError(f"{fn}: impl='wgmma' has no SigLIP kernels in this version (the sigmoid ops have "
-                         "'gemm' and 'mma')")
     if a.device.type != "cuda" or dtype not in LOWP:
         raise ValueError(f"{fn}: impl={impl!r} needs CUDA bfloat16/float16 inputs, got device {a.device} / "
                          f"dtype {str(dtype).replace('torch.', '')}")

@@ -43,6 +43,7 @@
 #include "infonce/infonce.h"      // infonce_dk_accumulate_mode(): how torch takes an fp32 bias
 #include "siglip/siglip.h"
 #include "siglip/siglip_mma.h"
+#include "siglip/siglip_wgmma.h"
 
 namespace semcomp {
 namespace {
@@ -227,26 +228,30 @@ Outputs run(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& lo
   return out;
 }
 
-// The implementation one call runs (common/impl_choice.h): kImplGemm (this file) or kImplMma
-// (siglip_mma.h). impl is the op's argument: 0 gemm (SigLIP has no process-wide setting), > 0
-// exactly that one, < 0 that one where it can run. There is no SigLIP tile implementation and
-// no wgmma one yet. An exact request that cannot run is a ValueError naming it and why;
-// anything else falls back to gemm. The forward and the backward see the same a, so both
-// resolve a given impl to the same implementation.
-int resolve_impl(const char* op, int64_t impl, const at::Tensor& a) {
+// The implementation one call runs (common/impl_choice.h): kImplGemm (this file), kImplMma
+// (siglip_mma.h) or kImplWgmma (siglip_wgmma.h). impl is the op's argument: 0 gemm (SigLIP has
+// no process-wide setting), > 0 exactly that one, < 0 that one where it can run. There is no
+// SigLIP tile implementation (an exact request for it is refused, a preference runs gemm). An
+// exact request that cannot run is a ValueError naming it and why; anything else falls back to
+// gemm. The forward and the backward see the same a and b, so both resolve a given impl to the
+// same implementation.
+int resolve_impl(const char* op, int64_t impl, const at::Tensor& a, const at::Tensor& b) {
   check_impl_range(op, impl);
   const int want = static_cast<int>(impl < 0 ? -impl : impl);
   if (want <= kImplGemm) return kImplGemm;
-  TORCH_CHECK_VALUE(impl < 0 || want == kImplMma, op, ": impl=", impl, " (", impl_name(want),
-                    ") is not an implementation of the sigmoid ops in this version (they have 1 "
-                    "gemm and 3 mma)");
-  if (want != kImplMma) return kImplGemm;
+  TORCH_CHECK_VALUE(impl < 0 || want == kImplMma || want == kImplWgmma, op, ": impl=", impl, " (",
+                    impl_name(want), ") is not an implementation of the sigmoid ops (they have 1 gemm, "
+                    "3 mma and 4 wgmma)");
+  if (want != kImplMma && want != kImplWgmma) return kImplGemm;
   const bool lowp = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
   const char* needs = nullptr;
   if (!lowp) {
     needs = "bf16/fp16 inputs";
-  } else if (!siglip_mma::available(a)) {
+  } else if (want == kImplMma && !siglip_mma::available(a)) {
     needs = "compute capability >= 8.0, torch >= 2.8 and D > 0";
+  } else if (want == kImplWgmma && !siglip_wgmma::available(a, b)) {
+    needs = "a build with its sm_90a kernels, compute capability 9.0, torch >= 2.8, D > 0 a multiple "
+            "of 8 and contiguous 16-byte aligned rows";
   }
   if (needs == nullptr) return want;
   TORCH_CHECK_VALUE(impl <= 0, op, ": impl=", impl, " (", impl_name(want),
@@ -260,10 +265,13 @@ Outputs dispatch(const char* op, const at::Tensor& a, const at::Tensor& b,
                  const at::Tensor& logit_scale, const at::Tensor& logit_bias,
                  const at::Tensor& grad_rows, bool negative_only, int64_t chunk, int64_t impl,
                  bool keep_acc = false) {
-  if (resolve_impl(op, impl, a) == kImplMma) {
+  const int which = resolve_impl(op, impl, a, b);
+  if (which == kImplMma || which == kImplWgmma) {
     const c10::cuda::CUDAGuard guard(a.device());
-    return siglip_mma::run(a, b, logit_scale, logit_bias, grad_rows, negative_only, LOSS, GRAD,
-                           chunk, keep_acc);
+    return which == kImplMma ? siglip_mma::run(a, b, logit_scale, logit_bias, grad_rows, negative_only,
+                                               LOSS, GRAD, chunk, keep_acc)
+                             : siglip_wgmma::run(a, b, logit_scale, logit_bias, grad_rows, negative_only,
+                                                 LOSS, GRAD, chunk, keep_acc);
   }
   switch (a.scalar_type()) {
     case at::kDouble:
