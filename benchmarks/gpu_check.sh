@@ -125,7 +125,7 @@ PYTEST="\$PY -m pytest -q -p no:cacheprovider -o addopts='-ra'"
 # the kernel tests spread over 4 processes when pytest-xdist is there (the GPU image has it)
 XDIST="\$(\$PY -c 'import xdist' 2>/dev/null && echo '-n 4')"
 # gpu_smoke groups never run on a GPU before (the gemm path, segment and gather were sanitized)
-NEW_GROUPS="infonce_gemm infonce_tile infonce_mma infonce_wgmma sigmoid sigmoid_mma pair_mean"
+NEW_GROUPS="infonce_gemm infonce_tile infonce_mma infonce_wgmma sigmoid sigmoid_mma sigmoid_wgmma pair_mean"
 SAN="compute-sanitizer --error-exitcode 9 --kernel-name kns=semcomp --print-limit 20"
 # exit 2: wgmma cannot run here (no sm_90a/CuTe build, another device): recorded, not a failure
 WGMMA_CHECK="\$PY -m benchmarks.wgmma_check '$OUTDIR' --no-timing; rc=\$?; [ \$rc = 2 ] && rc=0; exit \$rc"

@@ -14,6 +14,8 @@ are exercised on the error path. Groups (``--only``):
                   on an H100/H200; "cannot run here" with the reason otherwise)
     sigmoid       SigLIP forward, backward and the one-pass forward+backward (gemm path)
     sigmoid_mma   the same on the mma.sync kernels (bf16/fp16; CUDA sm_80+)
+    sigmoid_wgmma the same on the wgmma/TMA kernels (bf16/fp16, D a multiple of 8; sm_90a builds
+                  on an H100/H200; "cannot run here" with the reason otherwise)
     pair_mean     the row-aligned mean of M = 9 modalities with a column gather
     segment       segment (centroid) means, sorted and unsorted ids, with features
     gather        column gather and its backward
@@ -39,7 +41,7 @@ SHAPES = ((5, 7, 0), (67, 33, 16), (130, 40, 0))
 # the same for TMA loads, whose rows must be 16-byte multiples (D % 8 == 0 in bf16/fp16)
 SHAPES_TMA = ((5, 8, 0), (67, 40, 16), (130, 72, 0))
 GROUPS = ("infonce_gemm", "infonce_tile", "infonce_mma", "infonce_wgmma", "sigmoid", "sigmoid_mma",
-          "pair_mean", "segment", "gather")
+          "sigmoid_wgmma", "pair_mean", "segment", "gather")
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -126,7 +128,7 @@ def sigmoid_cases(device: str, impl: str = "gemm") -> list[str]:
     use = _impl_arg(device, impl)
     for dtype in (DTYPES if impl == "gemm" else LOW):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        for n, d, chunk in SHAPES:
+        for n, d, chunk in (SHAPES_TMA if impl == "wgmma" else SHAPES):
             for neg in (False, True):
                 nb = n + 3 if neg else n
                 a = _unit(n, d, device, dtype).requires_grad_()

@@ -46,7 +46,7 @@ def test_window_plan_in_priority_order_within_budget(tmp_path):
     # "cannot run here" (exit 2) is not a failure
     assert "gpu_timing" in cmd["timing"] and "--impls" not in cmd["timing"]
     assert "benchmarks.wgmma_check" in cmd["kernels"] and "--no-timing" in cmd["kernels"] and "[ $rc = 2 ] && rc=0" in cmd["kernels"]
-    groups = "--only infonce_gemm infonce_tile infonce_mma infonce_wgmma sigmoid sigmoid_mma pair_mean"
+    groups = "--only infonce_gemm infonce_tile infonce_mma infonce_wgmma sigmoid sigmoid_mma sigmoid_wgmma pair_mean"
     for tool in ("memcheck", "racecheck", "synccheck"):
         assert f"--tool {tool}" in cmd[tool] and groups in cmd[tool]
     assert "compile_reduce_overhead" in cmd["compile"]
@@ -90,7 +90,8 @@ def test_gpu_smoke_workload_passes_on_cpu():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "gpu_smoke on cpu: OK" in proc.stdout
     for group in ("infonce_gemm: OK", "sigmoid: OK", "pair_mean: OK", "segment: OK", "gather: OK",
-                  "infonce_tile: CUDA only", "infonce_wgmma: CUDA only", "sigmoid_mma: CUDA only"):
+                  "infonce_tile: CUDA only", "infonce_wgmma: CUDA only", "sigmoid_mma: CUDA only",
+                  "sigmoid_wgmma: CUDA only"):
         assert group in proc.stdout, proc.stdout
 
 
