@@ -266,6 +266,28 @@ def test_an_unrunnable_table_entry_falls_back_to_gemm(tmp_path):
                         table=out) == "gemm"
 
 
+def test_sigmoid_wgmma_is_picked_where_it_runs_and_falls_back_elsewhere(tmp_path):
+    """SigLIP has wgmma kernels (csrc/siglip/siglip_wgmma_cuda.cu): the same capability rule as
+    InfoNCE's (9.0, bf16/fp16), a measured win makes it the "auto" pick there, gemm elsewhere."""
+    for op in ("infonce", "sigmoid"):
+        assert kc.can_run(op, "wgmma", (9, 0), torch.bfloat16) and kc.can_run(op, "wgmma", (9, 0), torch.float16)
+        assert not kc.can_run(op, "wgmma", (8, 0), torch.bfloat16) and not kc.can_run(op, "wgmma", (10, 0), torch.bfloat16)
+        assert not kc.can_run(op, "wgmma", (9, 0), torch.float32)
+    f = _timing_file(tmp_path / "t.json", "9.0", [], siglip=[
+        ("gemm", 32768, 512, "bfloat16", 20.0), ("mma", 32768, 512, "bfloat16", 15.0),
+        ("wgmma", 32768, 512, "bfloat16", 12.0)])
+    out = tmp_path / "table.json"
+    assert impl_table.main([f, "--out", str(out)]) == 0
+
+    def pick(cap=(9, 0), setting="auto", dtype=torch.bfloat16):
+        return kc.pick_impl("sigmoid", setting=setting, capability=cap, dtype=dtype, rows=(32768, 32768), d=512,
+                            table=out)
+
+    assert pick() == "wgmma"
+    assert pick(cap=(8, 0)) == "gemm"  # the table has no 8.0 entry: gemm; an 8.0 device cannot run wgmma anyway
+    assert pick(dtype=torch.float32) == "gemm"
+
+
 def test_bench_results_need_an_implementation_per_row(tmp_path):
     res = {"benchmark": "infonce fwd+bwd", "env": {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3",
                                                     "git_commit": "1234567"},
