@@ -274,7 +274,7 @@ def sigmoid_loss(
 
     ``impl``: "auto" (fused kernel, reference where the device has none), "fused",
     "reference" (pure PyTorch, Na x Nb memory), or one CUDA implementation of the fused kernel:
-    "gemm", "mma" ("wgmma" is reserved: no SigLIP wgmma kernels yet); a named one that cannot
+    "gemm", "mma", "wgmma" (sm_90a: H100/H200, D a multiple of 8); a named one that cannot
     run the inputs is a ValueError. "auto" and "fused" on CUDA bf16/fp16 inputs take the
     measured table (semcomp_ext.choose_cuda_impl).
 

@@ -48,7 +48,7 @@ quick = "--quick" in sys.argv
 torch.ops.load_library(lib)
 import semcomp_ext  # noqa: E402,F401  (CPU ops under torch.ops.semcomp)
 from semcomp_ext.reference import sigmoid_loss_reference  # noqa: E402
-from emu_checks import chk, chk_exact, counters, finish  # noqa: E402
+from emu_checks import chk, chk_exact, counters, finish, refused  # noqa: E402
 from emu_checks import chk_within as chk_peer  # noqa: E402
 
 E = torch.ops.semcomp_emu
@@ -290,5 +290,15 @@ if OP_ROUTE:  # a preference falls back to gemm where mma cannot run (fp32), run
     chk_exact("op route bf16 impl=-3", torch.equal(E.sigmoid_fwd(a16, a16, s, t, impl=-MMA_IMPL),
                                                    M.run(a16, a16, s, t, None, False, True, False, 0, False)[0]),
               "bf16 with impl=-3 is not the mma path")
+    # the emulator does not run wgmma: every sigmoid op refuses an exact request, a preference runs gemm
+    g16 = torch.ones(9)
+    for op, args in (("sigmoid_fwd", (a16, a16, s, t)), ("sigmoid_bwd", (a16, a16, s, t, g16)),
+                     ("sigmoid_fwd_bwd", (a16, a16, s, t))):
+        refused(f"op route bf16 {op} impl=4", "impl=4 (wgmma) cannot run these inputs",
+                lambda f=getattr(E, op), x=args: f(*x, impl=4))
+        pref, exact = getattr(E, op)(*args, impl=-4), getattr(E, op)(*args, impl=GEMM_IMPL)
+        pref, exact = ([pref], [exact]) if isinstance(pref, torch.Tensor) else (pref, exact)
+        chk_exact(f"op route bf16 {op} impl=-4", all(torch.equal(x, y) for x, y in zip(pref, exact)),
+                  "impl=-4 is not the gemm path where wgmma cannot run")
 print(f"op route (sigmoid ops with impl=3 vs siglip_mma::run): {'checked' if OP_ROUTE else 'not in this build'}")
 finish("siglip mma", n_cases, t_start, cl, e0)
