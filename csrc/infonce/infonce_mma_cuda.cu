@@ -35,7 +35,7 @@
 #include "infonce/infonce_lse.cuh"
 #include "infonce/infonce_mma.h"
 #include "infonce/infonce_mma_epilogue.cuh"
-#include "infonce/infonce_sg_bwd.cuh"
+#include "infonce/infonce_tc_host.cuh"
 
 namespace semcomp::mma {
 namespace {
@@ -134,21 +134,10 @@ template <bool SYM>
 std::vector<at::Tensor> fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& s,
                                  int64_t offset, int64_t chunk) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  const int64_t nq = q.size(0), nk = k.size(0);
-  const auto opts = q.options().dtype(at::kFloat);
-  const int64_t n_rb = ceil_div(nq, kBM), n_ct = ceil_div(nk, kBN);
-  // column partials of a pass: 2 fp32 per (row block, column)
-  const int64_t pass = SYM ? pick_blocks(chunk, n_rb, 8 * nk) : n_rb;
-  TORCH_CHECK_VALUE(pass <= std::numeric_limits<int>::max(), "infonce: too many rows (", nq, ")");
-  const int64_t splits = pick_splits(pass, n_ct, semcomp::cuda::multiprocessor_count(q.device().index()));
-  FwdPartials p(splits, nq, pass, nk, SYM, opts);
   const float* sp = s.const_data_ptr<float>();
-  for (int64_t rb0 = 0; rb0 < n_rb; rb0 += pass) {
-    const int64_t nb = std::min(pass, n_rb - rb0);
-    launch_fwd<SYM>(q, k, sp, offset, rb0, nb, splits, p.rpm, p.rps, p.cpm, p.cps, p.diag, stream);
-    if constexpr (SYM) p.merge_columns(nb, stream);
-  }
-  return p.template finish<SYM>(sp, stream);
+  return infonce_tc::forward<SYM>(q, k, s, chunk, kBN, [&](const infonce_tc::Pass& ps, FwdPartials& p) {
+    launch_fwd<SYM>(q, k, sp, offset, ps.rb0, ps.nb, ps.splits, p.rpm, p.rps, p.cpm, p.cps, p.diag, stream);
+  });
 }
 
 #if SEMCOMP_MM_OUT_DTYPE
@@ -172,8 +161,8 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
   const bool pair_store = nk % 2 == 0;  // 4-byte stores of column pairs (gbuf from empty: aligned)
   const auto* qp = static_cast<const uint16_t*>(q.const_data_ptr());
   const auto* kp = static_cast<const uint16_t*>(k.const_data_ptr());
-  return infonce_sg::backward<SYM>(q, k, logit_scale, s, rcoef, dcoef, ccoef, C, splits,
-                                   [&](const infonce_sg::Chunk& ch) {
+  return infonce_tc::backward<SYM>(q, k, logit_scale, s, rcoef, dcoef, ccoef, C, splits,
+                                   [&](const infonce_tc::Chunk& ch) {
     const dim3 grid(static_cast<unsigned>(ceil_div(ch.c, kBM)), static_cast<unsigned>(splits));
     dispatch(q, vec, [&](auto bf16, auto vtag) {
       constexpr bool B = decltype(bf16)::value, V = decltype(vtag)::value;

@@ -51,7 +51,7 @@
 #include "infonce/infonce.h"
 #include "infonce/infonce_lse.cuh"
 #include "infonce/infonce_mma_epilogue.cuh"
-#include "infonce/infonce_sg_bwd.cuh"
+#include "infonce/infonce_tc_host.cuh"
 #endif
 
 namespace semcomp::wgmma {
@@ -155,24 +155,15 @@ static_assert(bwd_chunk_rows(50, 1000, 0) == 128 && bwd_chunk_rows(128, 1000, 0)
 template <bool SYM>
 std::vector<at::Tensor> fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& s,
                                  int64_t offset, int64_t chunk) {
-  using semcomp::mma_loop::pick_blocks;
-  using semcomp::mma_loop::pick_splits;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   const int64_t nq = q.size(0), nk = k.size(0), d = q.size(1);
-  const auto opts = q.options().dtype(at::kFloat);
-  const int64_t n_rb = ceil_div(nq, kBM), n_ct = ceil_div(nk, kBN);
-  const int64_t pass = SYM ? pick_blocks(chunk, n_rb, 8 * nk) : n_rb;  // as kernel 1
-  TORCH_CHECK_VALUE(pass <= std::numeric_limits<int>::max(), "infonce: too many rows (", nq, ")");
-  const int64_t splits = pick_splits(pass, n_ct, semcomp::cuda::multiprocessor_count(q.device().index()));
-  FwdPartials p(splits, nq, pass, nk, SYM, opts);
   const float* sp = s.const_data_ptr<float>();
   const CUtensorMap qm = tma_map(q, "infonce wgmma", "q"), km = tma_map(k, "infonce wgmma", "k");
-  for (int64_t rb0 = 0; rb0 < n_rb; rb0 += pass) {
-    const int64_t nb = std::min(pass, n_rb - rb0);
-    const FwdArgs a{nq, nk, d, offset, rb0, sp, p.rpm.data_ptr<float>(), p.rps.data_ptr<float>(),
+  return infonce_tc::forward<SYM>(q, k, s, chunk, kBN, [&](const infonce_tc::Pass& ps, FwdPartials& p) {
+    const FwdArgs a{nq, nk, d, offset, ps.rb0, sp, p.rpm.data_ptr<float>(), p.rps.data_ptr<float>(),
                     SYM ? p.cpm.data_ptr<float>() : nullptr, SYM ? p.cps.data_ptr<float>() : nullptr,
                     p.diag.data_ptr<float>()};
-    const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(splits));
+    const dim3 grid(static_cast<unsigned>(ps.nb), static_cast<unsigned>(ps.splits));
     auto launch = [&](auto kernel) {
       allow_smem(kernel, kSmemBytes);
       kernel<<<grid, kThreads, kSmemBytes, stream>>>(qm, km, a);
@@ -180,9 +171,7 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q, const at::Tensor& k, const
     };
     if (q.scalar_type() == at::kBFloat16) launch(&wgmma_fwd_kernel<true, SYM>);
     else launch(&wgmma_fwd_kernel<false, SYM>);
-    if constexpr (SYM) p.merge_columns(nb, stream);
-  }
-  return p.template finish<SYM>(sp, stream);
+  });
 }
 
 #if SEMCOMP_MM_OUT_DTYPE
@@ -205,8 +194,8 @@ std::vector<at::Tensor> bwd_impl(const at::Tensor& q, const at::Tensor& k,
              rcoef.const_data_ptr<float>(), dcoef.const_data_ptr<float>(),
              SYM ? clse.const_data_ptr<float>() : nullptr, SYM ? ccoef.const_data_ptr<float>() : nullptr,
              nullptr, nullptr, nk, nk % 2 == 0, nullptr, C};
-  return infonce_sg::backward<SYM>(q, k, logit_scale, s, rcoef, dcoef, ccoef, C, splits,
-                                   [&](const infonce_sg::Chunk& ch) {
+  return infonce_tc::backward<SYM>(q, k, logit_scale, s, rcoef, dcoef, ccoef, C, splits,
+                                   [&](const infonce_tc::Chunk& ch) {
     a.i0 = ch.i0;
     a.c = ch.c;
     a.gscale = ch.gscale;

@@ -1,11 +1,16 @@
-// The host side of the InfoNCE backward for kernels that write s*G blocks (the "mma" and
-// "wgmma" implementations): per chunk of C rows of q, the caller's kernel recomputes the logits
-// and writes s*G (input dtype, times the fp16 pre-scale) into a C x nk block and the row shares
-// of d scale; then dq_c = (sG) k and dk += (sG)^T q_c are two cuBLAS products (no atomics).
+// The host side of the InfoNCE tensor-core kernels (the "mma" and "wgmma" implementations),
+// which differ only in their launches.
 //
-// fp16 s*G blocks are stored times an exact power of two p (pow2_prescale, as the gemm path:
-// bound = s * (max|rc| + max|cc| + max|dc|)); dq is then computed in fp32 and both gradients
-// are multiplied by 1/p.
+// forward: row blocks of 128 rows in passes whose column partials (8 bytes per row block and
+// column) fit the budget, `splits` column splits per pass; the caller's kernel writes a pass's
+// row, column and diagonal partials (infonce_lse.cuh's FwdPartials), merged in a fixed order.
+//
+// backward: per chunk of C rows of q, the caller's kernel recomputes the logits and writes s*G
+// (input dtype, times the fp16 pre-scale) into a C x nk block and the row shares of d scale;
+// then dq_c = (sG) k and dk += (sG)^T q_c are two cuBLAS products (no atomics). fp16 s*G
+// blocks are stored times an exact power of two p (pow2_prescale, as the gemm path: bound =
+// s * (max|rc| + max|cc| + max|dc|)); dq is then computed in fp32 and both gradients are
+// multiplied by 1/p.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,10 +23,45 @@
 #include <cstdint>
 #include <vector>
 
-#include "common/cuda_utils.cuh"  // SEMCOMP_MM_OUT_DTYPE, pow2_prescale, addmm_fp32_accumulate
-#include "infonce/infonce.h"      // infonce_dk_accumulate_mode
+#include <c10/cuda/CUDAStream.h>
 
-namespace semcomp::infonce_sg {
+#include <limits>
+
+#include "common/cuda_utils.cuh"     // SEMCOMP_MM_OUT_DTYPE, pow2_prescale, addmm_fp32_accumulate
+#include "common/mma_mainloop.cuh"   // pick_blocks, pick_splits (128-row blocks)
+#include "infonce/infonce.h"         // infonce_dk_accumulate_mode
+#include "infonce/infonce_lse.cuh"   // FwdPartials
+
+namespace semcomp::infonce_tc {
+
+// One forward pass: row blocks [rb0, rb0 + nb) with `splits` column splits.
+struct Pass {
+  int64_t rb0, nb, splits;
+};
+
+// Returns {loss, rlse, clse} when SYM, else {loss, rlse} (fp32), as semcomp::mma::fwd;
+// launch(const Pass&, FwdPartials&) runs one pass's kernel on the current stream. bn: the
+// kernel's columns per tile (for the split count).
+template <bool SYM, typename Launch>
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& s, int64_t chunk,
+                                int64_t bn, Launch&& launch) {
+  using semcomp::mma_loop::kBM;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  const int64_t nq = q.size(0), nk = k.size(0);
+  const int64_t n_rb = semcomp::cuda::ceil_div(nq, int64_t{kBM}), n_ct = semcomp::cuda::ceil_div(nk, bn);
+  // column partials of a pass: 2 fp32 per (row block, column)
+  const int64_t pass = SYM ? semcomp::mma_loop::pick_blocks(chunk, n_rb, 8 * nk) : n_rb;
+  TORCH_CHECK_VALUE(pass <= std::numeric_limits<int>::max(), "infonce: too many rows (", nq, ")");
+  const int64_t splits =
+      semcomp::mma_loop::pick_splits(pass, n_ct, semcomp::cuda::multiprocessor_count(q.device().index()));
+  semcomp::infonce_lse::FwdPartials p(splits, nq, pass, nk, SYM, q.options().dtype(at::kFloat));
+  for (int64_t rb0 = 0; rb0 < n_rb; rb0 += pass) {
+    const int64_t nb = std::min(pass, n_rb - rb0);
+    launch(Pass{rb0, nb, splits}, p);
+    if constexpr (SYM) p.merge_columns(nb, stream);
+  }
+  return p.template finish<SYM>(s.const_data_ptr<float>(), stream);
+}
 
 #if SEMCOMP_MM_OUT_DTYPE
 // What the kernel of one chunk writes to: rows [i0, i0 + c) of q, s*G row i - i0 at
@@ -77,4 +117,4 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
 }
 #endif
 
-}  // namespace semcomp::infonce_sg
+}  // namespace semcomp::infonce_tc
