@@ -12,11 +12,13 @@ warps of 2 x 8 fragments). Run:
     .venv/bin/python tools/emu/test_epilogue_geometry_emu.py            # builds, then runs
     .venv/bin/python tools/emu/test_epilogue_geometry_emu.py LIB.so     # a library built before
     .venv/bin/python tools/emu/test_epilogue_geometry_emu.py --plant NAME   # a planted bug: must fail
+    .venv/bin/python tools/emu/test_epilogue_geometry_emu.py --threads      # OS-thread build
 
 The build copies HEAD's csrc (git archive) to a temporary tree, keeps only the headers (the
 project's .cu files are not needed: about 40 s instead of minutes), adds the check as
 csrc/epi_check/epilogue_geometry_check.cu and runs $EMU/build.sh ... -DEMU_FIBERS (EMU: the
-emulator folder, default ../shared/tools/cuda-emu next to the repository; EMU_JOBS=1).
+emulator folder, default ../shared/tools/cuda-emu next to the repository; EMU_JOBS=1); with
+--threads, without -DEMU_FIBERS (one OS thread per CUDA thread: slower, real interleavings).
 --plant NAME applies one of PLANTS (a deliberate bug in the temporary tree's copy of an
 epilogue header) before building; the checks must then fail.
 
@@ -77,7 +79,7 @@ PLANTS = {
 }
 
 
-def build(out: pathlib.Path, plant: str | None) -> None:
+def build(out: pathlib.Path, plant: str | None, fibers: bool) -> None:
     tree = pathlib.Path(tempfile.mkdtemp(prefix="epi_tree_"))
     try:
         subprocess.run(f"git -C {ROOT} archive HEAD csrc | tar -x -C {tree}", shell=True, check=True)
@@ -95,7 +97,8 @@ def build(out: pathlib.Path, plant: str | None) -> None:
             print(f"planted {plant} in the temporary tree's {rel}")
         env = dict(os.environ, PY=sys.executable, EMU_JOBS=os.environ.get("EMU_JOBS", "1"))
         t = time.time()
-        subprocess.run([str(EMU / "build.sh"), str(tree), str(out), "-DEMU_FIBERS"], check=True, env=env)
+        flags = ["-DEMU_FIBERS"] if fibers else []
+        subprocess.run([str(EMU / "build.sh"), str(tree), str(out), *flags], check=True, env=env)
         print(f"build {time.time() - t:.0f}s")
     finally:
         shutil.rmtree(tree, ignore_errors=True)
@@ -109,12 +112,15 @@ if "--plant" in args:
     del args[i:i + 2]
     if plant not in PLANTS:
         sys.exit(f"--plant: {plant!r} is not one of {sorted(PLANTS)}")
+threads = "--threads" in args
+if threads:
+    args.remove("--threads")
 if args:
     lib = pathlib.Path(args[0]).resolve()
 else:
-    lib = ROOT / "build" / (f"emu_epi_plant_{plant}.so" if plant else "emu_epi.so")
+    lib = ROOT / "build" / ("emu_epi" + (f"_plant_{plant}" if plant else "") + ("_threads" if threads else "") + ".so")
     lib.parent.mkdir(exist_ok=True)
-    build(lib, plant)
+    build(lib, plant, not threads)
 
 torch.ops.load_library(str(lib))
 from semcomp_ext.reference import infonce_lse_reference  # noqa: E402  (checked against lse_reference)
@@ -317,6 +323,12 @@ def summary():
     print(f"epilogue geometry: {n_cases[0]} cases, {n_checks()} checks, {len(fails)} failures, "
           f"{time.time() - t_start:.0f}s; launches {cl.emu_launches()}, blocks {cl.emu_blocks()}, emulator errors {errs}")
     print("worst err/tol per comparison:\n  " + "\n  ".join(f"{k}: {v:.2g}" for k, v in sorted(worst.items())))
+    by = {}
+    for f in fails:  # failures per comparison family (the tag's words before the first name=value)
+        key = " ".join(w for w in f.split(":")[0].split() if "=" not in w)
+        by[key] = by.get(key, 0) + 1
+    if by:
+        print("failures per comparison:\n  " + "\n  ".join(f"{k}: {v}" for k, v in sorted(by.items())))
     for f in fails[:40]:
         print("FAIL", f)
     sys.exit(1 if fails else 0)
