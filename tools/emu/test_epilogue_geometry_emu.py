@@ -13,6 +13,9 @@ warps of 2 x 8 fragments). Run:
     .venv/bin/python tools/emu/test_epilogue_geometry_emu.py LIB.so     # a library built before
     .venv/bin/python tools/emu/test_epilogue_geometry_emu.py --plant NAME   # a planted bug: must fail
     .venv/bin/python tools/emu/test_epilogue_geometry_emu.py --threads      # OS-thread build
+    # ASan + UBSan: build a tree as below by hand with build.sh ... -DEMU_FIBERS
+    # -fsanitize=address,undefined, then run with the library path and
+    # LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0
 
 The build copies HEAD's csrc (git archive) to a temporary tree, keeps only the headers (the
 project's .cu files are not needed: about 40 s instead of minutes), adds the check as
