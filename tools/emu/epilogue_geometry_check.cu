@@ -12,7 +12,7 @@
 // rows in play, columns past the end), and calls the epilogue as the kernels do (tile per column
 // tile, finish once, __syncthreads as the barrier over the 256 threads). GEO selects the
 // geometry: 0 the wgmma one (warp w: rows 16 w .., all 128 columns, slot (w, 0)), 1 kernel 1's
-// (4 x 2 warps of 2 x 8 fragments, mma_frag::grid_frag). The host sides are the projects' own:
+// (4 x 2 warps of 2 x 8 fragments, mma_frag::grid_frag). The host sides are the project's own:
 // infonce_lse.cuh's FwdPartials (split partials, column merges per pass, finish), the
 // backward's s*G block and row shares per chunk (infonce_tc_host.cuh), the SigLIP driver's
 // part (parts, splits, C) summed over splits in order (siglip_driver.cuh), with explicit pass,
