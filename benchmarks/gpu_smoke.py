@@ -66,22 +66,6 @@ def _unit(n, d, device, dtype):
     return F.normalize(torch.randn(n, d, device=device), dim=1).to(dtype)
 
 
-def cannot_run(op: str, impl: str, device: str) -> str:
-    """Why `impl` cannot run a small bf16 call of op ("infonce" or "sigmoid") here ("" when it
-    can): the kernels refuse an exact request with a ValueError that says why."""
-    import semcomp_ext as sc
-
-    a = _unit(16, 64, device, torch.bfloat16)
-    try:
-        if op == "infonce":
-            sc.infonce_loss(a, a, logit_scale=10.0, impl=impl)
-        else:
-            sc.sigmoid_loss(a, a, 10.0, -10.0, impl=impl)
-    except ValueError as e:
-        return str(e)
-    return ""
-
-
 def _impl_arg(device: str, impl: str) -> str:
     return "auto" if device == "cpu" else impl
 
@@ -250,7 +234,9 @@ def run_group(group: str, device: str) -> tuple[list[str], str]:
         cases = infonce_cases if op == "infonce" else sigmoid_cases
         if device == "cpu":
             return (cases(device, impl), "") if impl == "gemm" else ([], "CUDA only")
-        why = cannot_run(op, impl, device)
+        from semcomp_ext.bench.gpu_timing import why_not_here
+
+        why = why_not_here(op, impl, device)
         if why:
             return [], f"cannot run here: {why}"
         return cases(device, impl), ""

@@ -141,11 +141,11 @@ def test_tensor_core_impls_match_gemm_impl_and_fp64(impl, dtype, n, d, chunk):
     symmetric and rectangular with an offset. The process-wide setting is a preference: where
     a kernel cannot take the inputs (wgmma with d % 8 != 0) the call runs gemm."""
     if impl == "wgmma":
-        x = _unit(16, 64, dtype)
-        try:  # an exact request says why wgmma cannot run on this device or build
-            sc.infonce_loss(x, x, logit_scale=10.0, impl="wgmma")
-        except ValueError as exc:
-            pytest.skip(f"wgmma cannot run here: {exc}")
+        from semcomp_ext.bench.gpu_timing import why_not_here
+
+        why = why_not_here("infonce", "wgmma", "cuda")  # an exact request says why it cannot run
+        if why:
+            pytest.skip(f"wgmma cannot run here: {why}")
     chosen = sc.set_infonce_cuda_impl(impl)
     try:
         _tensor_core_impl_matches_gemm_impl_and_fp64(dtype, n, d, chunk)

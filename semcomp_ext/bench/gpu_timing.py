@@ -31,7 +31,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from semcomp_ext.bench.timing import environment, interleaved_times
+from semcomp_ext.bench.timing import environment, interleaved_times, peak_extra_bytes
 from semcomp_ext.kernel_choice import LOWP
 
 WINDOW_SHAPES = ("32768x512:bfloat16", "65536x768:bfloat16", "32768x512:float16")
@@ -101,29 +101,31 @@ def peak_extra_mib(step, device: str, grads_bytes: int) -> float | None:
     workspace. None on the CPU."""
     if device == "cpu":
         return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base - grads_bytes) / 2**20
+    return (peak_extra_bytes(step, device) - grads_bytes) / 2**20
 
 
-def runs_here(op: str, impl: str, device: str) -> bool:
-    """Whether a named implementation runs a small bf16 problem on this device (a build or a
-    device without it raises ValueError)."""
+def why_not_here(op: str, impl: str, device: str) -> str:
+    """Why a named implementation cannot run a small bf16 problem of op ("infonce" or "sigmoid")
+    on this device, "" when it can: the ops refuse an exact request with a ValueError saying why
+    (the build, the device)."""
     import semcomp_ext as sc
 
     x = F.normalize(torch.randn(64, 64, device=device), dim=1).to(torch.bfloat16)
     try:
         if op == "infonce":
-            sc.infonce_loss(x, x, impl=impl)
+            sc.infonce_loss(x, x, logit_scale=10.0, impl=impl)
         else:
             sc.sigmoid_loss(x, x, 10.0, -10.0, impl=impl)
     except ValueError as exc:
-        print(f"gpu_timing: {op} {impl} left out: {exc}")
-        return False
-    return True
+        return str(exc)
+    return ""
+
+
+def runs_here(op: str, impl: str, device: str) -> bool:
+    why = why_not_here(op, impl, device)
+    if why:
+        print(f"gpu_timing: {op} {impl} left out: {why}")
+    return not why
 
 
 def available_impls(device: str, wanted, op: str = "infonce") -> list[str]:
